@@ -1,0 +1,116 @@
+"""The ``tether`` command: ``tether ppo --config run.yaml [--field value ...]`` and ``tether demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from tether.errors import TetherError
+
+USAGE = """usage: tether <command> [options]
+
+commands:
+  ppo    PPO on a policy with a reward model or reward function
+         tether ppo --config run.yaml [--field value ...]
+  demo   a small PPO run on a tiny model built on the fly, offline
+         tether demo [--output-dir DIR] [--seed N] [--device cpu|cuda|auto] [--quick]
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        match command:
+            case "ppo":
+                return run_ppo(rest)
+            case "demo":
+                return run_demo(rest)
+            case _:
+                print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+                return 2
+    except TetherError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--config PATH`` out of ``args``; the rest are field overrides."""
+    config_path, rest, index = None, [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--config":
+            if index + 1 >= len(args):
+                raise TetherError("--config needs a path to a YAML file")
+            config_path = args[index + 1]
+            index += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        index += 1
+    return config_path, rest
+
+
+def run_ppo(args: list[str]) -> int:
+    from tether.config import PPOConfig, load_config, parse_overrides, save_config
+    from tether.errors import ConfigError
+    from tether.logging import console
+
+    if args and args[0] in ("-h", "--help"):
+        print("usage: tether ppo --config run.yaml [--field value ...]\nfields: see tether.PPOConfig")
+        return 0
+    config_path, rest = _split_config_argument(args)
+    config = load_config(PPOConfig, config_path, parse_overrides(rest), warn=lambda m: console.print(f"[yellow]{m}"))
+    missing = [name for name, value in (
+        ("model_name_or_path", config.policy_path()),
+        ("reward_model_path", config.reward_model_path),
+        ("dataset_name", config.dataset_name),
+    ) if not value]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+
+    from tether.data import load_table
+    from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.trainers.ppo import PPOTrainer
+
+    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+    tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn)
+    train_dataset = load_table(config.dataset_name, config.dataset_train_split)
+    console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
+    policy = load_causal_lm(config.policy_path(), config.trust_remote_code)
+    value_model = (
+        load_scalar_model(config.value_model_path, "value model", config.trust_remote_code)
+        if config.value_model_path
+        else None
+    )
+    trainer = PPOTrainer(config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model)
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    trainer.train()
+    target = trainer.save_model()
+    console.print(f"[green]saved the trained policy to {target}")
+    return 0
+
+
+def run_demo(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tether demo", description="A small offline PPO run on a tiny model.")
+    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="a shorter run, as the tests use")
+    options = parser.parse_args(args)
+    warnings.filterwarnings("ignore", message=".*generation_config.*")
+    from tether.demo import run
+
+    return run(options.output_dir, seed=options.seed, device=options.device, quick=options.quick)

@@ -1,0 +1,343 @@
+"""Run configuration: one dataclass per command, loaded from YAML with CLI overrides.
+
+Field names follow TRL's ``PPOConfig`` (and the ``TrainingArguments`` fields its PPO scripts
+used) wherever TRL had the field, with TRL's defaults, so a TRL PPO config moves over.
+Rules that span fields live in ``validate()``; derived batch sizes are computed in one
+place, ``batch_plan()``. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tether.errors import ConfigError
+
+# Fields a TRL PPO config may carry that have no effect in tether; accepted with a warning so
+# the config moves over unchanged.
+IGNORED_TRL_FIELDS = {
+    "exp_name", "run_name", "push_to_hub", "hub_model_id", "dataset_num_proc", "ds3_gather_for_generation",
+    "model_adapter_name", "ref_adapter_name", "world_size", "num_total_batches", "micro_batch_size",
+    "local_batch_size", "batch_size", "local_mini_batch_size", "mini_batch_size", "eval_strategy",
+    "eval_steps", "logging_first_step", "use_cpu", "save_strategy", "do_train", "do_eval",
+    "overwrite_output_dir", "torch_dtype", "dtype", "attn_implementation",
+}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch sizes derived from the config (single process; ``world_size`` processes later).
+
+    One rollout batch holds ``local_batch_size`` prompts. Each PPO epoch shuffles it and
+    splits it into ``num_mini_batches`` minibatches; each minibatch is one optimizer step and
+    is processed in micro-batches of ``micro_batch_size`` rows.
+    """
+
+    world_size: int
+    local_batch_size: int
+    batch_size: int
+    local_mini_batch_size: int
+    micro_batch_size: int
+    num_total_batches: int
+    sample_every: int
+
+
+@dataclass
+class PPOConfig:
+    """Everything a PPO run needs. Defaults are TRL 1.12's where TRL had the field."""
+
+    # --- models ---------------------------------------------------------------------------
+    model_name_or_path: str | None = None
+    """Starting policy (and its tokenizer): a local folder or a Hub name."""
+    sft_model_path: str | None = None
+    """TRL's name for the starting policy; used when given, else ``model_name_or_path``."""
+    reward_model_path: str | None = None
+    """Reward model (``AutoModelForSequenceClassification``, one label), or ``module:function``
+    / ``file.py:function`` naming ``fn(prompts, responses) -> list[float]``."""
+    value_model_path: str | None = None
+    """Value model; defaults to the reward model, or to the policy with a zero scalar head
+    when the reward is a function."""
+    trust_remote_code: bool = False
+
+    # --- data -----------------------------------------------------------------------------
+    dataset_name: str | None = None
+    """Prompts: a local .jsonl/.json/.parquet/.csv file or a Hub dataset name."""
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+    prompt_column: str | None = None
+    """Column holding the prompts (text, chat messages or token ids); auto-detected if unset."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this many tokens are cut from the left (or refused, see below)."""
+    prompt_truncation: Literal["left", "error"] = "left"
+
+    # --- batch sizes and length of the run ------------------------------------------------
+    per_device_train_batch_size: int = 8
+    """Rows per micro-batch in the PPO update."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per rollout batch (rollout batch = per_device x accumulation x processes)."""
+    num_mini_batches: int = 1
+    """Minibatches per PPO epoch; each one is an optimizer step."""
+    num_ppo_epochs: int = 4
+    total_episodes: int | None = None
+    """Prompts to roll out in total; defaults to ``num_train_epochs`` x dataset size."""
+    num_train_epochs: float = 3.0
+    local_rollout_forward_batch_size: int = 64
+    """Rows per generation / scoring chunk during the rollout."""
+
+    # --- sampling -------------------------------------------------------------------------
+    response_length: int = 53
+    temperature: float = 0.7
+    stop_token: Literal["eos"] | None = None
+    """``eos``: stop on the tokenizer's EOS. Unset with ``stop_token_id`` unset: the model's own
+    EOS ids (tether always stops; TRL sampled the full length)."""
+    stop_token_id: int | list[int] | None = None
+    """One or several stop ids; a response ends at the first of any of them."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that did not end on a stop token."""
+
+    # --- objective ------------------------------------------------------------------------
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    """Adapt ``kl_coef`` towards ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    # --- optimizer ------------------------------------------------------------------------
+    learning_rate: float = 3e-6
+    adam_epsilon: float = 1e-8
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm; TRL's PPO loop never clipped, so off by default."""
+    lr_scheduler_type: Literal["linear", "constant"] = "linear"
+    """``linear``: from ``learning_rate`` to 0 over the run, stepped once per update."""
+
+    # --- run ------------------------------------------------------------------------------
+    output_dir: str = "runs/ppo"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    """Autocast forwards and generation to bfloat16 (weights stay fp32)."""
+    logging_steps: int = 1
+    num_sample_generations: int = 10
+    """How many times in the run to print a table of prompts, responses and scores."""
+    report_to: str | list[str] = "none"
+    logprob_chunk_size: int = 1024
+    """Rows of the [rows, vocab] log-softmax computed at a time."""
+
+    # --------------------------------------------------------------------------------------
+    def policy_path(self) -> str | None:
+        return self.sft_model_path or self.model_name_or_path
+
+    def stop_setting(self) -> int | list[int] | Literal["eos"] | None:
+        return self.stop_token_id if self.stop_token_id is not None else self.stop_token
+
+    def validate(self) -> None:
+        """Check rules that span fields; raise ConfigError naming the field and the fix."""
+        check_types(self)
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
+                    "num_ppo_epochs", "local_rollout_forward_batch_size", "logging_steps", "logprob_chunk_size",
+                    "kl_horizon")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
+        if self.response_length < 1:
+            raise ConfigError(f"config field response_length must be at least 1, got {self.response_length}")
+        if self.temperature <= 0:
+            raise ConfigError(f"config field temperature must be > 0, got {self.temperature}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            raise ConfigError(f"config field total_episodes must be at least 1, got {self.total_episodes}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"config field max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ConfigError(f"config fields gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        local = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if local % self.num_mini_batches:
+            raise ConfigError(
+                f"num_mini_batches={self.num_mini_batches} does not divide the rollout batch of {local} "
+                f"(per_device_train_batch_size x gradient_accumulation_steps); pick a divisor of {local}"
+            )
+
+    def batch_plan(self, num_prompts: int, world_size: int = 1) -> BatchPlan:
+        local = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        batch = local * world_size
+        total = self.total_episodes or int(self.num_train_epochs * num_prompts)
+        if total < batch:
+            raise ConfigError(
+                f"total_episodes={total} is smaller than one rollout batch ({batch} prompts); "
+                "raise total_episodes or num_train_epochs, or lower the batch size"
+            )
+        num_total_batches = math.ceil(total / batch)
+        local_mini = local // self.num_mini_batches
+        return BatchPlan(
+            world_size=world_size,
+            local_batch_size=local,
+            batch_size=batch,
+            local_mini_batch_size=local_mini,
+            micro_batch_size=min(self.per_device_train_batch_size, local_mini),
+            num_total_batches=num_total_batches,
+            sample_every=max(1, num_total_batches // self.num_sample_generations) if self.num_sample_generations else 0,
+        )
+
+
+# --- loading and type checking -------------------------------------------------------------
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ValueError. Strings from the CLI are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        raise ValueError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        raise ValueError
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    raise ValueError
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_types(config) -> None:
+    """Coerce every field to its declared type in place; ConfigError naming the field if impossible."""
+    for name, tp in _field_types(type(config)).items():
+        value = getattr(config, name)
+        try:
+            object.__setattr__(config, name, _coerce(value, tp))
+        except (ValueError, TypeError):
+            raise ConfigError(f"config field {name}: expected {_describe(tp)}, got {value!r}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``--field value`` / ``--field=value`` pairs from the command line into a dict of strings."""
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --field value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if index + 1 >= len(args) or args[index + 1].startswith("--"):
+                value = "true"  # a bare flag
+            else:
+                index += 1
+                value = args[index]
+        overrides[key.replace("-", "_")] = value
+        index += 1
+    return overrides
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None, warn=print):
+    """Build ``cls`` from a YAML file plus overrides (overrides win), with types checked."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"config file {path} is not valid YAML: {reason}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    known = set(_field_types(cls))
+    for key in list(values):
+        if key in known:
+            continue
+        if key in IGNORED_TRL_FIELDS:
+            warn(f"note: config field {key!r} has no effect in tether; ignored")
+            del values[key]
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown config field {key!r}{hint}")
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+def save_config(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,0 +1,11 @@
+"""Datasets → prompts (text, chat or token ids) → left-padded batches."""
+
+from tether.data.prompts import (
+    PROMPT_COLUMNS,
+    PromptSampler,
+    encode_prompts,
+    left_pad,
+    load_table,
+)
+
+__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompts", "left_pad", "load_table"]

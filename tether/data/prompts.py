@@ -1,0 +1,379 @@
+"""Prompts for rollouts: a table of prompts → token ids → left-padded batches.
+
+A prompt is text, a chat (a list of ``{"role", "content"}`` messages rendered with the
+tokenizer's chat template and the generation prompt appended), or token ids taken as they
+are. Prompts are encoded once, up front, so that a bad row fails before training starts.
+Batches are left-padded: generation appends to the right, so every row's last prompt token
+must sit in the same column.
+
+Left out on purpose: packing, streaming datasets, and on-the-fly augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+
+import datasets
+import torch
+
+from tether.errors import DataError
+
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+PROMPT_COLUMNS = ("prompt", "messages", "input_ids", "query", "text")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_table(source: str, split: str = "train") -> datasets.Dataset:
+    """Rows of a local file (.jsonl, .json, .parquet, .csv), a ``save_to_disk`` directory, or a Hub dataset.
+
+    Raises DataError for a missing or unreadable file, a Hub name that cannot be loaded, and a
+    table with no rows.
+    """
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        table = _load_saved(path, split)
+    elif os.path.exists(path):
+        table = _load_file(path)
+    elif source.lower().endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
+        raise DataError(f"dataset file not found: {source}")
+    else:
+        table = _load_hub(source, split)
+    if table.num_rows == 0:
+        raise DataError(f"dataset {source} (split {split}) has no rows; add prompts to it")
+    return table
+
+
+def _load_file(path: str) -> datasets.Dataset:
+    """Read a local file by its extension, straight through pyarrow (no cache directory)."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in LOCAL_EXTENSIONS:
+        raise DataError(
+            f"cannot read {path}: unknown file type {extension or '(none)'}; "
+            f"use one of {', '.join(LOCAL_EXTENSIONS)}"
+        )
+    if os.path.getsize(path) == 0:
+        # pyarrow calls an empty file malformed; for the user it is simply a table with no rows.
+        return datasets.Dataset.from_dict({})
+    try:
+        match extension:
+            case ".jsonl":
+                return _read_jsonl(path)
+            case ".json":
+                return _read_json(path)
+            case ".parquet":
+                import pyarrow.parquet
+
+                return datasets.Dataset(pyarrow.parquet.read_table(path))
+            case ".csv":
+                import pyarrow.csv
+
+                return datasets.Dataset(pyarrow.csv.read_csv(path))
+    except DataError:
+        raise
+    except Exception as error:  # the parsers raise many types; all mean "this file is bad"
+        raise DataError(f"cannot read {path}: {_one_line(error)}; fix or re-export the file") from error
+    raise AssertionError(extension)
+
+
+def _read_jsonl(path: str) -> datasets.Dataset:
+    import pyarrow.json
+
+    return datasets.Dataset(pyarrow.json.read_json(path))
+
+
+def _read_json(path: str) -> datasets.Dataset:
+    """A .json file holds a list of records, a dict of columns, or (often, in practice) JSON lines."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)
+    if isinstance(content, list):
+        return datasets.Dataset.from_list(content)
+    if isinstance(content, dict) and all(isinstance(v, list) for v in content.values()):
+        return datasets.Dataset.from_dict(content)
+    if isinstance(content, dict):
+        return datasets.Dataset.from_list([content])
+    raise DataError(f"cannot read {path}: top-level JSON is a {type(content).__name__}; write a list of records")
+
+
+def _load_saved(path: str, split: str) -> datasets.Dataset:
+    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as error:
+        raise DataError(
+            f"cannot read dataset directory {path}: {_one_line(error)}; "
+            "save it with Dataset.save_to_disk or pass a .jsonl/.parquet/.csv file"
+        ) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"dataset directory {path} has no split {split!r}; its splits are {', '.join(loaded)}"
+            )
+        return loaded[split]
+    return loaded
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as error:
+        raise DataError(
+            f"cannot load Hub dataset {name!r} (split {split}): {_one_line(error)}; "
+            "check the name and network, or pass a local .jsonl/.json/.parquet/.csv file"
+        ) from error
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_prompts(
+    dataset: datasets.Dataset,
+    tokenizer,
+    column: str | None = None,
+    max_prompt_length: int | None = None,
+    truncation: str = "left",
+) -> list[list[int]]:
+    """Token ids of every prompt in ``dataset``, unpadded, one list per row.
+
+    ``column`` defaults to the first of PROMPT_COLUMNS present. Rows longer than
+    ``max_prompt_length`` keep their last tokens (``truncation="left"``, one warning for all)
+    or raise (``truncation="error"``).
+    """
+    if truncation not in ("left", "error"):
+        raise DataError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise DataError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+    column = _prompt_column(dataset, column)
+    values = dataset.with_format(None)[column][:]  # plain Python lists, fast, whatever the format
+    prompts = _encode_values(values, column, tokenizer)
+    _check_prompts(prompts, column, len(tokenizer))
+    if max_prompt_length is None:
+        return prompts
+    return _truncate(prompts, column, max_prompt_length, truncation)
+
+
+def _prompt_column(dataset: datasets.Dataset, column: str | None) -> str:
+    available = list(dataset.column_names)
+    if column is not None:
+        if column not in available:
+            raise DataError(
+                f"prompt column {column!r} is not in the dataset; its columns are "
+                f"{', '.join(available) or '(none)'}; set prompt_column to one of them"
+            )
+        return column
+    for candidate in PROMPT_COLUMNS:
+        if candidate in available:
+            return candidate
+    raise DataError(
+        f"no prompt column found (looked for {', '.join(PROMPT_COLUMNS)}); the dataset has "
+        f"{', '.join(available) or 'no columns'}; set prompt_column to the one holding prompts"
+    )
+
+
+def _encode_values(values: list, column: str, tokenizer) -> list[list[int]]:
+    """Sort rows by kind, then encode each kind in one batched call."""
+    prompts: list[list[int] | None] = [None] * len(values)
+    texts, chats = [], []
+    for row, value in enumerate(values):
+        match _kind(value, row, column):
+            case "text":
+                texts.append(row)
+            case "chat":
+                chats.append(row)
+            case "ids":
+                prompts[row] = list(value)
+    if texts:
+        encoded = tokenizer([values[row] for row in texts], add_special_tokens=True)["input_ids"]
+        for row, ids in zip(texts, encoded):
+            prompts[row] = list(ids)
+    if chats:
+        encoded = _encode_chats([_clean_chat(values[row]) for row in chats], chats, column, tokenizer)
+        for row, ids in zip(chats, encoded):
+            prompts[row] = ids
+    return prompts
+
+
+def _kind(value, row: int, column: str) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)) and not value:
+        raise DataError(f"row {row} of column {column!r} is an empty prompt; remove the row or fill it in")
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(item, dict) for item in value):
+            if not all("role" in item and "content" in item for item in value):
+                raise DataError(
+                    f"row {row} of column {column!r} is a list of dicts without 'role'/'content' keys; "
+                    "write chat prompts as [{'role': ..., 'content': ...}, ...]"
+                )
+            return "chat"
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return "ids"
+    raise DataError(
+        f"row {row} of column {column!r} is a {_describe(value)}; a prompt must be text, "
+        "a list of {'role', 'content'} messages, or a list of token ids"
+    )
+
+
+def _describe(value) -> str:
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"{type(value).__name__} of {'/'.join(kinds)}"
+    return type(value).__name__
+
+
+def _clean_chat(messages: list[dict]) -> list[dict]:
+    # Arrow gives every message every key seen in the column, filling gaps with None;
+    # drop those so templates that test `'name' in message` see the message as written.
+    return [{key: val for key, val in message.items() if val is not None} for message in messages]
+
+
+def _encode_chats(chats: list[list[dict]], rows: list[int], column: str, tokenizer) -> list[list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"row {rows[0]} of column {column!r} is a chat but the tokenizer has no chat_template; "
+            "use a chat model's tokenizer, set tokenizer.chat_template, or give text prompts"
+        )
+    try:
+        encoded = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True)
+    except Exception as error:
+        # The batched call cannot say which conversation broke the template; find it.
+        for row, chat in zip(rows, chats):
+            _render_one_chat(chat, row, column, tokenizer)
+        raise DataError(f"column {column!r}: the chat template failed: {_one_line(error)}") from error
+    # transformers 5 returns a BatchEncoding; older versions a plain list of lists.
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return [[int(token) for token in ids] for ids in encoded]
+
+
+def _render_one_chat(chat: list[dict], row: int, column: str, tokenizer) -> None:
+    try:
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    except Exception as error:
+        raise DataError(
+            f"row {row} of column {column!r}: the chat template failed: {_one_line(error)}; "
+            "fix the messages or the template"
+        ) from error
+
+
+def _check_prompts(prompts: list[list[int]], column: str, vocab_size: int) -> None:
+    for row, ids in enumerate(prompts):
+        if not ids:
+            raise DataError(f"row {row} of column {column!r} is an empty prompt; remove the row or fill it in")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"row {row} of column {column!r} has token id {bad}, outside the tokenizer's "
+                f"[0, {vocab_size}); the ids were made with a different tokenizer"
+            )
+
+
+def _truncate(prompts: list[list[int]], column: str, max_length: int, truncation: str) -> list[list[int]]:
+    too_long = [row for row, ids in enumerate(prompts) if len(ids) > max_length]
+    if not too_long:
+        return prompts
+    if truncation == "error":
+        row = too_long[0]
+        raise DataError(
+            f"row {row} of column {column!r} has {len(prompts[row])} tokens, more than "
+            f"max_prompt_length={max_length}; raise max_prompt_length or set truncation='left'"
+        )
+    # Keep the tail: the end of a prompt (the question, the generation prompt) is what the
+    # response continues from.
+    warnings.warn(
+        f"{len(too_long)} of {len(prompts)} prompts were longer than max_prompt_length="
+        f"{max_length} and lost their first tokens",
+        stacklevel=3,
+    )
+    return [ids[-max_length:] for ids in prompts]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align prompts in one batch.
+
+    Returns ``input_ids`` [B, Q] long and ``attention_mask`` [B, Q] bool (True = real token),
+    Q = the longest prompt, padding on the left.
+    """
+    width = max((len(ids) for ids in prompts), default=0)
+    rows = [[pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts]
+    keep = [[False] * (width - len(ids)) + [True] * len(ids) for ids in prompts]
+    input_ids = torch.tensor(rows, dtype=torch.long).reshape(len(prompts), width)  # [B, Q]
+    attention_mask = torch.tensor(keep, dtype=torch.bool).reshape(len(prompts), width)  # [B, Q]
+    return input_ids, attention_mask
+
+
+class PromptSampler:
+    """Batches of prompt indices, forever: a fresh shuffle each epoch, only full batches.
+
+    Epoch ``e`` is ``randperm`` under seed ``seed + e``, so the order depends only on
+    (seed, epoch) and a sampler restored from ``state_dict()`` continues with the same batches.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise DataError(f"a rollout batch needs at least one prompt, got batch size {batch_size}")
+        if num_prompts < batch_size:
+            raise DataError(
+                f"the dataset has {num_prompts} prompts but one rollout batch needs {batch_size}; "
+                "lower per_device_train_batch_size / gradient_accumulation_steps or add prompts"
+            )
+        self.num_prompts = num_prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # index into this epoch's permutation of the next batch's first prompt
+        self._order: list[int] | None = None
+
+    def _permutation(self) -> list[int]:
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(self.num_prompts, generator=generator).tolist()
+        return self._order
+
+    def next_batch(self) -> list[int]:
+        # drop_last: the remainder of an epoch is skipped so every batch has the same size.
+        if self.position + self.batch_size > self.num_prompts:
+            self.epoch += 1
+            self.position = 0
+            self._order = None
+        batch = self._permutation()[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"prompt sampler state {state!r} is not {{'epoch': int, 'position': int}}; "
+                "the checkpoint is damaged or from another program"
+            ) from error
+        if epoch < 0 or not 0 <= position <= self.num_prompts:
+            raise DataError(
+                f"prompt sampler state {state!r} does not fit a dataset of {self.num_prompts} prompts; "
+                "resume with the same dataset"
+            )
+        self.epoch, self.position, self._order = epoch, position, None

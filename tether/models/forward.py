@@ -1,0 +1,77 @@
+"""Forward passes over ``query_response`` that line outputs up with response tokens.
+
+A query is left-padded to ``Q`` columns and followed by ``T`` response columns. The output
+at absolute position ``Q + t - 1`` is the one that predicts (or values the state before)
+response token ``t``; that is the ``[Q-1 : -1]`` slice of seed note 1 and ppo-details 5.
+Every forward passes position ids that skip left padding (ppo-details 4).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from tether.models.loading import scalar_head
+from tether.ops import position_ids_from_mask, token_logprobs
+
+
+def _concat(queries, query_mask, responses, response_mask):
+    input_ids = torch.cat([queries, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    return input_ids, attention_mask.long(), position_ids_from_mask(attention_mask)
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    forward = getattr(model, "forward", model)
+    try:
+        return argument in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_logits(model, queries, query_mask, responses, response_mask) -> torch.Tensor:
+    """Policy logits that predict each response token, ``[B, T, V]``.
+
+    Only the ``T + 1`` last positions go through the output layer when the model supports
+    ``logits_to_keep``; the prompt's logits are never computed.
+    """
+    width = responses.size(1)
+    input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
+    kwargs = {"logits_to_keep": width + 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    ).logits
+    return logits[:, -(width + 1) : -1]
+
+
+def policy_logprobs(
+    model,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the response tokens under ``model`` at ``temperature`` ``[B, T]``."""
+    logits = response_logits(model, queries, query_mask, responses, response_mask)
+    return token_logprobs(logits, responses, temperature, chunk_size, with_entropy)
+
+
+def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The backbone's final hidden states ``[B, L, H]`` of a sequence-classification model."""
+    backbone = getattr(model, model.base_model_prefix)
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
+def critic_values(model, queries, query_mask, responses, response_mask) -> torch.Tensor:
+    """Value of the state before each response token, ``[B, T]``, from the full query_response."""
+    width = responses.size(1)
+    input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
+    hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
+    return scalar_head(model)(hidden[:, -(width + 1) : -1]).squeeze(-1).float()

@@ -1,0 +1,113 @@
+"""Loading models and tokenizers, and the preparation every RLHF model needs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from tether.errors import ConfigError
+
+
+def _load(loader, path: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load {what} from {path!r}: {reason}") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.warn):
+    """Tokenizer with left padding; a missing pad token becomes EOS (masks make that safe)."""
+    tokenizer = _load(AutoTokenizer, path, "tokenizer", padding_side="left", trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    ensure_pad_token(tokenizer, warn)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, warn=warnings.warn) -> None:
+    """Give a tokenizer without a pad token one, without growing the vocabulary."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token first")
+    tokenizer.pad_token = tokenizer.eos_token
+    warn(f"the tokenizer has no pad token; using EOS ({tokenizer.eos_token!r}) for padding, which tether's masks make safe")
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    return _load(AutoModelForCausalLM, path, "policy model", trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def load_scalar_model(path: str, what: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """An ``AutoModelForSequenceClassification`` with one label (reward or value model)."""
+    model = _load(
+        AutoModelForSequenceClassification, path, what, trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+    check_scalar_model(model, what, path)
+    return model
+
+
+def check_scalar_model(model: nn.Module, what: str, path: str = "") -> None:
+    labels = getattr(model.config, "num_labels", 1)
+    where = f" at {path!r}" if path else ""
+    if labels != 1:
+        raise ConfigError(f"the {what}{where} has {labels} labels; a reward or value model needs exactly one (num_labels=1)")
+    if not hasattr(model, "score") and not hasattr(model, "classifier"):
+        raise ConfigError(f"the {what}{where} has no scalar head ('score' or 'classifier' layer)")
+
+
+def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
+    """A value model sharing the policy's starting weights, with a zero-initialised scalar head.
+
+    Used when the reward is a function and no value model is given; a zero head starts every
+    value at 0, as in lm-human-preferences.
+    """
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    value_model = AutoModelForSequenceClassification.from_config(config)
+    backbone = getattr(policy, policy.base_model_prefix)
+    getattr(value_model, value_model.base_model_prefix).load_state_dict(backbone.state_dict())
+    head = scalar_head(value_model)
+    nn.init.zeros_(head.weight)
+    if getattr(head, "bias", None) is not None:
+        nn.init.zeros_(head.bias)
+    return value_model.to(dtype=next(policy.parameters()).dtype)
+
+
+def scalar_head(model: nn.Module) -> nn.Module:
+    return model.score if hasattr(model, "score") else model.classifier
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: modules and the config values some attention kernels read.
+
+    Dropout makes old and new logprobs differ with no update at all (ppo-details 7, P12).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    configs = [getattr(model, "config", None)]
+    configs += [getattr(m, "config", None) for m in model.modules() if m is not model]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for key, value in list(vars(config).items()):
+            if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+                setattr(config, key, 0.0)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_vocabulary(tokenizer, model: nn.Module, what: str) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the {what} embeds only {rows}; "
+            "use the tokenizer the model was trained with, or resize the model's embeddings"
+        )

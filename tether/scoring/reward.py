@@ -1,0 +1,126 @@
+"""Scores for finished responses: a reward model read at the terminating token, or a function.
+
+Seed note 3: the reward model sees the *postprocessed* query_response (cut after the first
+stop token, the rest padded and masked), so tokens after the stop cannot move the score.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from numbers import Real
+from pathlib import Path
+
+import torch
+
+from tether.errors import ConfigError, RewardError
+from tether.models.forward import last_hidden_state
+from tether.models.loading import scalar_head
+from tether.ops import first_true_indices, position_ids_from_mask
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def get_reward(
+    model,
+    query_responses: torch.Tensor,
+    pad_token_id: int,
+    context_length: int,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a scalar-head model over ``query_responses`` ``[B, L]``.
+
+    Returns ``(per_token_outputs [B, L, 1], final_scores [B], sequence_lengths [B])``, where
+    ``sequence_lengths`` is the absolute index of the last real token of each response and the
+    final score is the output there. Real tokens are those that are not ``pad_token_id``, or
+    those where ``attention_mask`` is 1 when given (needed when the pad id is also a real
+    token, e.g. pad == EOS). Only the response region (from ``context_length``) is searched
+    for the end, so left padding in the query cannot confuse it.
+    """
+    if attention_mask is None:
+        attention_mask = query_responses != pad_token_id
+    attention_mask = attention_mask.bool()
+    position_ids = position_ids_from_mask(attention_mask)
+    input_ids = query_responses.masked_fill(~attention_mask, 0)
+    hidden = last_hidden_state(model, input_ids, attention_mask.long(), position_ids)
+    outputs = scalar_head(model)(hidden)  # [B, L, 1]
+    outputs = outputs - reward_bias(model)
+    sequence_lengths = first_true_indices(~attention_mask[:, context_length:]) - 1 + context_length
+    rows = torch.arange(outputs.size(0), device=outputs.device)
+    return outputs, outputs[rows, sequence_lengths].squeeze(-1), sequence_lengths
+
+
+def reward_bias(model) -> float:
+    """Offset stored in the config by reward normalisation (0 for a model never normalised)."""
+    return float(getattr(model.config, "reward_bias", 0.0) or 0.0)
+
+
+# --- reward functions ---------------------------------------------------------------------
+
+_FUNCTION_SPEC = re.compile(r"^(?P<module>[^:]+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def is_function_spec(spec: str) -> bool:
+    """``module:function`` or ``path/file.py:function`` (and not an existing model folder)."""
+    return bool(_FUNCTION_SPEC.match(spec)) and not os.path.isdir(spec)
+
+
+def import_reward_function(spec: str) -> RewardFn:
+    match = _FUNCTION_SPEC.match(spec)
+    if match is None:
+        raise ConfigError(f"reward_model_path {spec!r} is not of the form module:function")
+    module_name, name = match["module"], match["name"]
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"reward function file not found: {path}")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's module failed to import: say which and why
+        raise ConfigError(f"cannot import reward module {module_name!r}: {type(error).__name__}: {error}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"reward module {module_name!r} has no function {name!r}")
+    return function
+
+
+def call_reward_function(function: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Call ``function(prompts, responses)`` and check its answer: one finite number per response."""
+    name = getattr(function, "__name__", repr(function))
+    try:
+        values = function(prompts, responses)
+    except Exception as error:
+        raise RewardError(f"reward function {name} raised {type(error).__name__}: {error}") from error
+    if isinstance(values, torch.Tensor):
+        values = values.detach().flatten().tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(f"reward function {name} must return a list of floats, got {type(values).__name__}") from None
+    if len(values) != len(prompts):
+        raise RewardError(f"reward function {name} returned {len(values)} scores for {len(prompts)} responses")
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise RewardError(
+                f"reward function {name} returned {value!r} for prompt {index}; every score must be a number"
+            )
+        if not math.isfinite(value):
+            raise RewardError(f"reward function {name} returned {value} for prompt {index}; scores must be finite")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def apply_missing_stop_penalty(scores: torch.Tensor, terminated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract ``penalty`` from the score of every response that did not end on a stop token."""
+    if penalty is None:
+        return scores
+    return torch.where(terminated, scores, scores - penalty)

@@ -1,0 +1,490 @@
+"""PPO for Hugging Face causal language models, driven by a reward model or a reward function.
+
+One update, as ``step()`` reads:
+
+    prompts -> generate (split the response off by hand)          rollout/generate.py
+            -> logprobs, reference logprobs, values on query_response, score on the
+               postprocessed query_response                       models/forward.py, scoring/
+            -> rewards: -kl_coef * KL per token, score on the terminating token
+            -> advantages: GAE, whitening                          ops/rewards.py, ops/stats.py
+            -> num_ppo_epochs x num_mini_batches optimizer steps   ops/losses.py
+            -> metrics
+
+Deliberately left out here: multi-process training, LoRA and checkpoint/resume (tracked as
+their own issues). Where tether departs from TRL, the line says so and names the detail in
+``shared/spec/ppo-details.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tether.config import PPOConfig
+from tether.data import PromptSampler, encode_prompts, left_pad
+from tether.errors import ConfigError
+from tether.logging import MetricsFile, console, progress_bar, sample_table
+from tether.models.forward import critic_values, policy_logprobs
+from tether.models.loading import (
+    check_scalar_model,
+    check_vocabulary,
+    disable_dropout,
+    ensure_pad_token,
+    freeze,
+    value_model_from_policy,
+)
+from tether.ops import (
+    AdaptiveKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    ended_on_stop,
+    gae,
+    kl_estimate,
+    lengths_to_mask,
+    masked_sum,
+    masked_whiten,
+    response_lengths,
+    shape_rewards,
+)
+from tether.rollout.batch import Rollout
+from tether.rollout.generate import generate_responses, sampling_config
+from tether.scoring.reward import (
+    apply_missing_stop_penalty,
+    call_reward_function,
+    get_reward,
+    import_reward_function,
+    is_function_spec,
+)
+from tether.saving import save_pretrained_atomic
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
+    """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
+    model's own EOS ids (ppo-details fix 3: any of several ids terminates)."""
+    if config.stop_token_id is not None:
+        ids = config.stop_token_id if isinstance(config.stop_token_id, list) else [config.stop_token_id]
+    elif config.stop_token == "eos":
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    else:
+        own = policy.generation_config.eos_token_id
+        own = own if isinstance(own, list) else [own]
+        ids = [i for i in [*own, tokenizer.eos_token_id] if i is not None]
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    if not ids:
+        raise ConfigError("no stop token: the tokenizer has no EOS; set stop_token_id")
+    vocab = len(tokenizer)
+    for token_id in ids:
+        if not 0 <= token_id < vocab:
+            raise ConfigError(f"stop_token_id {token_id} is outside the tokenizer's vocabulary of {vocab}")
+    return ids
+
+
+def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
+    """Token ids of every prompt from a ``datasets.Dataset`` or a plain Python list."""
+    if isinstance(dataset, (list, tuple)):
+        import datasets
+
+        dataset = datasets.Dataset.from_dict({config.prompt_column or "prompt": list(dataset)})
+    return encode_prompts(dataset, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
+
+
+class PPOTrainer:
+    """PPO with a policy, a frozen reference, a value model and a reward model or function.
+
+    ``reward`` is an ``AutoModelForSequenceClassification`` with one label, a callable
+    ``fn(prompts: list[str], responses: list[str]) -> list[float]`` (decoded text, stop token
+    removed), or a string naming either (a model path or ``module:function``).
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        tokenizer,
+        policy: nn.Module,
+        reward: nn.Module | Callable | str,
+        train_dataset,
+        ref_policy: nn.Module | None = None,
+        value_model: nn.Module | None = None,
+        eval_dataset=None,
+    ):
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+
+        self.prompts = prompts_from(train_dataset, tokenizer, config)
+        self.eval_prompts = prompts_from(eval_dataset, tokenizer, config) if eval_dataset is not None else None
+        self.plan = config.batch_plan(len(self.prompts))
+        self.sampler = PromptSampler(len(self.prompts), self.plan.local_batch_size, config.seed)
+        self.stop_token_ids = resolve_stop_token_ids(config, tokenizer, policy)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.generation_config = sampling_config(
+            config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id
+        )
+        self.temperature = config.temperature + 1e-7  # the same value generation samples with
+
+        self.reward_model, self.reward_fn = self._resolve_reward(reward)
+        if ref_policy is policy:
+            raise ConfigError("ref_policy is the policy itself; pass a separate copy or leave it out")
+        self.policy = policy
+        self.ref_policy = freeze(ref_policy if ref_policy is not None else copy.deepcopy(policy))
+        if value_model is None:
+            value_model = (
+                copy.deepcopy(self.reward_model) if self.reward_model is not None else value_model_from_policy(policy)
+            )
+        check_scalar_model(value_model, "value model")
+        self.value_model = value_model
+        for name, model in self._models().items():
+            check_vocabulary(tokenizer, model, name)
+            disable_dropout(model)
+            model.to(self.device)
+        self.value_model.requires_grad_(True)
+
+        params = [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        total = self.plan.num_total_batches
+        decay = (lambda u: 1.0 - u / total) if config.lr_scheduler_type == "linear" else (lambda u: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.update = 0
+        self.timing: dict[str, float] = {}
+        self.output_dir = Path(config.output_dir)
+
+    # --- set-up helpers -------------------------------------------------------------------
+    def _resolve_reward(self, reward):
+        if isinstance(reward, str):
+            if is_function_spec(reward):
+                return None, import_reward_function(reward)
+            from tether.models.loading import load_scalar_model
+
+            reward = load_scalar_model(reward, "reward model", self.config.trust_remote_code)
+        if isinstance(reward, nn.Module):
+            check_scalar_model(reward, "reward model")
+            return freeze(reward), None
+        if callable(reward):
+            return None, reward
+        raise ConfigError(f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}")
+
+    def _models(self) -> dict[str, nn.Module]:
+        models = {"policy": self.policy, "reference policy": self.ref_policy, "value model": self.value_model}
+        if self.reward_model is not None:
+            models["reward model"] = self.reward_model
+        return models
+
+    def _autocast(self):
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_controller.value if self.config.adaptive_kl else self.config.kl_coef
+
+    # --- rollout --------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
+        """Sample responses to ``prompt_ids`` and score them (no advantages yet)."""
+        config = self.config
+        queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        self.policy.eval()
+        start = time.perf_counter()
+        with self._autocast():
+            responses = generate_responses(
+                self.policy,
+                queries,
+                query_mask,
+                self.generation_config,
+                config.local_rollout_forward_batch_size,
+                self.pad_token_id,
+            )
+        self.timing["timing/generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        lengths = response_lengths(responses, self.stop_token_ids)  # [B]
+        response_mask = lengths_to_mask(lengths, responses.size(1))  # [B, T]
+        terminated = ended_on_stop(responses, lengths, self.stop_token_ids)  # [B]
+        logprobs, ref_logprobs, values, scores = [], [], [], []
+        for start_row in range(0, queries.size(0), config.local_rollout_forward_batch_size):
+            rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
+            chunk = (queries[rows], query_mask[rows], responses[rows], response_mask[rows])
+            with self._autocast():
+                logprobs.append(policy_logprobs(self.policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
+                ref_logprobs.append(
+                    policy_logprobs(self.ref_policy, *chunk, self.temperature, config.logprob_chunk_size)[0]
+                )
+                values.append(critic_values(self.value_model, *chunk))
+                if self.reward_model is not None:
+                    scores.append(self._model_scores(*chunk))
+        if self.reward_fn is not None:
+            scores = [self._function_scores(queries, query_mask, responses, lengths, terminated)]
+        scores = torch.cat(scores).float().to(self.device)
+        scores = apply_missing_stop_penalty(scores, terminated, config.missing_eos_penalty)
+        self.timing["timing/score"] = time.perf_counter() - start
+
+        def kept(chunks):  # tail positions hold numbers nobody may read: make them exactly 0
+            values = torch.cat(chunks).float()
+            return torch.where(response_mask, values, torch.zeros_like(values))
+
+        return Rollout(
+            queries=queries,
+            query_mask=query_mask,
+            responses=responses,
+            response_mask=response_mask,
+            lengths=lengths,
+            terminated=terminated,
+            logprobs=kept(logprobs),
+            ref_logprobs=kept(ref_logprobs),
+            values=kept(values),
+            scores=scores,
+        )
+
+    def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
+        """Reward model on the postprocessed query_response: cut after the stop token, the rest
+        padded and masked out, score read at the terminating token (seed note 3)."""
+        postprocessed = torch.where(response_mask, responses, torch.full_like(responses, self.pad_token_id))
+        query_responses = torch.cat([queries, postprocessed], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        _, scores, _ = get_reward(
+            self.reward_model, query_responses, self.pad_token_id, queries.size(1), attention_mask
+        )
+        return scores.float()
+
+    def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
+        """Prompt and response texts; the response without its stop token."""
+        prompts = [row[mask].tolist() for row, mask in zip(queries, query_mask)]
+        kept = (lengths - terminated.long()).tolist()
+        texts = [row[:n].tolist() for row, n in zip(responses, kept)]
+        return (
+            self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            self.tokenizer.batch_decode(texts, skip_special_tokens=True),
+        )
+
+    def _function_scores(self, queries, query_mask, responses, lengths, terminated) -> torch.Tensor:
+        prompts, texts = self.decode(queries, query_mask, responses, lengths, terminated)
+        return call_reward_function(self.reward_fn, prompts, texts)
+
+    # --- advantages -----------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_advantages(self, rollout: Rollout) -> dict[str, float]:
+        """Shape rewards with the KL penalty, then GAE and whitening; returns the objective metrics."""
+        config = self.config
+        mask = rollout.response_mask.float()
+        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask  # [B, T], 0 past the end
+        rewards, non_score_reward = shape_rewards(rollout.scores, kl, mask, rollout.lengths, self.kl_coef)
+        if config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)  # after the returns: they use raw advantages
+        rollout.advantages, rollout.returns = advantages, returns
+
+        kl_per_sequence = kl.sum(1)
+        non_score = non_score_reward.sum(1).mean()
+        return {
+            "objective/kl": kl_per_sequence.mean().item(),
+            "objective/entropy": (-rollout.logprobs * mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.item(),
+            "objective/rlhf_reward": (rollout.scores.mean() + non_score).item(),
+            "objective/scores": rollout.scores.mean().item(),
+            "objective/kl_coef": self.kl_coef,
+            "val/num_eos_tokens": int(rollout.terminated.sum()),
+            "val/response_length": rollout.lengths.float().mean().item(),
+        }
+
+    # --- update ---------------------------------------------------------------------------
+    def optimise(self, rollout: Rollout) -> dict[str, float]:
+        """``num_ppo_epochs x num_mini_batches`` optimizer steps on one rollout batch.
+
+        Each minibatch is one optimizer step (fix 4; TRL stepped once per accumulation cycle,
+        #5645), and its loss is normalised by the minibatch's kept-token count, so splitting it
+        into micro-batches does not change the update.
+        """
+        config, plan = self.config, self.plan
+        self.policy.train()
+        self.value_model.train()
+        totals = _UpdateTotals()
+        for _ in range(config.num_ppo_epochs):
+            order = torch.randperm(plan.local_batch_size, device=self.device)
+            for mini_start in range(0, plan.local_batch_size, plan.local_mini_batch_size):
+                minibatch = order[mini_start : mini_start + plan.local_mini_batch_size]
+                num_tokens = int(rollout.response_mask[minibatch].sum())
+                if num_tokens == 0:
+                    continue  # nothing to learn from: no step, weights unchanged (fix 5)
+                for micro_start in range(0, minibatch.numel(), plan.micro_batch_size):
+                    micro = rollout.select(minibatch[micro_start : micro_start + plan.micro_batch_size])
+                    loss = self._micro_batch_loss(micro, num_tokens, totals)
+                    loss.backward()
+                self._optimizer_step(totals)
+        return totals.metrics()
+
+    def _micro_batch_loss(self, micro: Rollout, minibatch_tokens: int, totals: "_UpdateTotals") -> torch.Tensor:
+        config = self.config
+        chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
+        with self._autocast():
+            logprobs, entropy = policy_logprobs(
+                self.policy, *chunk, self.temperature, config.logprob_chunk_size, with_entropy=True
+            )
+            values = critic_values(self.value_model, *chunk)
+        mask = micro.response_mask.float()
+        pg_loss, pg_clipped, ratio = clipped_policy_loss(logprobs, micro.logprobs, micro.advantages, config.cliprange)
+        vf_loss, vf_clipped = clipped_value_loss(values, micro.values, micro.returns, config.cliprange_value)
+        loss = masked_sum(pg_loss, mask) + config.vf_coef * masked_sum(vf_loss, mask)
+        if config.entropy_coef:
+            loss = loss - config.entropy_coef * masked_sum(entropy, mask)
+        with torch.no_grad():
+            totals.add(
+                mask,
+                pg_loss=pg_loss,
+                vf_loss=vf_loss,
+                pg_clipped=pg_clipped.float(),
+                vf_clipped=vf_clipped.float(),
+                approxkl=0.5 * (logprobs - micro.logprobs) ** 2,
+                entropy=entropy,
+                ratio=ratio,
+                ratio_sq=ratio**2,
+            )
+        return loss / minibatch_tokens
+
+    def _optimizer_step(self, totals: "_UpdateTotals") -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+        if not finite:
+            totals.skipped_steps += 1
+            console.print("[red]non-finite gradient: optimizer step skipped")
+        else:
+            if self.config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            self.optimizer.step()
+            totals.steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- the loop -------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
+        self.timing: dict[str, float] = {}
+        start = time.perf_counter()
+        prompt_ids = [self.prompts[i] for i in self.sampler.next_batch()]
+        rollout = self.rollout(prompt_ids)
+        advantage_start = time.perf_counter()
+        metrics = self.compute_advantages(rollout)
+        self.timing["timing/advantages"] = time.perf_counter() - advantage_start
+        update_start = time.perf_counter()
+        metrics.update(self.optimise(rollout))
+        self.timing["timing/update"] = time.perf_counter() - update_start
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.config.adaptive_kl:
+            self.kl_controller.update(metrics["objective/kl"], self.plan.batch_size)
+        self.update += 1
+        metrics["episode"] = self.update * self.plan.batch_size
+        metrics["update"] = self.update
+        self.timing["timing/total"] = time.perf_counter() - start
+        metrics.update(self.timing)
+        self.last_rollout = rollout
+        return metrics
+
+    def train(self) -> list[dict[str, float]]:
+        """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = MetricsFile(self.output_dir)
+        history = []
+        total = self.plan.num_total_batches
+        with progress_bar("PPO") as progress:
+            task = progress.add_task("ppo", total=total, completed=self.update, status="")
+            while self.update < total:
+                metrics = self.step()
+                history.append(metrics)
+                if self.update % self.config.logging_steps == 0 or self.update == total:
+                    metrics_file.write(metrics)
+                status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
+                progress.update(task, advance=1, status=status)
+                if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
+                    self._show_samples(progress)
+        return history
+
+    def _show_samples(self, progress, rows: int = 4) -> None:
+        rollout = self.last_rollout
+        take = slice(0, rows)
+        prompts, responses = self.decode(
+            rollout.queries[take], rollout.query_mask[take], rollout.responses[take],
+            rollout.lengths[take], rollout.terminated[take],
+        )
+        scores = rollout.scores[take].tolist()
+        progress.console.print(sample_table(f"samples at update {self.update}", prompts, responses, scores))
+        with open(self.output_dir / "samples.jsonl", "a") as handle:
+            for prompt, response, score in zip(prompts, responses, scores):
+                handle.write(json.dumps({"update": self.update, "prompt": prompt, "response": response, "score": score}) + "\n")
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the policy alone (and the tokenizer), loadable with ``from_pretrained``.
+
+        The policy keeps the generation config it came with; tether's sampling settings never
+        replace it (fix 7).
+        """
+        target = Path(output_dir or self.config.output_dir)
+        save_pretrained_atomic(target, [self.policy, self.tokenizer])
+        return target
+
+
+class _UpdateTotals:
+    """Token-weighted sums over one update's micro-batches, turned into TRL-named metrics."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def add(self, mask: torch.Tensor, **per_token: torch.Tensor) -> None:
+        self.tokens += float(mask.sum())
+        for name, value in per_token.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(masked_sum(value.float(), mask))
+
+    def metrics(self) -> dict[str, float]:
+        tokens = max(self.tokens, 1.0)
+        mean = {name: total / tokens for name, total in self.sums.items()}
+        return {
+            "policy/approxkl_avg": mean.get("approxkl", 0.0),
+            "policy/clipfrac_avg": mean.get("pg_clipped", 0.0),
+            "loss/policy_avg": mean.get("pg_loss", 0.0),
+            "loss/value_avg": mean.get("vf_loss", 0.0),
+            "val/clipfrac_avg": mean.get("vf_clipped", 0.0),
+            "policy/entropy_avg": mean.get("entropy", 0.0),
+            "val/ratio": mean.get("ratio", 1.0),
+            # token-level variance over the update (TRL: variance of micro-batch means, which
+            # depends on the micro-batch split)
+            "val/ratio_var": max(mean.get("ratio_sq", 1.0) - mean.get("ratio", 1.0) ** 2, 0.0),
+            "train/optimizer_steps": self.steps,
+            "train/skipped_steps": self.skipped_steps,
+        }
