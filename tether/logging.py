@@ -29,6 +29,74 @@ class MetricsFile:
             os.fsync(handle.fileno())
 
 
+class Reporters:
+    """Optional experiment trackers named by ``report_to``: tensorboard, wandb, trackio.
+
+    Checked when the run is set up, so a missing package fails before any training.
+    """
+
+    KNOWN = ("none", "tensorboard", "wandb", "trackio")
+
+    def __init__(self, report_to: str | list[str], output_dir: str | Path, config: dict):
+        names = [report_to] if isinstance(report_to, str) else list(report_to)
+        names = [n for n in names if n != "none"]
+        for name in names:
+            if name not in self.KNOWN:
+                from tether.errors import ConfigError
+
+                raise ConfigError(f"report_to {name!r} is not supported; use one of {', '.join(self.KNOWN)}")
+        self.names = names
+        self.output_dir = Path(output_dir)
+        self.config = config
+        self._writers: dict[str, object] = {}
+        for name in names:
+            self._require(name)
+
+    @staticmethod
+    def _require(name: str) -> None:
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]
+        if importlib.util.find_spec(module) is None:
+            from tether.errors import ConfigError
+
+            raise ConfigError(f"report_to {name!r} needs the {module} package: pip install {module}")
+
+    def _writer(self, name: str):
+        if name not in self._writers:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writers[name] = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            elif name == "wandb":
+                import wandb
+
+                self._writers[name] = wandb.init(config=self.config, dir=str(self.output_dir))
+            elif name == "trackio":
+                import trackio
+
+                self._writers[name] = trackio.init(project="tether", config=self.config)
+        return self._writers[name]
+
+    def log(self, metrics: dict, step: int) -> None:
+        for name in self.names:
+            writer = self._writer(name)
+            if name == "tensorboard":
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, step)
+                writer.flush()
+            else:
+                writer.log(metrics, step=step)
+
+    def close(self) -> None:
+        for name, writer in self._writers.items():
+            if name == "tensorboard":
+                writer.close()
+            elif hasattr(writer, "finish"):
+                writer.finish()
+        self._writers.clear()
+
+
 def _plain(value):
     if hasattr(value, "item"):
         value = value.item()

@@ -69,9 +69,23 @@ def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.T
     ).last_hidden_state
 
 
+def reward_bias(model) -> float:
+    """Offset stored in the config by reward normalisation (0 for a model never normalised)."""
+    return float(getattr(model.config, "reward_bias", 0.0) or 0.0)
+
+
+def scalar_outputs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states ``[B, L, H]`` -> ``[B, L, 1]``, less the stored bias."""
+    return scalar_head(model)(hidden) - reward_bias(model)
+
+
 def critic_values(model, queries, query_mask, responses, response_mask) -> torch.Tensor:
-    """Value of the state before each response token, ``[B, T]``, from the full query_response."""
+    """Value of the state before each response token, ``[B, T]``, from the full query_response.
+
+    A value model copied from a normalised reward model starts from the same numbers the reward
+    model gives, bias included.
+    """
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
     hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
-    return scalar_head(model)(hidden[:, -(width + 1) : -1]).squeeze(-1).float()
+    return scalar_outputs(model, hidden[:, -(width + 1) : -1]).squeeze(-1).float()

@@ -90,6 +90,10 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        # attention layers copy the rate from the config when built (Llama's attention_dropout)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, float) and "dropout" in key:
+                setattr(module, key, 0.0)
     configs = [getattr(model, "config", None)]
     configs += [getattr(m, "config", None) for m in model.modules() if m is not model]
     for config in {id(c): c for c in configs if c is not None}.values():

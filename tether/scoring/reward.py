@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from tether.errors import ConfigError, RewardError
-from tether.models.forward import last_hidden_state
-from tether.models.loading import scalar_head
+from tether.models.forward import last_hidden_state, reward_bias, scalar_outputs  # noqa: F401 (reward_bias re-exported)
 from tether.ops import first_true_indices, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -47,16 +46,10 @@ def get_reward(
     position_ids = position_ids_from_mask(attention_mask)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
     hidden = last_hidden_state(model, input_ids, attention_mask.long(), position_ids)
-    outputs = scalar_head(model)(hidden)  # [B, L, 1]
-    outputs = outputs - reward_bias(model)
+    outputs = scalar_outputs(model, hidden)  # [B, L, 1]
     sequence_lengths = first_true_indices(~attention_mask[:, context_length:]) - 1 + context_length
     rows = torch.arange(outputs.size(0), device=outputs.device)
     return outputs, outputs[rows, sequence_lengths].squeeze(-1), sequence_lengths
-
-
-def reward_bias(model) -> float:
-    """Offset stored in the config by reward normalisation (0 for a model never normalised)."""
-    return float(getattr(model.config, "reward_bias", 0.0) or 0.0)
 
 
 # --- reward functions ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -32,7 +33,7 @@ from torch import nn
 from tether.config import PPOConfig
 from tether.data import PromptSampler, encode_prompts, left_pad
 from tether.errors import ConfigError
-from tether.logging import MetricsFile, console, progress_bar, sample_table
+from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import critic_values, policy_logprobs
 from tether.models.loading import (
     check_scalar_model,
@@ -110,6 +111,9 @@ def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
     return encode_prompts(dataset, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
 
 
+_CHUNK_KEYS = ("queries", "query_mask", "responses", "response_mask")
+
+
 class PPOTrainer:
     """PPO with a policy, a frozen reference, a value model and a reward model or function.
 
@@ -179,6 +183,7 @@ class PPOTrainer:
         self.update = 0
         self.timing: dict[str, float] = {}
         self.output_dir = Path(config.output_dir)
+        self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
     # --- set-up helpers -------------------------------------------------------------------
     def _resolve_reward(self, reward):
@@ -212,62 +217,102 @@ class PPOTrainer:
 
     # --- rollout --------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
-        """Sample responses to ``prompt_ids`` and score them (no advantages yet)."""
-        config = self.config
+    def sample(self, prompt_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad the prompts, sample responses, and find where each response ends."""
         queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         self.policy.eval()
-        start = time.perf_counter()
         with self._autocast():
             responses = generate_responses(
                 self.policy,
                 queries,
                 query_mask,
                 self.generation_config,
-                config.local_rollout_forward_batch_size,
+                self.config.local_rollout_forward_batch_size,
                 self.pad_token_id,
             )
+        lengths = response_lengths(responses, self.stop_token_ids)  # [B]
+        return {
+            "queries": queries,
+            "query_mask": query_mask,
+            "responses": responses,
+            "response_mask": lengths_to_mask(lengths, responses.size(1)),  # [B, T]
+            "lengths": lengths,
+            "terminated": ended_on_stop(responses, lengths, self.stop_token_ids),  # [B]
+        }
+
+    @torch.no_grad()
+    def score(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
+        if self.reward_fn is not None:
+            texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
+            scores = call_reward_function(self.reward_fn, *texts)
+        else:
+            chunk_rows = self.config.local_rollout_forward_batch_size
+            scores = []
+            for start in range(0, samples["queries"].size(0), chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                with self._autocast():
+                    scores.append(self._model_scores(*(samples[k][rows] for k in _CHUNK_KEYS)))
+            scores = torch.cat(scores)
+        scores = scores.float().to(self.device)
+        return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
+        """Sample responses to ``prompt_ids`` and score them (no advantages yet)."""
+        config = self.config
+        start = time.perf_counter()
+        samples = self.sample(prompt_ids)
         self.timing["timing/generate"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        lengths = response_lengths(responses, self.stop_token_ids)  # [B]
-        response_mask = lengths_to_mask(lengths, responses.size(1))  # [B, T]
-        terminated = ended_on_stop(responses, lengths, self.stop_token_ids)  # [B]
-        logprobs, ref_logprobs, values, scores = [], [], [], []
-        for start_row in range(0, queries.size(0), config.local_rollout_forward_batch_size):
+        scores = self.score(samples)
+        logprobs, ref_logprobs, values = [], [], []
+        for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
             rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
-            chunk = (queries[rows], query_mask[rows], responses[rows], response_mask[rows])
+            chunk = [samples[k][rows] for k in _CHUNK_KEYS]
             with self._autocast():
                 logprobs.append(policy_logprobs(self.policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
                 ref_logprobs.append(
                     policy_logprobs(self.ref_policy, *chunk, self.temperature, config.logprob_chunk_size)[0]
                 )
                 values.append(critic_values(self.value_model, *chunk))
-                if self.reward_model is not None:
-                    scores.append(self._model_scores(*chunk))
-        if self.reward_fn is not None:
-            scores = [self._function_scores(queries, query_mask, responses, lengths, terminated)]
-        scores = torch.cat(scores).float().to(self.device)
-        scores = apply_missing_stop_penalty(scores, terminated, config.missing_eos_penalty)
         self.timing["timing/score"] = time.perf_counter() - start
+
+        response_mask = samples["response_mask"]
 
         def kept(chunks):  # tail positions hold numbers nobody may read: make them exactly 0
             values = torch.cat(chunks).float()
             return torch.where(response_mask, values, torch.zeros_like(values))
 
         return Rollout(
-            queries=queries,
-            query_mask=query_mask,
-            responses=responses,
-            response_mask=response_mask,
-            lengths=lengths,
-            terminated=terminated,
+            **samples,
             logprobs=kept(logprobs),
             ref_logprobs=kept(ref_logprobs),
             values=kept(values),
             scores=scores,
         )
+
+    @torch.no_grad()
+    def evaluate(self, max_prompts: int = 64) -> tuple[dict[str, float], list[dict]]:
+        """Sample and score responses to the first ``max_prompts`` eval prompts.
+
+        Returns ``eval/*`` metrics and the sample rows (prompt, response, score).
+        """
+        prompt_ids = self.eval_prompts[:max_prompts]
+        samples = self.sample(prompt_ids)
+        scores = self.score(samples)
+        prompts, responses = self.decode(
+            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        )
+        metrics = {
+            "eval/scores": scores.mean().item(),
+            "eval/response_length": samples["lengths"].float().mean().item(),
+            "eval/num_eos_tokens": int(samples["terminated"].sum()),
+        }
+        rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, scores.tolist())]
+        return metrics, rows
 
     def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
         """Reward model on the postprocessed query_response: cut after the stop token, the rest
@@ -289,10 +334,6 @@ class PPOTrainer:
             self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
             self.tokenizer.batch_decode(texts, skip_special_tokens=True),
         )
-
-    def _function_scores(self, queries, query_mask, responses, lengths, terminated) -> torch.Tensor:
-        prompts, texts = self.decode(queries, query_mask, responses, lengths, terminated)
-        return call_reward_function(self.reward_fn, prompts, texts)
 
     # --- advantages -----------------------------------------------------------------------
     @torch.no_grad()
@@ -415,36 +456,55 @@ class PPOTrainer:
         return metrics
 
     def train(self) -> list[dict[str, float]]:
-        """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl)."""
+        """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl).
+
+        Every ``sample_every`` updates a table of prompts, responses and scores is printed and
+        appended to ``samples.jsonl``: from the eval prompts when there are any (their
+        ``eval/*`` metrics join that update's line), else from the current rollout.
+        """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = MetricsFile(self.output_dir)
         history = []
         total = self.plan.num_total_batches
-        with progress_bar("PPO") as progress:
-            task = progress.add_task("ppo", total=total, completed=self.update, status="")
-            while self.update < total:
-                metrics = self.step()
-                history.append(metrics)
-                if self.update % self.config.logging_steps == 0 or self.update == total:
-                    metrics_file.write(metrics)
-                status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
-                progress.update(task, advance=1, status=status)
-                if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
-                    self._show_samples(progress)
+        try:
+            with progress_bar("PPO") as progress:
+                task = progress.add_task("ppo", total=total, completed=self.update, status="")
+                while self.update < total:
+                    metrics = self.step()
+                    if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
+                        metrics.update(self._show_samples(progress))
+                    history.append(metrics)
+                    if self.update % self.config.logging_steps == 0 or self.update == total:
+                        metrics_file.write(metrics)
+                        self.reporters.log(metrics, step=self.update)
+                    status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
+                    progress.update(task, advance=1, status=status)
+        finally:
+            self.reporters.close()
         return history
 
-    def _show_samples(self, progress, rows: int = 4) -> None:
-        rollout = self.last_rollout
-        take = slice(0, rows)
-        prompts, responses = self.decode(
-            rollout.queries[take], rollout.query_mask[take], rollout.responses[take],
-            rollout.lengths[take], rollout.terminated[take],
+    def _show_samples(self, progress, rows: int = 4) -> dict[str, float]:
+        if self.eval_prompts:
+            metrics, samples = self.evaluate()
+        else:
+            rollout, metrics = self.last_rollout, {}
+            prompts, responses = self.decode(
+                rollout.queries, rollout.query_mask, rollout.responses, rollout.lengths, rollout.terminated
+            )
+            samples = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, rollout.scores.tolist())]
+        shown = samples[:rows]
+        progress.console.print(
+            sample_table(
+                f"samples at update {self.update}",
+                [row["prompt"] for row in shown],
+                [row["response"] for row in shown],
+                [row["score"] for row in shown],
+            )
         )
-        scores = rollout.scores[take].tolist()
-        progress.console.print(sample_table(f"samples at update {self.update}", prompts, responses, scores))
         with open(self.output_dir / "samples.jsonl", "a") as handle:
-            for prompt, response, score in zip(prompts, responses, scores):
-                handle.write(json.dumps({"update": self.update, "prompt": prompt, "response": response, "score": score}) + "\n")
+            for row in shown:
+                handle.write(json.dumps({"update": self.update, **row}) + "\n")
+        return metrics
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the policy alone (and the tokenizer), loadable with ``from_pretrained``.

@@ -1,0 +1,502 @@
+"""Rollout generation and the forward passes that line model outputs up with response tokens.
+
+What is pinned here (``/work/shared/spec/ppo-details.md`` details 4-10 and 19, seed note 1):
+
+* the rollout samples from exactly ``softmax(logits / (tau + 1e-7))``: a hostile
+  ``generation_config`` on the model does not leak in, and the model's own config is left as
+  it was (tether decision 7);
+* generation stops at any configured stop id and pads the finished rows;
+* chunked generation keeps the ``[B, T']`` contract and is reproducible under a seed;
+* ``policy_logprobs`` / ``critic_values`` read position ``Q + t - 1`` for response token
+  ``t``, do not depend on the amount of left padding (position ids skip it, which matters
+  for GPT-2's absolute positions), and agree with generation scores and with ``get_reward``;
+* ``disable_dropout`` and ``value_model_from_policy`` prepare models as RLHF needs.
+
+Everything runs in fp32 on tiny models built locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import tether.rollout.generate as generate_module
+from tether.models.forward import critic_values, policy_logprobs
+from tether.models.loading import disable_dropout, value_model_from_policy
+from tether.ops import ended_on_stop, lengths_to_mask, response_lengths, truncate_response
+from tether.rollout.generate import generate_responses, sampling_config
+from tether.scoring.reward import get_reward
+from tether.tiny import tiny_causal_lm, tiny_config, tiny_reward_model
+
+PAD, BOS, EOS = 0, 1, 2
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
+HOSTILE = dict(
+    repetition_penalty=3.0,
+    top_k=3,
+    top_p=0.5,
+    suppress_tokens=[5, 6],
+    min_new_tokens=5,
+    no_repeat_ngram_size=2,
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def left_pad(rows: list[list[int]], width: int | None = None, fill: int = PAD):
+    """Left-padded ids ``[B, width]`` and their keep-mask."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], width: int | None = None, fill: int = PAD):
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+def add_left_columns(ids: torch.Tensor, mask: torch.Tensor, count: int, fill: int = PAD):
+    """``count`` more masked-out columns on the left, holding ``fill``."""
+    extra_ids = torch.full((ids.size(0), count), fill, dtype=ids.dtype)
+    extra_mask = torch.zeros((ids.size(0), count), dtype=torch.bool)
+    return torch.cat([extra_ids, ids], dim=1), torch.cat([extra_mask, mask], dim=1)
+
+
+def make_hostile(model) -> dict:
+    for key, value in HOSTILE.items():
+        setattr(model.generation_config, key, value)
+    return model.generation_config.to_dict()
+
+
+def fixed_distribution_policy(tokenizer, logits: dict[int, float]):
+    """A policy whose next-token distribution ignores the context: ``softmax(bias)``.
+
+    The output layer is replaced by a zero-weight ``Linear`` with a bias; ids not in
+    ``logits`` get bias 0. Used to make stop tokens frequent and the pad id impossible.
+    """
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
+    vocab = model.config.vocab_size
+    head = nn.Linear(model.config.hidden_size, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        for token, value in logits.items():
+            head.bias[token] = value
+    model.lm_head = head
+    return model
+
+
+def sample_queries(vocab: int, rows: int, seed: int = 0):
+    """Left-padded random word queries of lengths 1..5 (no special ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (rows,), generator=generator).tolist()
+    return left_pad([torch.randint(4, vocab, (n,), generator=generator).tolist() for n in lengths])
+
+
+def gathered(logprobs_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logprobs_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- sampling config / leak
+
+
+def test_sampling_config_is_pure_ancestral_sampling():
+    config = sampling_config(response_length=7, temperature=0.7, stop_token_ids=[2, 9], pad_token_id=PAD)
+    assert config.do_sample is True
+    assert config.max_new_tokens == 7
+    assert config.temperature == pytest.approx(0.7 + 1e-7, abs=0, rel=1e-12)
+    assert config.top_k in (0, None) and config.top_p in (1.0, None)
+    assert config.repetition_penalty in (1.0, None)
+    assert not config.min_new_tokens
+    assert not config.no_repeat_ngram_size
+    assert not config.suppress_tokens and not config.begin_suppress_tokens and not config.bad_words_ids
+    assert config.num_beams in (1, None)
+    assert list(config.eos_token_id) == [2, 9]
+    assert config.pad_token_id == PAD
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hostile_generation_config_does_not_leak(tokenizer, arch):
+    """Scores are plain ``logits / tau_eff``: finite everywhere, and their log-softmax at the
+    sampled tokens equals the forward-pass log-probs at ``tau + 1e-7`` (ppo-details 6, 9b)."""
+    model = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
+    own_config = model.generation_config
+    before = make_hostile(model)
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=6)
+    temperature, length = 0.7, 10
+    config = sampling_config(length, temperature, [EOS], PAD)
+    config_before = config.to_dict()
+
+    torch.manual_seed(0)
+    responses, scores = generate_responses(model, queries, query_mask, config, 4, PAD, output_scores=True)
+
+    assert responses.shape[0] == 6 and responses.shape[1] <= length
+    assert scores.shape == (*responses.shape, model.config.vocab_size)
+    assert torch.isfinite(scores).all(), "a filtering logits processor (top-k/top-p/suppress/min-length) leaked in"
+
+    lengths = response_lengths(responses, [EOS])
+    mask = lengths_to_mask(lengths, responses.size(1))
+    from_scores = gathered(torch.log_softmax(scores.float(), dim=-1), responses)
+    with torch.no_grad():
+        from_forward, _ = policy_logprobs(model, queries, query_mask, responses, mask, temperature + 1e-7, 5)
+    assert torch.allclose(from_scores[mask], from_forward[mask], atol=1e-5, rtol=0)
+
+    # the model's own generation_config is back, unchanged; the caller's config is untouched
+    assert model.generation_config is own_config
+    assert model.generation_config.to_dict() == before
+    assert config.to_dict() == config_before
+
+
+def test_model_generation_config_is_restored_when_generate_fails(policy):
+    own = policy.generation_config
+    before = make_hostile(policy)
+    seen = {}
+
+    def failing_generate(**kwargs):
+        seen["config"] = policy.generation_config
+        raise RuntimeError("out of memory")
+
+    policy.generate = failing_generate
+    queries = torch.tensor([[4, 5, 6]])
+    with pytest.raises(RuntimeError):
+        generate_responses(policy, queries, queries > 0, sampling_config(4, 1.0, [EOS], PAD), 1, PAD)
+    assert seen["config"] is not own  # hidden while generating
+    assert policy.generation_config is own
+    assert policy.generation_config.to_dict() == before
+
+
+def test_leak_check_can_fail_without_isolation(tokenizer, monkeypatch):
+    """Control: with the model's own config left in place, the hostile settings do reach the
+    sampler (-inf scores), so the finiteness check above is meaningful."""
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
+    make_hostile(model)
+    monkeypatch.setattr(generate_module, "isolated_generation_config", lambda m: contextlib.nullcontext())
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=3)
+    torch.manual_seed(0)
+    _, scores = generate_responses(
+        model, queries, query_mask, sampling_config(8, 0.7, [EOS], PAD), 3, PAD, output_scores=True
+    )
+    assert torch.isinf(scores).any()
+
+
+# ---------------------------------------------------------------- stop tokens
+
+
+STOP_BIASED = {PAD: -30.0, EOS: math.log(4.0), 9: math.log(4.0)}
+
+
+@pytest.mark.parametrize("stops", [[EOS], [EOS, 9]])
+def test_generation_stops_at_any_stop_id_and_pads_the_rest(tokenizer, stops):
+    model = fixed_distribution_policy(tokenizer, STOP_BIASED)  # the pad id is never sampled
+    length = 10
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=24, seed=1)
+    torch.manual_seed(0)
+    responses = generate_responses(model, queries, query_mask, sampling_config(length, 1.0, stops, PAD), 24, PAD)
+    assert responses.shape[0] == 24 and responses.shape[1] <= length
+
+    lengths = response_lengths(responses, stops)
+    mask = lengths_to_mask(lengths, responses.size(1))
+    terminated = ended_on_stop(responses, lengths, stops)
+    stop_ids = torch.tensor(stops)
+    assert torch.equal(mask.sum(1), lengths)
+    # kept tokens are real (pad is never sampled here), everything after the first stop is pad
+    assert torch.equal(mask, responses != PAD)
+    assert (responses[~mask] == PAD).all()
+    for row, n, ended in zip(responses, lengths.tolist(), terminated.tolist()):
+        is_stop = torch.isin(row[:n], stop_ids)
+        assert not is_stop[:-1].any(), "a stop token inside the kept part"
+        assert bool(is_stop[-1]) == ended
+        if not ended:
+            assert n == length
+    # each configured stop id really terminates some row
+    last = responses.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)[terminated]
+    for stop in stops:
+        assert (last == stop).any(), f"no row ended on stop id {stop}"
+    if len(stops) == 1:
+        assert (~terminated).any(), "no row hit the length limit; the unterminated branch went untested"
+
+
+def test_no_stop_ids_samples_the_full_length_through_eos(tokenizer):
+    """``stop_token_ids=None``: fixed-length sampling, EOS is an ordinary token (detail 9a);
+    the model's own ``eos_token_id`` does not stop generation."""
+    model = fixed_distribution_policy(tokenizer, STOP_BIASED)
+    assert model.generation_config.eos_token_id == EOS
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=16, seed=2)
+    torch.manual_seed(0)
+    responses = generate_responses(model, queries, query_mask, sampling_config(10, 1.0, None, PAD), 16, PAD)
+    assert responses.shape == (16, 10)
+    assert (responses != PAD).all()
+    eos_before_end = (responses[:, :-1] == EOS).any(dim=1)
+    assert eos_before_end.any(), "EOS was never sampled before the last column; the check is vacuous"
+    assert torch.equal(response_lengths(responses, None), torch.full((16,), 10))
+
+
+# ---------------------------------------------------------------- chunked generation
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 6])
+def test_chunked_generation_shape_contract(tokenizer, chunk):
+    model = fixed_distribution_policy(tokenizer, {PAD: -30.0, EOS: math.log(3.0)})
+    rows, length = 6, 9
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=rows, seed=3)
+    torch.manual_seed(0)
+    responses, scores = generate_responses(
+        model, queries, query_mask, sampling_config(length, 1.0, [EOS], PAD), chunk, PAD, output_scores=True
+    )
+    width = responses.size(1)
+    assert responses.dtype == torch.long
+    assert responses.shape == (rows, width) and 1 <= width <= length
+    assert scores.shape == (rows, width, model.config.vocab_size)
+    assert torch.isfinite(scores).all()
+    lengths = response_lengths(responses, [EOS])
+    mask = lengths_to_mask(lengths, width)
+    assert (responses[~mask] == PAD).all()  # chunks padded on the right with the pad id
+    if chunk < rows:
+        # a chunk narrower than the widest one is padded with pad ids / zero scores
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            chunk_width = int(lengths[part].max())
+            assert (responses[part, chunk_width:] == PAD).all()
+            assert (scores[part, chunk_width:] == 0).all()
+
+
+def test_chunked_generation_logprobs_match_forward(tokenizer, policy):
+    """Chunks of 2 with ragged stops: generation log-probs still equal forward log-probs on
+    kept tokens (detail 10: old log-probs may come from generation scores)."""
+    queries, query_mask = sample_queries(policy.config.vocab_size, rows=5, seed=4)
+    torch.manual_seed(3)
+    responses, scores = generate_responses(
+        policy, queries, query_mask, sampling_config(12, 1.3, [EOS, 7], PAD), 2, PAD, output_scores=True
+    )
+    mask = lengths_to_mask(response_lengths(responses, [EOS, 7]), responses.size(1))
+    from_scores = gathered(torch.log_softmax(scores, dim=-1), responses)
+    with torch.no_grad():
+        from_forward, _ = policy_logprobs(policy, queries, query_mask, responses, mask, 1.3 + 1e-7, 3)
+    assert torch.allclose(from_scores[mask], from_forward[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [2, 6])
+def test_generation_is_deterministic_under_a_seed(tokenizer, policy, chunk):
+    queries, query_mask = sample_queries(policy.config.vocab_size, rows=6, seed=5)
+    config = sampling_config(8, 1.0, [EOS], PAD)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        outputs.append(generate_responses(policy, queries, query_mask, config, chunk, PAD, output_scores=True))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+def forward_batch():
+    """Three left-padded queries and right-padded responses of different lengths."""
+    queries, query_mask = left_pad([[4, 5, 6], [7, 8, 9, 10, 11], [12]])
+    responses, response_mask = right_pad([[13, 14, EOS], [15, 16, 17, 18, 19, 20], [21, EOS]])
+    return queries, query_mask, responses, response_mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logprobs_and_values_ignore_left_padding(tokenizer, arch):
+    """5 extra left pad columns, or garbage ids under the mask, change nothing on kept
+    tokens: position ids skip padding (ppo-details 4) and masks, not ids, decide (detail 1c)."""
+    policy = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
+    critic = tiny_reward_model(tokenizer, seed=1, arch=arch, **TINY).eval()
+    queries, query_mask, responses, response_mask = forward_batch()
+    more_q, more_qm = add_left_columns(queries, query_mask, 5)
+    garbage_q = torch.where(more_qm, more_q, torch.full_like(more_q, 17))
+    garbage_r = torch.where(response_mask, responses, torch.full_like(responses, 11))
+
+    with torch.no_grad():
+        base_lp, _ = policy_logprobs(policy, queries, query_mask, responses, response_mask, 0.7, 4)
+        base_v = critic_values(critic, queries, query_mask, responses, response_mask)
+        for q, qm, r in [(more_q, more_qm, responses), (garbage_q, more_qm, garbage_r)]:
+            lp, _ = policy_logprobs(policy, q, qm, r, response_mask, 0.7, 4)
+            v = critic_values(critic, q, qm, r, response_mask)
+            assert lp.shape == responses.shape and v.shape == responses.shape
+            assert torch.allclose(lp[response_mask], base_lp[response_mask], atol=1e-5, rtol=0)
+            assert torch.allclose(v[response_mask], base_v[response_mask], atol=1e-5, rtol=0)
+
+
+def test_gpt2_without_position_ids_depends_on_left_padding(tokenizer):
+    """Control for the test above: GPT-2 called with only ids and attention mask gives
+    different outputs once padding moves the absolute positions, so the invariance above is
+    due to the position ids tether passes."""
+    model = tiny_causal_lm(tokenizer, seed=0, arch="gpt2", **TINY).eval()
+    queries, query_mask, responses, response_mask = forward_batch()
+    more_q, more_qm = add_left_columns(queries, query_mask, 5)
+    width = responses.size(1)
+
+    def naive(q, qm):
+        ids = torch.cat([q, responses], dim=1)
+        mask = torch.cat([qm, response_mask], dim=1).long()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -(width + 1) : -1]
+        return gathered(torch.log_softmax(logits / 0.7, dim=-1), responses)
+
+    with torch.no_grad():
+        difference = (naive(queries, query_mask) - naive(more_q, more_qm))[response_mask].abs().max()
+    assert difference > 1e-3
+
+
+def test_policy_logprobs_alignment_by_hand(policy):
+    """Token ``t`` is scored by ``log_softmax(logits[Q + t - 1] / tau)`` of the unpadded
+    sequence (ppo-details 5)."""
+    query = torch.tensor([4, 9, 5, 11])
+    response = torch.tensor([13, 6, 6, 20, EOS])
+    q_len, temperature = query.numel(), 0.6
+    with torch.no_grad():
+        logits = policy(input_ids=torch.cat([query, response])[None]).logits[0]
+        expected = torch.stack(
+            [torch.log_softmax(logits[q_len + t - 1] / temperature, dim=-1)[tok] for t, tok in enumerate(response)]
+        )
+        probs = torch.softmax(logits[q_len - 1 : -1] / temperature, dim=-1)
+        expected_entropy = -(probs * probs.log()).sum(-1)
+        ones_q = torch.ones(1, q_len, dtype=torch.bool)
+        ones_r = torch.ones(1, response.numel(), dtype=torch.bool)
+        for chunk in (1, 3, 100):
+            logprobs, entropy = policy_logprobs(
+                policy, query[None], ones_q, response[None], ones_r, temperature, chunk, with_entropy=True
+            )
+            assert torch.allclose(logprobs[0], expected, atol=1e-5, rtol=0)
+            assert torch.allclose(entropy[0], expected_entropy, atol=1e-5, rtol=0)
+        no_entropy = policy_logprobs(policy, query[None], ones_q, response[None], ones_r, temperature, 4)[1]
+    assert no_entropy is None
+
+
+def test_critic_values_at_step_0_equal_reward_model_per_token(reward_model):
+    """A value model copied from the RM: ``values[:, t]`` equals the RM's per-token output at
+    absolute position ``Q + t - 1`` for every kept token and the slot right after the last
+    one (ppo-details 19), whether or not the critic sees the tail after the stop."""
+    value_model = copy.deepcopy(reward_model)
+    queries, query_mask = left_pad([[4, 5, 6], [7, 8, 9, 10, 11], [12]])
+    responses = torch.tensor([[13, 14, EOS, 15, 16, 17], [15, 16, 17, 18, 19, 20], [21, EOS, 5, EOS, 6, 7]])
+    lengths = response_lengths(responses, [EOS])
+    response_mask = lengths_to_mask(lengths, responses.size(1))
+    postprocessed = truncate_response(EOS, PAD, responses)
+    q_len, width = queries.size(1), responses.size(1)
+    with torch.no_grad():
+        per_token, _, _ = get_reward(
+            reward_model,
+            torch.cat([queries, postprocessed], dim=1),
+            PAD,
+            q_len,
+            torch.cat([query_mask, response_mask], dim=1),
+        )
+        masked_values = critic_values(value_model, queries, query_mask, responses, response_mask)
+        full_values = critic_values(value_model, queries, query_mask, responses, torch.ones_like(response_mask))
+    for b in range(responses.size(0)):
+        for t in range(min(int(lengths[b]) + 1, width)):
+            expected = per_token[b, q_len + t - 1, 0]
+            assert masked_values[b, t] == pytest.approx(float(expected), abs=1e-5)
+            assert full_values[b, t] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_critic_values_match_a_normalised_reward_model(reward_model):
+    reward_model.config.reward_bias = 0.7
+    value_model = copy.deepcopy(reward_model)
+    queries, query_mask = left_pad([[4, 5, 6], [7, 8]])
+    responses, response_mask = right_pad([[13, EOS], [15, 16, 17]])
+    with torch.no_grad():
+        per_token, _, _ = get_reward(
+            reward_model,
+            torch.cat([queries, responses], dim=1),
+            PAD,
+            queries.size(1),
+            torch.cat([query_mask, response_mask], dim=1),
+        )
+        values = critic_values(value_model, queries, query_mask, responses, response_mask)
+    expected = per_token[:, queries.size(1) - 1 : -1, 0]
+    assert torch.allclose(values[response_mask], expected[response_mask], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- model preparation
+
+
+def dropout_model(tokenizer, arch: str, kind: str):
+    config = tiny_config(tokenizer, arch=arch, **TINY)
+    if arch == "gpt2":
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.5
+    else:  # Llama has no dropout modules; its attention dropout is a float from the config
+        config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
+    return auto.from_config(config).train()
+
+
+def two_outputs(model):
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits, model(input_ids=ids).logits
+
+
+DROPOUT_CASES = [
+    ("gpt2", "lm"),
+    ("gpt2", "scalar"),
+    ("llama", "lm"),
+    ("llama", "scalar"),
+]
+
+
+@pytest.mark.parametrize("arch,kind", DROPOUT_CASES)
+def test_dropout_is_active_before_disable_dropout(tokenizer, arch, kind):
+    first, second = two_outputs(dropout_model(tokenizer, arch, kind))
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("arch,kind", DROPOUT_CASES)
+def test_disable_dropout_makes_train_mode_deterministic(tokenizer, arch, kind):
+    model = dropout_model(tokenizer, arch, kind)
+    disable_dropout(model)
+    assert model.training
+    first, second = two_outputs(model)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_value_model_from_policy(tokenizer, arch):
+    policy = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
+    policy_state = {k: v.clone() for k, v in policy.state_dict().items()}
+    value_model = value_model_from_policy(policy).eval()
+
+    assert value_model.config.num_labels == 1
+    assert next(value_model.parameters()).dtype == torch.float32
+    head = value_model.score
+    assert (head.weight == 0).all()
+    assert head.bias is None or (head.bias == 0).all()
+
+    backbone = getattr(policy, policy.base_model_prefix).state_dict()
+    value_backbone = getattr(value_model, value_model.base_model_prefix).state_dict()
+    assert backbone.keys() == value_backbone.keys()
+    for key in backbone:
+        assert torch.equal(backbone[key], value_backbone[key]), key
+        assert backbone[key].data_ptr() != value_backbone[key].data_ptr(), f"{key} shares storage with the policy"
+
+    queries, query_mask, responses, response_mask = forward_batch()
+    with torch.no_grad():
+        values = critic_values(value_model, queries, query_mask, responses, response_mask)
+    assert values.shape == responses.shape
+    assert (values == 0).all()
+
+    # training the value model cannot move the policy
+    with torch.no_grad():
+        for parameter in value_model.parameters():
+            parameter.add_(1.0)
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, policy_state[key]), key
