@@ -33,7 +33,9 @@ def clipped_value_loss(
 
     Returns ``(loss [B, T], clipped [B, T] bool)``.
     """
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    # clamp(v, lo, hi) returns v itself inside the range, so an unclipped token is never counted
+    # as clipped through rounding (old + clamp(v - old) need not equal v exactly)
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -177,7 +178,7 @@ class PPOTrainer:
             weight_decay=config.weight_decay,
         )
         total = self.plan.num_total_batches
-        decay = (lambda u: 1.0 - u / total) if config.lr_scheduler_type == "linear" else (lambda u: 1.0)
+        decay = (lambda u: max(0.0, 1.0 - u / total)) if config.lr_scheduler_type == "linear" else (lambda u: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.update = 0
@@ -375,10 +376,12 @@ class PPOTrainer:
         self.policy.train()
         self.value_model.train()
         totals = _UpdateTotals()
+        rows = rollout.scores.size(0)  # the plan's local batch, or whatever a caller rolled out
+        mini_batch_size = math.ceil(rows / config.num_mini_batches)
         for _ in range(config.num_ppo_epochs):
-            order = torch.randperm(plan.local_batch_size, device=self.device)
-            for mini_start in range(0, plan.local_batch_size, plan.local_mini_batch_size):
-                minibatch = order[mini_start : mini_start + plan.local_mini_batch_size]
+            order = torch.randperm(rows, device=self.device)
+            for mini_start in range(0, rows, mini_batch_size):
+                minibatch = order[mini_start : mini_start + mini_batch_size]
                 num_tokens = int(rollout.response_mask[minibatch].sum())
                 if num_tokens == 0:
                     continue  # nothing to learn from: no step, weights unchanged (fix 5)
