@@ -51,12 +51,60 @@ class BatchPlan:
 
 
 @dataclass
-class PPOConfig:
+class TrainingConfig:
+    """Fields every tether command shares (names and defaults of HF ``TrainingArguments``)."""
+
+    # --- model and data -------------------------------------------------------------------
+    model_name_or_path: str | None = None
+    """Starting model (and its tokenizer): a local folder or a Hub name."""
+    trust_remote_code: bool = False
+    dataset_name: str | None = None
+    """A local .jsonl/.json/.parquet/.csv file or a Hub dataset name."""
+    dataset_train_split: str = "train"
+    dataset_test_split: str = "test"
+
+    # --- batches and length of the run ----------------------------------------------------
+    per_device_train_batch_size: int = 8
+    """Rows per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+
+    # --- optimizer ------------------------------------------------------------------------
+    learning_rate: float = 5e-5
+    adam_epsilon: float = 1e-8
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm; off when unset."""
+    lr_scheduler_type: Literal["linear", "constant"] = "linear"
+    """``linear``: from ``learning_rate`` to 0 over the run."""
+
+    # --- run ------------------------------------------------------------------------------
+    output_dir: str = "runs/tether"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    """Autocast forwards (and generation) to bfloat16; weights stay fp32."""
+    logging_steps: int = 1
+    report_to: str | list[str] = "none"
+    """Trackers besides metrics.jsonl: tensorboard, wandb, trackio."""
+
+    def validate(self) -> None:
+        """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
+        check_types(self)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate < 0:
+            raise ConfigError(f"config field learning_rate must be >= 0, got {self.learning_rate}")
+
+
+@dataclass
+class PPOConfig(TrainingConfig):
     """Everything a PPO run needs. Defaults are TRL 1.12's where TRL had the field."""
 
     # --- models ---------------------------------------------------------------------------
-    model_name_or_path: str | None = None
-    """Starting policy (and its tokenizer): a local folder or a Hub name."""
     sft_model_path: str | None = None
     """TRL's name for the starting policy; used when given, else ``model_name_or_path``."""
     reward_model_path: str | None = None
@@ -65,13 +113,8 @@ class PPOConfig:
     value_model_path: str | None = None
     """Value model; defaults to the reward model, or to the policy with a zero scalar head
     when the reward is a function."""
-    trust_remote_code: bool = False
 
     # --- data -----------------------------------------------------------------------------
-    dataset_name: str | None = None
-    """Prompts: a local .jsonl/.json/.parquet/.csv file or a Hub dataset name."""
-    dataset_train_split: str = "train"
-    dataset_test_split: str = "test"
     prompt_column: str | None = None
     """Column holding the prompts (text, chat messages or token ids); auto-detected if unset."""
     max_prompt_length: int | None = None
@@ -79,16 +122,12 @@ class PPOConfig:
     prompt_truncation: Literal["left", "error"] = "left"
 
     # --- batch sizes and length of the run ------------------------------------------------
-    per_device_train_batch_size: int = 8
-    """Rows per micro-batch in the PPO update."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per rollout batch (rollout batch = per_device x accumulation x processes)."""
     num_mini_batches: int = 1
-    """Minibatches per PPO epoch; each one is an optimizer step."""
+    """Minibatches per PPO epoch; each one is an optimizer step. The rollout batch is
+    per_device_train_batch_size x gradient_accumulation_steps x processes."""
     num_ppo_epochs: int = 4
     total_episodes: int | None = None
     """Prompts to roll out in total; defaults to ``num_train_epochs`` x dataset size."""
-    num_train_epochs: float = 3.0
     local_rollout_forward_batch_size: int = 64
     """Rows per generation / scoring chunk during the rollout."""
 
@@ -119,27 +158,11 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
 
-    # --- optimizer ------------------------------------------------------------------------
+    # --- overridden defaults and PPO-only run settings -------------------------------------
     learning_rate: float = 3e-6
-    adam_epsilon: float = 1e-8
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    """Clip the global gradient norm; TRL's PPO loop never clipped, so off by default."""
-    lr_scheduler_type: Literal["linear", "constant"] = "linear"
-    """``linear``: from ``learning_rate`` to 0 over the run, stepped once per update."""
-
-    # --- run ------------------------------------------------------------------------------
     output_dir: str = "runs/ppo"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = False
-    """Autocast forwards and generation to bfloat16 (weights stay fp32)."""
-    logging_steps: int = 1
     num_sample_generations: int = 10
     """How many times in the run to print a table of prompts, responses and scores."""
-    report_to: str | list[str] = "none"
     logprob_chunk_size: int = 1024
     """Rows of the [rows, vocab] log-softmax computed at a time."""
 
@@ -147,14 +170,9 @@ class PPOConfig:
     def policy_path(self) -> str | None:
         return self.sft_model_path or self.model_name_or_path
 
-    def stop_setting(self) -> int | list[int] | Literal["eos"] | None:
-        return self.stop_token_id if self.stop_token_id is not None else self.stop_token
-
     def validate(self) -> None:
-        """Check rules that span fields; raise ConfigError naming the field and the fix."""
-        check_types(self)
-        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
-                    "num_ppo_epochs", "local_rollout_forward_batch_size", "logging_steps", "logprob_chunk_size",
+        super().validate()
+        positive = ("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size", "logprob_chunk_size",
                     "kl_horizon")
         for name in positive:
             if getattr(self, name) < 1:
