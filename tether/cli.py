@@ -14,6 +14,10 @@ USAGE = """usage: tether <command> [options]
 commands:
   ppo    PPO on a policy with a reward model or reward function
          tether ppo --config run.yaml [--field value ...]
+  sft    supervised fine-tuning on prompt/completion data
+         tether sft --config sft.yaml [--field value ...]
+  rm     reward-model training on chosen/rejected pairs
+         tether rm --config rm.yaml [--field value ...]
   demo   a small PPO run on a tiny model built on the fly, offline
          tether demo [--output-dir DIR] [--seed N] [--device cpu|cuda|auto] [--quick]
 """
@@ -30,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         match command:
             case "ppo":
                 return run_ppo(rest)
+            case "sft":
+                from tether.trainers.sft import run_sft
+
+                return run_sft(*_split_config_argument(rest))
+            case "rm":
+                from tether.trainers.reward import run_reward
+
+                return run_reward(*_split_config_argument(rest))
             case "demo":
                 return run_demo(rest)
             case _:

@@ -13,7 +13,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +214,55 @@ class PPOConfig(TrainingConfig):
             num_total_batches=num_total_batches,
             sample_every=max(1, num_total_batches // self.num_sample_generations) if self.num_sample_generations else 0,
         )
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning: next-token loss on prompt + completion data."""
+
+    max_length: int | None = 1024
+    """Longest sequence kept (prompt + completion); completions are cut from the right."""
+    completion_only_loss: bool = True
+    """Loss on completion tokens only (True) or on every token, the prompt's too (False)."""
+    eval_fraction: float = 0.0
+    """Share of the rows held out for evaluation when the dataset has no ``dataset_test_split``."""
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (and always at the end)."""
+    learning_rate: float = 2e-5
+    output_dir: str = "runs/sft"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_common_supervised(self)
+
+
+@dataclass
+class RewardConfig(TrainingConfig):
+    """Reward-model training: Bradley-Terry loss on chosen / rejected pairs."""
+
+    max_length: int | None = 1024
+    eval_fraction: float = 0.1
+    """Share of the pairs held out for accuracy when the dataset has no ``dataset_test_split``."""
+    eval_steps: int | None = None
+    normalize_rewards: bool = False
+    """After training, store a bias so the reference set scores mean 0 (``get_reward`` applies it)."""
+    normalization_dataset: str | None = None
+    """Reference set for normalisation (prompt + completion rows); default: the chosen responses."""
+    learning_rate: float = 1e-5
+    output_dir: str = "runs/rm"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_common_supervised(self)
+
+
+def _check_common_supervised(config) -> None:
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError(f"config field max_length must be at least 2, got {config.max_length}")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise ConfigError(f"config field eval_fraction must lie in [0, 1), got {config.eval_fraction}")
+    if config.eval_steps is not None and config.eval_steps < 1:
+        raise ConfigError(f"config field eval_steps must be at least 1, got {config.eval_steps}")
 
 
 # --- loading and type checking -------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tether.errors import ConfigError, RewardError
-from tether.models.forward import last_hidden_state, reward_bias, scalar_outputs  # noqa: F401 (reward_bias re-exported)
+from tether.models.forward import last_hidden_state, scalar_outputs
 from tether.ops import first_true_indices, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]

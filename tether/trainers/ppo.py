@@ -17,17 +17,14 @@ their own issues). Where tether departs from TRL, the line says so and names the
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -67,20 +64,14 @@ from tether.scoring.reward import (
     is_function_spec,
 )
 from tether.saving import save_pretrained_atomic
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device is 'cuda' but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
+from tether.trainers.common import (
+    autocast,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    resolve_device,
+    seed_everything,
+)
 
 def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
     """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
@@ -169,17 +160,8 @@ class PPOTrainer:
             model.to(self.device)
         self.value_model.requires_grad_(True)
 
-        params = [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
-        total = self.plan.num_total_batches
-        decay = (lambda u: max(0.0, 1.0 - u / total)) if config.lr_scheduler_type == "linear" else (lambda u: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
+        self.scheduler = make_scheduler(self.optimizer, self.plan.num_total_batches, config)  # stepped per update
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.update = 0
         self.timing: dict[str, float] = {}
@@ -208,9 +190,7 @@ class PPOTrainer:
         return models
 
     def _autocast(self):
-        if not self.config.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.config.bf16)
 
     @property
     def kl_coef(self) -> float:
@@ -421,17 +401,11 @@ class PPOTrainer:
         return loss / minibatch_tokens
 
     def _optimizer_step(self, totals: "_UpdateTotals") -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-        if not finite:
+        if optimizer_step(self.optimizer, self.config.max_grad_norm):
+            totals.steps += 1
+        else:
             totals.skipped_steps += 1
             console.print("[red]non-finite gradient: optimizer step skipped")
-        else:
-            if self.config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            self.optimizer.step()
-            totals.steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
 
     # --- the loop -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
