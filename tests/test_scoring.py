@@ -320,7 +320,7 @@ def test_raising_reward_function_with_multiline_message_is_one_line():
 
 
 def test_is_function_spec(tmp_path):
-    assert is_function_spec("tether.demo:liked_word_reward")
+    assert is_function_spec("tether.demo.task:gold_reward")
     assert is_function_spec("path/to/file.py:fn")
     assert not is_function_spec("gpt2")
     assert not is_function_spec("org/reward-model")
@@ -333,10 +333,10 @@ def test_is_function_spec(tmp_path):
 
 
 def test_import_reward_function_from_module():
-    from tether.demo import liked_word_reward
+    from tether.demo.task import gold_reward
 
-    function = import_reward_function("tether.demo:liked_word_reward")
-    assert function is liked_word_reward
+    function = import_reward_function("tether.demo.task:gold_reward")
+    assert function is gold_reward
     scores = call_reward_function(function, ["p", "p"], ["good movie", "dull"])
     assert torch.equal(scores, torch.tensor([0.5, 0.0]))
 
@@ -352,8 +352,8 @@ def test_import_reward_function_from_file(tmp_path):
     "spec,fragment",
     [
         ("tether_no_such_module_xyz:fn", "tether_no_such_module_xyz"),
-        ("tether.demo:no_such_function", "no_such_function"),
-        ("tether.demo:VOCABULARY", "VOCABULARY"),  # exists, but not callable
+        ("tether.demo.task:no_such_function", "no_such_function"),
+        ("tether.demo.task:VALENCE", "VALENCE"),  # exists, but not callable
         ("{tmp}/missing.py:fn", "missing.py"),
         ("{tmp}/broken.py:fn", "broken"),
         ("{tmp}/raises.py:fn", "raises"),

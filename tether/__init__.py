@@ -1,10 +1,23 @@
-"""tether: PPO (RLHF) for Hugging Face causal language models."""
+"""tether: PPO (RLHF) for Hugging Face causal language models, with the SFT and reward-model stages."""
 
-from tether.config import PPOConfig
+from tether.config import PPOConfig, RewardConfig, SFTConfig
 from tether.ops.masks import first_true_indices, truncate_response
 from tether.scoring.reward import get_reward
 from tether.trainers.ppo import PPOTrainer
+from tether.trainers.reward import RewardTrainer
+from tether.trainers.sft import SFTTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["PPOConfig", "PPOTrainer", "first_true_indices", "get_reward", "truncate_response", "__version__"]
+__all__ = [
+    "PPOConfig",
+    "PPOTrainer",
+    "RewardConfig",
+    "RewardTrainer",
+    "SFTConfig",
+    "SFTTrainer",
+    "first_true_indices",
+    "get_reward",
+    "truncate_response",
+    "__version__",
+]

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
     try:
         match command:
             case "ppo":
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_transformers() -> None:
+    """tether draws its own progress bars; transformers' per-load bars would interleave with them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:

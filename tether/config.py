@@ -98,6 +98,8 @@ class TrainingConfig:
                 raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate < 0:
             raise ConfigError(f"config field learning_rate must be >= 0, got {self.learning_rate}")
+        if self.num_train_epochs <= 0:
+            raise ConfigError(f"config field num_train_epochs must be > 0, got {self.num_train_epochs}")
 
 
 @dataclass
@@ -113,6 +115,9 @@ class PPOConfig(TrainingConfig):
     value_model_path: str | None = None
     """Value model; defaults to the reward model, or to the policy with a zero scalar head
     when the reward is a function."""
+    metric_function: str | None = None
+    """``module:function`` / ``file.py:function`` computing extra metrics of each rollout,
+    ``fn(prompts, responses) -> dict[str, float]`` (e.g. a held-out "gold" judge)."""
 
     # --- data -----------------------------------------------------------------------------
     prompt_column: str | None = None

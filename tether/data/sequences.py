@@ -1,7 +1,7 @@
 """Supervised sequences for SFT and reward-model training: prompt + completion, right-padded.
 
 A completion always ends with EOS (appended when missing), so the model learns to stop and the
-reward model reads its score at the EOS (ppo-details 3). Rows come in three shapes:
+reward model reads its score at the EOS (ppo-details 3); an empty completion is EOS alone. Rows come in three shapes:
 
 * ``prompt`` + ``completion`` columns (text, or chat messages: the prompt rendered with the
   generation prompt, the completion as what the full conversation adds after it);
@@ -88,8 +88,7 @@ def _completion_ids(tokenizer, prompt_value, prompt_ids: list[int], completion, 
         ids = list(completion)
     else:
         raise DataError(f"row {row} of column {column!r} is a {type(completion).__name__}; give text or chat messages")
-    if not ids:
-        raise DataError(f"row {row} of column {column!r} is an empty completion; remove the row or fill it in")
+    # an empty completion is a response that stops at once: EOS alone
     return _with_eos(list(ids), eos)
 
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from tether.errors import ConfigError
 
 
-def _load(loader, path: str, what: str, **kwargs):
+def load_pretrained(loader, path: str, what: str, **kwargs):
+    """``loader.from_pretrained(path)``; a failure becomes a one-line ConfigError naming ``what``."""
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
@@ -22,7 +23,7 @@ def _load(loader, path: str, what: str, **kwargs):
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.warn):
     """Tokenizer with left padding; a missing pad token becomes EOS (masks make that safe)."""
-    tokenizer = _load(AutoTokenizer, path, "tokenizer", padding_side="left", trust_remote_code=trust_remote_code)
+    tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer", padding_side="left", trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     ensure_pad_token(tokenizer, warn)
     return tokenizer
@@ -39,12 +40,12 @@ def ensure_pad_token(tokenizer, warn=warnings.warn) -> None:
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    return _load(AutoModelForCausalLM, path, "policy model", trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return load_pretrained(AutoModelForCausalLM, path, "policy model", trust_remote_code=trust_remote_code, dtype=torch.float32)
 
 
 def load_scalar_model(path: str, what: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """An ``AutoModelForSequenceClassification`` with one label (reward or value model)."""
-    model = _load(
+    model = load_pretrained(
         AutoModelForSequenceClassification, path, what, trust_remote_code=trust_remote_code, dtype=torch.float32
     )
     check_scalar_model(model, what, path)

@@ -144,6 +144,7 @@ class PPOTrainer:
         self.temperature = config.temperature + 1e-7  # the same value generation samples with
 
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
+        self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
         if ref_policy is policy:
             raise ConfigError("ref_policy is the policy itself; pass a separate copy or leave it out")
         self.policy = policy
@@ -429,8 +430,21 @@ class PPOTrainer:
         metrics["update"] = self.update
         self.timing["timing/total"] = time.perf_counter() - start
         metrics.update(self.timing)
+        if self.metric_fn is not None:
+            metrics.update(self._extra_metrics(rollout))
         self.last_rollout = rollout
         return metrics
+
+    def _extra_metrics(self, rollout: Rollout) -> dict[str, float]:
+        prompts, responses = self.decode(
+            rollout.queries, rollout.query_mask, rollout.responses, rollout.lengths, rollout.terminated
+        )
+        name = getattr(self.metric_fn, "__name__", "metric_function")
+        try:
+            values = self.metric_fn(prompts, responses)
+            return {str(key): float(value) for key, value in dict(values).items()}
+        except Exception as error:
+            raise ConfigError(f"metric function {name} failed: {type(error).__name__}: {error}") from error
 
     def train(self) -> list[dict[str, float]]:
         """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl).

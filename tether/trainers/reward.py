@@ -1,0 +1,397 @@
+"""Reward-model training: a Bradley-Terry loss on chosen / rejected pairs (ppo-details 34-36).
+
+One optimizer step, as ``step()`` reads:
+
+    pairs (prompt + chosen, prompt + rejected; each ends in EOS)        data/sequences.py
+        -> chosen and rejected rows right-padded together, [2P, L]
+        -> score at each row's last real token with get_reward           scoring/reward.py
+        -> -log sigmoid(r_chosen - r_rejected), summed over the micro-batch and divided by the
+           pairs in the optimizer batch (so splitting it does not change the update)
+        -> optimizer step, linear schedule
+
+The score is read exactly where PPO's ``get_reward`` reads it (context_length 0 and an explicit
+mask, so a tokenizer whose pad id is the EOS id still reads at the EOS). After training the
+reward can be normalised: the mean raw score of a reference set is stored as
+``config.reward_bias``, which ``get_reward`` subtracts (detail 36; no gain).
+
+Deliberately left out: multi-process training, LoRA, checkpoint/resume, margins or
+labeller-confidence weights in the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence as SequenceOf
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from tether.config import RewardConfig, load_config, parse_overrides, save_config
+from tether.data.prompts import PromptSampler, load_table
+from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
+from tether.errors import ConfigError, DataError
+from tether.logging import MetricsFile, Reporters, console, progress_bar
+from tether.models.loading import (
+    load_pretrained,
+    check_scalar_model,
+    check_vocabulary,
+    disable_dropout,
+    ensure_pad_token,
+    load_tokenizer,
+    scalar_head,
+)
+from tether.ops.losses import bradley_terry_loss
+from tether.saving import save_pretrained_atomic
+from tether.scoring.reward import get_reward
+from tether.trainers.common import (
+    autocast,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    resolve_device,
+    seed_everything,
+)
+
+
+# --- the model ------------------------------------------------------------------------------
+
+def load_reward_backbone(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A one-label ``AutoModelForSequenceClassification`` from a causal-LM or reward checkpoint.
+
+    From a causal LM (the SFT model, detail 35) Hugging Face builds the backbone and a new
+    ``score`` head; that head, and one whose shape did not match (a classifier with several
+    labels), is re-drawn as detail 18 says. A checkpoint that already has a one-label head
+    keeps it. The caller seeds the random generator first for a reproducible head.
+    """
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report lists the new head; we say it below
+    try:
+        model, info = load_pretrained(
+            AutoModelForSequenceClassification,
+            path,
+            "reward model backbone",
+            num_labels=1,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_scalar_model(model, "reward model", path)
+    head_prefix = "score." if hasattr(model, "score") else "classifier."
+    new_keys = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]
+    if any(key.startswith(head_prefix) for key in new_keys):
+        init_reward_head(model)
+        console.print(f"{path} has no one-label scalar head: starting from a fresh one (std 1/sqrt(d+1))")
+    if model.config.pad_token_id is None:  # HF's own pooling needs it; the trainer sets the tokenizer's
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def init_reward_head(model: nn.Module) -> None:
+    """Draw the head's output layer from N(0, 1/sqrt(d + 1)) with bias 0 (ppo-details 18).
+
+    The std keeps the initial reward near unit scale: Stiennon et al. and lm-human-preferences
+    (the appendix's variance without the square root is a typo).
+    """
+    head = scalar_head(model)
+    layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    output = layers[-1]  # a plain Linear, or the last layer of a dense -> out_proj classifier
+    nn.init.normal_(output.weight, mean=0.0, std=1.0 / math.sqrt(output.in_features + 1))
+    if output.bias is not None:
+        nn.init.zeros_(output.bias)
+
+
+def pair_statistics(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair sums for the logged metrics: BT loss, wins (a tie is a loss) and margin."""
+    return {
+        "loss": -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).sum(),
+        "accuracy": (chosen_scores > rejected_scores).float().sum(),
+        "margin": (chosen_scores - rejected_scores).sum(),
+    }
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+class RewardTrainer:
+    """Bradley-Terry training of a one-label sequence-classification model.
+
+    ``train_dataset`` / ``eval_dataset`` are ``datasets.Dataset`` tables with ``chosen`` and
+    ``rejected`` columns (and an optional shared ``prompt``), or pairs already made by
+    ``encode_pairs``. Without ``eval_dataset``, ``eval_fraction`` of the training pairs is held
+    out (one permutation under ``config.seed``).
+    """
+
+    def __init__(self, config: RewardConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
+        self.pad_token_id = tokenizer.pad_token_id
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+
+        pairs = self._encode(train_dataset)
+        if eval_dataset is not None:
+            self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset)
+        else:
+            self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        self.total_steps = int(config.num_train_epochs * len(self.train_pairs)) // self.batch_pairs
+        if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
+            raise DataError(
+                f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
+                f"gradient_accumulation_steps) but there are {len(self.train_pairs)} training pairs for "
+                f"{config.num_train_epochs} epochs; lower the batch sizes, raise num_train_epochs, or add pairs"
+            )
+        # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
+        # gave overlapping shards); only full batches, so one epoch is floor(N / batch) steps.
+        self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.seed)
+        self.reference_sequences = self._reference_sequences()
+
+        check_scalar_model(model, "reward model")
+        check_vocabulary(tokenizer, model, "reward model")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.pad_token_id
+        disable_dropout(model)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(self.model.parameters(), config)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)
+        self.step_count = 0
+        self.eval_history: list[tuple[int, float]] = []
+        self.normalization: dict[str, float] = {}
+        self.output_dir = Path(config.output_dir)
+        self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
+
+    def _encode(self, data) -> list[PreferencePair]:
+        if isinstance(data, (list, tuple)) and all(isinstance(p, PreferencePair) for p in data):
+            return list(data)
+        return encode_pairs(data, self.tokenizer, self.config.max_length)
+
+    def _reference_sequences(self) -> list[list[int]] | None:
+        """The normalisation set, encoded up front so a bad file fails before training."""
+        config = self.config
+        if not config.normalize_rewards:
+            return None
+        if config.normalization_dataset is None:
+            return [pair.chosen.ids for pair in self.train_pairs]
+        table = load_table(config.normalization_dataset, config.dataset_train_split)
+        return [s.ids for s in encode_sequences(table, self.tokenizer, config.max_length)]
+
+    def _autocast(self):
+        return autocast(self.device, self.config.bf16)
+
+    # --- scoring --------------------------------------------------------------------------
+    def score_sequences(self, sequences: SequenceOf[list[int]]) -> torch.Tensor:
+        """Scores ``[N]`` of unpadded id lists, right-padded into one batch and read by get_reward.
+
+        context_length 0 searches the whole row for its end; the explicit mask (not the pad
+        id) says where that is, so with pad == EOS the score is still read at the EOS.
+        """
+        ids, mask = right_pad(list(sequences), self.pad_token_id)  # [N, L]
+        with self._autocast():
+            _, scores, _ = get_reward(self.model, ids.to(self.device), self.pad_token_id, 0, mask.to(self.device))
+        return scores.float()
+
+    def score_pairs(self, pairs: SequenceOf[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen_scores [P], rejected_scores [P])``: chosen and rejected stacked into one
+        ``[2P, L]`` batch (detail 34)."""
+        scores = self.score_sequences([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs])
+        return scores[: len(pairs)], scores[len(pairs) :]
+
+    # --- training -------------------------------------------------------------------------
+    def micro_batch_loss(self, pairs: SequenceOf[PreferencePair], batch_pairs: int) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the optimizer batch's mean BT loss, and its metric sums.
+
+        The mean over the micro-batch is scaled by ``len(pairs) / batch_pairs``: summed over the
+        micro-batches, the gradient is that of the mean over the whole batch however it is split.
+        """
+        chosen_scores, rejected_scores = self.score_pairs(pairs)
+        loss = bradley_terry_loss(chosen_scores, rejected_scores) * (len(pairs) / batch_pairs)
+        with torch.no_grad():
+            sums = pair_statistics(chosen_scores, rejected_scores)
+        return loss, sums
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step on the next batch of pairs; returns its metrics."""
+        config = self.config
+        self.model.train()
+        batch = [self.train_pairs[i] for i in self.sampler.next_batch()]
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        for start in range(0, len(batch), config.per_device_train_batch_size):
+            loss, sums = self.micro_batch_loss(batch[start : start + config.per_device_train_batch_size], len(batch))
+            loss.backward()
+            for name, value in sums.items():
+                totals[name] += float(value)
+        if not optimizer_step(self.optimizer, config.max_grad_norm):
+            console.print("[red]non-finite gradient: optimizer step skipped")
+        metrics = {name: value / len(batch) for name, value in totals.items()}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step_count += 1
+        metrics["epoch"] = self.step_count * self.batch_pairs / len(self.train_pairs)
+        metrics["step"] = self.step_count
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """``eval/loss``, ``eval/accuracy`` (share of pairs with r_chosen > r_rejected; a tie is
+        wrong) and ``eval/margin`` over the held-out pairs; empty when there are none."""
+        if not self.eval_pairs:
+            return {}
+        self.model.eval()
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        chunk = self.config.per_device_train_batch_size
+        for start in range(0, len(self.eval_pairs), chunk):
+            for name, value in pair_statistics(*self.score_pairs(self.eval_pairs[start : start + chunk])).items():
+                totals[name] += float(value)
+        metrics = {f"eval/{name}": value / len(self.eval_pairs) for name, value in totals.items()}
+        self.eval_history.append((self.step_count, metrics["eval/accuracy"]))
+        return metrics
+
+    @torch.no_grad()
+    def normalize(self, reference_sequences: SequenceOf[list[int] | Sequence]) -> dict[str, float]:
+        """Store the mean raw score of ``reference_sequences`` as ``config.reward_bias`` (detail 36).
+
+        ``get_reward`` subtracts the bias, so afterwards the reference set scores mean 0. There
+        is no gain: the std is logged, not fixed. Returns ``reward_bias`` and the raw scores'
+        ``normalization/{mean,std,min,max}``.
+        """
+        sequences = [s.ids if isinstance(s, Sequence) else list(s) for s in reference_sequences]
+        if not sequences:
+            raise DataError("the normalisation set is empty; give it at least one prompt/completion row")
+        self.model.eval()
+        previous = getattr(self.model.config, "reward_bias", None)
+        self.model.config.reward_bias = 0.0  # raw scores
+        try:
+            chunk = 2 * self.config.per_device_train_batch_size
+            raw = torch.cat([self.score_sequences(sequences[i : i + chunk]) for i in range(0, len(sequences), chunk)])
+        except BaseException:
+            self.model.config.reward_bias = previous
+            raise
+        raw = raw.double()
+        bias = raw.mean().item()
+        self.model.config.reward_bias = bias
+        self.normalization = {
+            "reward_bias": bias,
+            "normalization/mean": bias,
+            "normalization/std": raw.std().item() if raw.numel() > 1 else 0.0,
+            "normalization/min": raw.min().item(),
+            "normalization/max": raw.max().item(),
+        }
+        return self.normalization
+
+    def train(self) -> list[dict[str, float]]:
+        """Every optimizer step of the run; returns the per-step metrics (also in metrics.jsonl).
+
+        Evaluates every ``eval_steps`` steps and at the end (``eval/*`` join that step's line),
+        then normalises the reward when ``normalize_rewards`` is set (``reward_bias`` and the
+        reference scores' statistics join the last line).
+        """
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = MetricsFile(self.output_dir)
+        history: list[dict[str, float]] = []
+        try:
+            with progress_bar("RM") as progress:
+                task = progress.add_task("rm", total=self.total_steps, completed=self.step_count, status="")
+                while self.step_count < self.total_steps:
+                    metrics = self.step()
+                    last = self.step_count == self.total_steps
+                    if last or (config.eval_steps and self.step_count % config.eval_steps == 0):
+                        metrics.update(self.evaluate())
+                    if last and self.reference_sequences is not None:
+                        metrics.update(self.normalize(self.reference_sequences))
+                    history.append(metrics)
+                    if last or self.step_count % config.logging_steps == 0 or "eval/accuracy" in metrics:
+                        metrics_file.write(metrics)
+                        self.reporters.log(metrics, step=self.step_count)
+                    status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
+                    if self.eval_history:
+                        status += f"  eval acc {self.eval_history[-1][1]:.2f}"
+                    progress.update(task, advance=1, status=status)
+        finally:
+            self.reporters.close()
+        return history
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
+        ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
+        target = Path(output_dir or self.config.output_dir)
+        save_pretrained_atomic(target, [self.model, self.tokenizer])
+        return target
+
+
+def split_pairs(
+    pairs: list[PreferencePair], eval_fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """``(train, held_out)``: ``eval_fraction`` of the pairs (at least one when > 0) drawn by a
+    permutation under ``seed``; both keep the dataset's order."""
+    if eval_fraction <= 0:
+        return pairs, []
+    held = max(1, round(eval_fraction * len(pairs)))
+    if held >= len(pairs):
+        raise DataError(
+            f"eval_fraction={eval_fraction} of {len(pairs)} pairs leaves none to train on; "
+            "lower eval_fraction or add pairs"
+        )
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:held])
+    return (
+        [p for i, p in enumerate(pairs) if i not in held_out],
+        [p for i, p in enumerate(pairs) if i in held_out],
+    )
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def held_out_table(config: RewardConfig):
+    """The dataset's ``dataset_test_split`` when it has real splits (a Hub dataset or a saved
+    DatasetDict), else None: a single file or table holds one split, and ``eval_fraction`` of
+    its pairs is held out instead."""
+    source = os.path.expanduser(config.dataset_name)
+    if os.path.isfile(source) or (os.path.isdir(source) and not os.path.isfile(os.path.join(source, "dataset_dict.json"))):
+        return None
+    try:
+        return load_table(config.dataset_name, config.dataset_test_split)
+    except DataError:
+        return None
+
+
+def run_reward(config_path: str | None, override_args: list[str]) -> int:
+    """``tether rm --config rm.yaml [--field value ...]``: train, save the model and config.yaml."""
+    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+    config = load_config(RewardConfig, config_path, parse_overrides(override_args), warn=warn)
+    missing = [name for name in ("model_name_or_path", "dataset_name") if not getattr(config, name)]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+
+    seed_everything(config.seed)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
+    # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
+    train_pairs = encode_pairs(load_table(config.dataset_name, config.dataset_train_split), tokenizer, config.max_length)
+    eval_table = held_out_table(config)
+    eval_pairs = encode_pairs(eval_table, tokenizer, config.max_length) if eval_table is not None else None
+    console.print(f"loading the reward model backbone from {config.model_name_or_path}")
+    model = load_reward_backbone(config.model_name_or_path, config.trust_remote_code)
+    trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    trainer.train()
+    target = trainer.save_model()
+    if trainer.eval_history:
+        step, accuracy = trainer.eval_history[-1]
+        console.print(f"held-out accuracy {accuracy:.3f} on {len(trainer.eval_pairs)} pairs after {step} steps")
+    else:
+        console.print("no held-out pairs (eval_fraction 0 and no test split): accuracy not measured")
+    if trainer.normalization:
+        console.print(f"reward_bias {trainer.normalization['reward_bias']:+.4f} stored in the model config")
+    console.print(f"[green]saved the reward model to {target}")
+    return 0

@@ -1,0 +1,359 @@
+"""Supervised fine-tuning (SFT) of a Hugging Face causal LM on prompt + completion data.
+
+One optimizer step, as ``step()`` reads:
+
+    rows -> right-padded micro-batches (input_ids, attention_mask, loss_mask)
+         -> next-token NLL summed over the loss-masked labels of each micro-batch
+         -> divided by the whole batch's loss-token count, backward, accumulate
+         -> one optimizer step, one LR-schedule step
+
+The loss mask comes from each row's lengths, never from comparing ids with the pad id, so a
+tokenizer whose pad token is EOS still trains the completion's EOS and the model learns to
+stop (ppo-details 1, 37, XV.18). ``completion_only_loss`` (the default) trains the completion
+tokens only; ``False`` is the N+ convention of detail 37, every real token including the prompt.
+
+Deliberately left out: packing, multi-process training, LoRA, checkpoint/resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tether.config import SFTConfig
+from tether.data.sequences import Sequence, encode_sequences, right_pad
+from tether.errors import ConfigError, DataError
+from tether.logging import MetricsFile, Reporters, console, progress_bar
+from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
+from tether.ops.masks import position_ids_from_mask
+from tether.saving import save_pretrained_atomic
+from tether.trainers.common import (
+    autocast,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    resolve_device,
+    seed_everything,
+)
+
+# --------------------------------------------------------------------------- the maths
+
+
+def sft_loss_mask(
+    prompt_lengths: torch.Tensor, lengths: torch.Tensor, width: int, completion_only_loss: bool
+) -> torch.Tensor:
+    """Which labels count in the loss, ``[B, width - 1]`` bool (True = counted).
+
+    ``prompt_lengths`` and ``lengths`` are ``[B]`` token counts of each right-padded row;
+    label ``j`` is token ``j + 1`` (predicted from positions ``0..j``). A label counts when its
+    token is real (before the row's length: padding never counts, the final EOS always does)
+    and, for ``completion_only_loss``, when it belongs to the completion.
+    """
+    token_index = torch.arange(1, width, device=lengths.device).unsqueeze(0)  # [1, width - 1]
+    keep = token_index < lengths.unsqueeze(1)
+    if completion_only_loss:
+        keep &= token_index >= prompt_lengths.unsqueeze(1)
+    return keep
+
+
+@dataclass
+class SFTBatch:
+    """Right-padded rows: ``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]`` bool, and
+    ``loss_mask`` ``[B, L - 1]`` bool over the labels ``input_ids[:, 1:]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> SFTBatch:
+        return SFTBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask)))
+
+
+def collate(sequences: list[Sequence], pad_token_id: int, completion_only_loss: bool) -> SFTBatch:
+    """Right-pad ``sequences`` into one batch; masks come from their lengths."""
+    input_ids, attention_mask = right_pad([s.ids for s in sequences], pad_token_id)  # [B, L]
+    prompt_lengths = torch.tensor([len(s.prompt_ids) for s in sequences])  # [B]
+    lengths = torch.tensor([len(s.ids) for s in sequences])  # [B]
+    loss_mask = sft_loss_mask(prompt_lengths, lengths, input_ids.size(1), completion_only_loss)
+    return SFTBatch(input_ids, attention_mask, loss_mask)
+
+
+def summed_nll(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
+    """Next-token negative log-likelihood summed over the batch's loss-masked labels (scalar).
+
+    Dividing by the token count of the whole optimizer batch (not of this micro-batch) makes
+    the update the same however the batch is split into micro-batches.
+    """
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask.long(),
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    ).logits[:, :-1]  # [B, L - 1, V]: position j predicts token j + 1
+    labels = batch.input_ids[:, 1:]  # [B, L - 1]
+    # Only the counted positions reach the log-softmax: less memory, and padding cannot
+    # contribute anything, not even a NaN times zero.
+    picked = logits[batch.loss_mask].float()  # [N, V]
+    return F.cross_entropy(picked, labels[batch.loss_mask], reduction="sum")
+
+
+def split_held_out(num_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train rows, held-out rows): ``fraction`` of the rows, chosen by a seeded permutation."""
+    if fraction <= 0:
+        return list(range(num_rows)), []
+    count = min(max(1, round(num_rows * fraction)), num_rows - 1)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class SFTTrainer:
+    """Next-token training of ``model`` on prompt + completion rows (see ``encode_sequences``
+    for the accepted columns: prompt/completion, messages, or text).
+
+    ``train_dataset`` and ``eval_dataset`` are ``datasets.Dataset`` objects or lists of dicts.
+    Without an ``eval_dataset``, ``config.eval_fraction`` of the rows is held out instead.
+    Each optimizer step takes ``per_device_train_batch_size x gradient_accumulation_steps``
+    rows of a seeded shuffle (the last batch of an epoch may be smaller).
+    """
+
+    def __init__(self, config: SFTConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
+        config.validate()
+        if config.num_train_epochs <= 0:
+            raise ConfigError(f"config field num_train_epochs must be > 0, got {config.num_train_epochs}")
+        self.config = config
+        self.tokenizer = tokenizer
+        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
+        self.pad_token_id = tokenizer.pad_token_id
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+
+        # Everything is encoded up front, so a bad row fails before the first step.
+        sequences = self._encode(train_dataset, "training")
+        if eval_dataset is not None:
+            self.train_sequences, self.eval_sequences = sequences, self._encode(eval_dataset, "evaluation")
+        else:
+            train_rows, eval_rows = split_held_out(len(sequences), config.eval_fraction, config.seed)
+            self.train_sequences = [sequences[i] for i in train_rows]
+            self.eval_sequences = [sequences[i] for i in eval_rows]
+        check_vocabulary(tokenizer, model, "model")
+        self._check_ids(model)
+
+        self.model = model
+        disable_dropout(model)
+        model.to(self.device)
+        self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
+        self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        self.optimizer = make_optimizer(model.parameters(), config)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
+        self.global_step = 0
+        self._epoch_order: tuple[int, list[int]] | None = None
+        self.output_dir = Path(config.output_dir)
+        self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
+
+    # --- set-up helpers -------------------------------------------------------------------
+    def _encode(self, dataset, what: str) -> list[Sequence]:
+        if isinstance(dataset, (list, tuple)):
+            import datasets
+
+            dataset = datasets.Dataset.from_list(list(dataset))
+        if len(dataset) == 0:
+            raise DataError(f"the {what} dataset has no rows")
+        sequences = encode_sequences(dataset, self.tokenizer, self.config.max_length)
+        # A row whose only loss token has no token before it (a one-token text) teaches nothing;
+        # keeping it would give batches with nothing to divide by.
+        useful = [s for s in sequences if self._loss_tokens(s) > 0]
+        if not useful:
+            raise DataError(f"no row of the {what} dataset has a token to train on; give longer completions")
+        if len(useful) < len(sequences):
+            console.print(f"[yellow]{len(sequences) - len(useful)} {what} rows have no token to train on; skipped")
+        return useful
+
+    def _loss_tokens(self, sequence: Sequence) -> int:
+        return int(collate([sequence], self.pad_token_id, self.config.completion_only_loss).loss_mask.sum())
+
+    def _check_ids(self, model: nn.Module) -> None:
+        rows = model.get_input_embeddings().num_embeddings
+        for sequences, what in ((self.train_sequences, "training"), (self.eval_sequences, "evaluation")):
+            for row, sequence in enumerate(sequences):
+                if sequence.ids and not 0 <= min(sequence.ids) <= max(sequence.ids) < rows:
+                    raise DataError(
+                        f"{what} row {row} has a token id outside the model's {rows} embeddings; "
+                        "the ids were made with a different tokenizer"
+                    )
+
+    def _micro_batches(self, sequences: list[Sequence]) -> list[SFTBatch]:
+        size = self.config.per_device_train_batch_size
+        return [
+            collate(sequences[start : start + size], self.pad_token_id, self.config.completion_only_loss)
+            for start in range(0, len(sequences), size)
+        ]
+
+    def _next_rows(self) -> list[int]:
+        """Rows of the next step: epoch ``e`` is ``randperm`` under seed ``seed + e``."""
+        epoch, position = divmod(self.global_step, self.steps_per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self.train_sequences), generator=generator).tolist())
+        start = position * self.batch_rows
+        return self._epoch_order[1][start : start + self.batch_rows]
+
+    # --- one step -------------------------------------------------------------------------
+    def step(self, rows: list[int]) -> dict[str, float]:
+        """One optimizer step on the training rows ``rows``; returns its metrics."""
+        self.model.train()
+        micro_batches = self._micro_batches([self.train_sequences[r] for r in rows])
+        num_tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
+        total_nll = 0.0
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            with autocast(self.device, self.config.bf16):
+                nll = summed_nll(self.model, batch)
+            (nll / num_tokens).backward()
+            total_nll += nll.item()
+        grad_norm = _grad_norm(self.model)  # before clipping, as HF Trainer logs it
+        stepped = optimizer_step(self.optimizer, self.config.max_grad_norm)
+        if not stepped:
+            console.print("[red]non-finite gradient: optimizer step skipped")
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        self.global_step += 1
+        return {
+            "loss": total_nll / num_tokens,
+            "lr": lr,
+            "epoch": self.global_step / self.steps_per_epoch,
+            "step": self.global_step,
+            "tokens": num_tokens,
+            "grad_norm": grad_norm,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted loss and perplexity over the held-out rows (empty with none)."""
+        if not self.eval_sequences:
+            return {}
+        self.model.eval()
+        total_nll, total_tokens = 0.0, 0
+        for batch in self._micro_batches(self.eval_sequences):
+            batch = batch.to(self.device)
+            with autocast(self.device, self.config.bf16):
+                total_nll += summed_nll(self.model, batch).item()
+            total_tokens += int(batch.loss_mask.sum())
+        loss = total_nll / total_tokens
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}  # exp overflows past ~709
+
+    # --- the loop -------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        """Run every step; returns the per-step metrics (also appended to metrics.jsonl).
+
+        With a held-out set, ``eval/loss`` and ``eval/perplexity`` join the metrics every
+        ``eval_steps`` steps and at the last step.
+        """
+        config = self.config
+        metrics_file = MetricsFile(self.output_dir)
+        history = []
+        try:
+            with progress_bar("SFT") as progress:
+                task = progress.add_task("sft", total=self.total_steps, completed=self.global_step, status="")
+                while self.global_step < self.total_steps:
+                    metrics = self.step(self._next_rows())
+                    last = self.global_step == self.total_steps
+                    evaluated = bool(self.eval_sequences) and (
+                        last or (config.eval_steps is not None and self.global_step % config.eval_steps == 0)
+                    )
+                    if evaluated:
+                        metrics.update(self.evaluate())
+                    history.append(metrics)
+                    if evaluated or last or self.global_step % config.logging_steps == 0:
+                        metrics_file.write(metrics)
+                        self.reporters.log(metrics, step=self.global_step)
+                    status = f"loss {metrics['loss']:.4f}"
+                    if evaluated:
+                        status += f"  eval {metrics['eval/loss']:.4f}"
+                    progress.update(task, advance=1, status=status)
+        finally:
+            self.reporters.close()
+        return history
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder."""
+        target = Path(output_dir or self.config.output_dir)
+        save_pretrained_atomic(target, [self.model, self.tokenizer])
+        return target
+
+
+def _grad_norm(model: nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_sft(config_path: str | None, override_args: list[str]) -> int:
+    """``tether sft --config sft.yaml [--field value ...]``: train, then save to ``output_dir``."""
+    from tether.config import load_config, parse_overrides, save_config
+    from tether.data.prompts import load_table
+    from tether.models.loading import load_causal_lm, load_tokenizer
+
+    if override_args and override_args[0] in ("-h", "--help"):
+        print("usage: tether sft --config sft.yaml [--field value ...]\nfields: see tether.config.SFTConfig")
+        return 0
+    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+    config = load_config(SFTConfig, config_path, parse_overrides(override_args), warn=warn)
+    missing = [name for name in ("model_name_or_path", "dataset_name") if not getattr(config, name)]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
+    train_dataset = load_table(config.dataset_name, config.dataset_train_split)
+    eval_dataset = _test_split(config)
+    # One row through the encoder before the (possibly slow) model load: a wrong column or
+    # format fails at once. The trainer still encodes and checks every row.
+    encode_sequences(train_dataset.select(range(1)), tokenizer, config.max_length)
+    console.print(f"loading the model from {config.model_name_or_path}")
+    model = load_causal_lm(config.model_name_or_path, config.trust_remote_code)
+    trainer = SFTTrainer(config, tokenizer, model, train_dataset, eval_dataset)
+    os.makedirs(config.output_dir, exist_ok=True)
+    save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    trainer.train()
+    target = trainer.save_model()
+    console.print(f"[green]saved the fine-tuned model to {target}")
+    return 0
+
+
+def _test_split(config: SFTConfig):
+    """The ``dataset_test_split`` of a Hub dataset or a saved DatasetDict, if it has one.
+
+    A local file has no splits (and a saved single Dataset would return itself for any
+    split name), so for those the held-out rows come from ``eval_fraction``.
+    """
+    import datasets
+
+    from tether.data.prompts import load_table
+
+    path = os.path.expanduser(config.dataset_name)
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        try:
+            saved = datasets.load_from_disk(path)
+        except Exception:
+            return None  # load_table already read it as the training split; not a split layout
+        if isinstance(saved, datasets.DatasetDict) and config.dataset_test_split in saved:
+            return saved[config.dataset_test_split]
+        return None
+    try:
+        return load_table(config.dataset_name, config.dataset_test_split)
+    except DataError:
+        return None  # the Hub dataset has no such split
