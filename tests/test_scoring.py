@@ -20,8 +20,8 @@ import torch
 
 import tether
 from tether.errors import ConfigError, RewardError
+from tether.models.forward import reward_bias
 from tether.ops import masks
-from tether.scoring import reward as reward_module
 from tether.scoring.reward import (
     apply_missing_stop_penalty,
     call_reward_function,
@@ -204,9 +204,9 @@ def test_reward_bias_is_subtracted(reward_model):
     biased_tokens, biased, _ = scores_of(normalised, ids, mask, q_width)
     assert torch.allclose(biased, plain - 0.7, atol=1e-6, rtol=0)
     assert torch.allclose(biased_tokens, plain_tokens - 0.7, atol=1e-6, rtol=0)
-    assert reward_module.reward_bias(reward_model) == 0.0
+    assert reward_bias(reward_model) == 0.0
     normalised.config.reward_bias = None
-    assert reward_module.reward_bias(normalised) == 0.0
+    assert reward_bias(normalised) == 0.0
 
 
 # ---------------------------------------------------------------- reward functions
@@ -337,8 +337,8 @@ def test_import_reward_function_from_module():
 
     function = import_reward_function("tether.demo.task:gold_reward")
     assert function is gold_reward
-    scores = call_reward_function(function, ["p", "p"], ["good movie", "dull"])
-    assert torch.equal(scores, torch.tensor([0.5, 0.0]))
+    scores = call_reward_function(function, ["the plot", "the plot"], ["was good but the cast felt dull .", "good"])
+    assert torch.equal(scores, torch.tensor([0.0, -1.0]))  # mean valence; -1 for a broken review
 
 
 def test_import_reward_function_from_file(tmp_path):

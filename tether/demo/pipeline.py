@@ -39,7 +39,7 @@ class Sizes:
 
 
 FULL = Sizes(sft_rows=6000, sft_epochs=2, pair_prompts=3000, rm_epochs=2, ppo_updates=60, ppo_batch=64, eval_prompts=256)
-QUICK = Sizes(sft_rows=1500, sft_epochs=1, pair_prompts=600, rm_epochs=1, ppo_updates=6, ppo_batch=32, eval_prompts=64)
+QUICK = Sizes(sft_rows=3000, sft_epochs=2, pair_prompts=1000, rm_epochs=2, ppo_updates=12, ppo_batch=32, eval_prompts=64)
 
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4)
 RESPONSE_LENGTH = 24
@@ -199,8 +199,8 @@ def stage_configs(out: Path, sizes: Sizes, seed: int, device: str) -> dict[str, 
         "local_rollout_forward_batch_size": sizes.ppo_batch,
         "response_length": RESPONSE_LENGTH,
         "temperature": TEMPERATURE,
-        "learning_rate": 3e-4,
-        "kl_coef": 0.05,
+        "learning_rate": 1e-4,
+        "kl_coef": 0.1,
         "missing_eos_penalty": 1.0,
         "num_sample_generations": 0,
         **common,

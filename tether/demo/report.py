@@ -28,17 +28,23 @@ def _save(figure, path: Path) -> str:
 
 
 def plot_scores(ppo: list[dict], summary: dict, path: Path) -> str:
+    """Reward-model score (left axis) and gold score (right axis) per update: their scales differ."""
     updates = [m["update"] for m in ppo]
-    figure, axis = plt.subplots(figsize=(6.4, 3.6))
-    axis.plot(updates, [m["objective/scores"] for m in ppo], color=COLOURS["rm"], label="reward-model score")
-    axis.plot(updates, [m["gold/score"] for m in ppo], color=COLOURS["gold"], label="gold score (hidden rule)")
-    axis.axhline(summary["gold_best"], color=COLOURS["gold"], linestyle=":", linewidth=1, label="best possible gold")
-    axis.axhline(summary["gold_sft"], color="grey", linestyle="--", linewidth=1, label="SFT gold (held-out)")
-    axis.set_xlabel("PPO update")
-    axis.set_ylabel("mean score of rollouts")
-    axis.set_title("What PPO optimises (reward model) and what people prefer (gold)")
-    axis.legend(fontsize=8, loc="lower right")
-    axis.grid(alpha=0.3)
+    figure, left = plt.subplots(figsize=(6.4, 3.6))
+    right = left.twinx()
+    left.plot(updates, [m["objective/scores"] for m in ppo], color=COLOURS["rm"], label="reward-model score")
+    right.plot(updates, [m["gold/score"] for m in ppo], color=COLOURS["gold"], label="gold score (hidden rule)")
+    right.axhline(summary["gold_best"], color=COLOURS["gold"], linestyle=":", linewidth=1, label="best possible gold")
+    right.axhline(summary["gold_sft"], color="grey", linestyle="--", linewidth=1, label="SFT gold (held-out)")
+    right.set_ylim(-1.05, 1.05)
+    left.set_xlabel("PPO update")
+    left.set_ylabel("reward-model score", color=COLOURS["rm"])
+    right.set_ylabel("gold score", color=COLOURS["gold"])
+    left.set_title("What PPO optimises (reward model) and what people prefer (gold)", fontsize=10)
+    handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    left.legend(handles, labels, fontsize=8, loc="lower right")
+    left.grid(alpha=0.3)
     return _save(figure, path)
 
 
