@@ -35,7 +35,8 @@ from tether.config import SFTConfig
 from tether.data.sequences import Sequence
 from tether.errors import DataError
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
-from tether.trainers.sft import SFTTrainer, _test_split, collate, sft_loss_mask, split_held_out, summed_nll
+from tether.data.prompts import load_test_split
+from tether.trainers.sft import SFTTrainer, collate, sft_loss_mask, split_held_out, summed_nll
 
 NUM_WORDS = 16
 PAD, EOS = 0, 2
@@ -386,7 +387,7 @@ def test_test_split_only_from_split_layouts(workspace):
         {"train": datasets.Dataset.from_list(rows[:4]), "test": datasets.Dataset.from_list(rows[4:])}
     ).save_to_disk(workspace / "splits")
     datasets.Dataset.from_list(rows).save_to_disk(workspace / "single")
-    config = lambda name: SFTConfig(dataset_name=str(workspace / name))  # noqa: E731
-    assert _test_split(config("splits"))["prompt"] == [r["prompt"] for r in rows[4:]]
-    assert _test_split(config("single")) is None
-    assert _test_split(config("train.jsonl")) is None
+    test_split = lambda name: load_test_split(str(workspace / name), "test")  # noqa: E731
+    assert test_split("splits")["prompt"] == [r["prompt"] for r in rows[4:]]
+    assert test_split("single") is None
+    assert test_split("train.jsonl") is None

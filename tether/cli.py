@@ -84,28 +84,25 @@ def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_ppo(args: list[str]) -> int:
-    from tether.config import PPOConfig, load_config, parse_overrides, save_config
-    from tether.errors import ConfigError
+    from tether.config import PPOConfig, load_command_config, save_config
     from tether.logging import console
 
     if args and args[0] in ("-h", "--help"):
         print("usage: tether ppo --config run.yaml [--field value ...]\nfields: see tether.PPOConfig")
         return 0
     config_path, rest = _split_config_argument(args)
-    config = load_config(PPOConfig, config_path, parse_overrides(rest), warn=lambda m: console.print(f"[yellow]{m}"))
-    missing = [name for name, value in (
-        ("model_name_or_path", config.policy_path()),
-        ("reward_model_path", config.reward_model_path),
-        ("dataset_name", config.dataset_name),
-    ) if not value]
-    if missing:
-        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+    required = {
+        "model_name_or_path": PPOConfig.policy_path,
+        "reward_model_path": lambda c: c.reward_model_path,
+        "dataset_name": lambda c: c.dataset_name,
+    }
+    config = load_command_config(PPOConfig, config_path, rest, required, warn)
 
     from tether.data import load_table
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
     from tether.trainers.ppo import PPOTrainer
 
-    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn)
     train_dataset = load_table(config.dataset_name, config.dataset_train_split)
     console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")

@@ -411,5 +411,18 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     return config
 
 
+def load_command_config(cls, config_path: str | None, override_args: list[str], required: dict, warn=print):
+    """A command's config from ``--config`` plus ``--field value`` overrides, with the fields the
+    command cannot run without checked. ``required`` maps a field name to a function of the
+    config giving its effective value (PPO's policy may come from ``sft_model_path``)."""
+    config = load_config(cls, config_path, parse_overrides(override_args), warn=warn)
+    missing = [name for name, value in required.items() if not value(config)]
+    if missing:
+        raise ConfigError(
+            f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ..."
+        )
+    return config
+
+
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

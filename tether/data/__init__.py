@@ -6,6 +6,7 @@ from tether.data.prompts import (
     encode_prompts,
     left_pad,
     load_table,
+    load_test_split,
 )
 
-__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompts", "left_pad", "load_table"]
+__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompts", "left_pad", "load_table", "load_test_split"]

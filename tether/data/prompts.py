@@ -48,6 +48,22 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
     return table
 
 
+def load_test_split(source: str, split: str) -> datasets.Dataset | None:
+    """The ``split`` of a dataset that really has splits (a Hub dataset or a saved DatasetDict).
+
+    None for a single file or a saved single Dataset (those hold one table, which would come
+    back for any split name) and for a dataset without that split; callers then hold out a
+    share of the training rows instead.
+    """
+    path = os.path.expanduser(source)
+    if os.path.isfile(path) or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json"))):
+        return None
+    try:
+        return load_table(source, split)
+    except DataError:
+        return None
+
+
 def _load_file(path: str) -> datasets.Dataset:
     """Read a local file by its extension, straight through pyarrow (no cache directory)."""
     extension = os.path.splitext(path)[1].lower()

@@ -31,10 +31,10 @@ import transformers
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from tether.config import RewardConfig, load_config, parse_overrides, save_config
-from tether.data.prompts import PromptSampler, load_table
+from tether.config import RewardConfig, load_command_config, save_config
+from tether.data.prompts import PromptSampler, load_table, load_test_split
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
-from tether.errors import ConfigError, DataError
+from tether.errors import DataError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import (
     load_pretrained,
@@ -352,32 +352,17 @@ def split_pairs(
 
 # --- the command ----------------------------------------------------------------------------
 
-def held_out_table(config: RewardConfig):
-    """The dataset's ``dataset_test_split`` when it has real splits (a Hub dataset or a saved
-    DatasetDict), else None: a single file or table holds one split, and ``eval_fraction`` of
-    its pairs is held out instead."""
-    source = os.path.expanduser(config.dataset_name)
-    if os.path.isfile(source) or (os.path.isdir(source) and not os.path.isfile(os.path.join(source, "dataset_dict.json"))):
-        return None
-    try:
-        return load_table(config.dataset_name, config.dataset_test_split)
-    except DataError:
-        return None
-
-
 def run_reward(config_path: str | None, override_args: list[str]) -> int:
     """``tether rm --config rm.yaml [--field value ...]``: train, save the model and config.yaml."""
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    config = load_config(RewardConfig, config_path, parse_overrides(override_args), warn=warn)
-    missing = [name for name in ("model_name_or_path", "dataset_name") if not getattr(config, name)]
-    if missing:
-        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+    required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
+    config = load_command_config(RewardConfig, config_path, override_args, required, warn)
 
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
     # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
     train_pairs = encode_pairs(load_table(config.dataset_name, config.dataset_train_split), tokenizer, config.max_length)
-    eval_table = held_out_table(config)
+    eval_table = load_test_split(config.dataset_name, config.dataset_test_split)
     eval_pairs = encode_pairs(eval_table, tokenizer, config.max_length) if eval_table is not None else None
     console.print(f"loading the reward model backbone from {config.model_name_or_path}")
     model = load_reward_backbone(config.model_name_or_path, config.trust_remote_code)

@@ -29,7 +29,7 @@ from torch import nn
 
 from tether.config import SFTConfig
 from tether.data.sequences import Sequence, encode_sequences, right_pad
-from tether.errors import ConfigError, DataError
+from tether.errors import DataError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
 from tether.ops.masks import position_ids_from_mask
@@ -128,8 +128,6 @@ class SFTTrainer:
 
     def __init__(self, config: SFTConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
-        if config.num_train_epochs <= 0:
-            raise ConfigError(f"config field num_train_epochs must be > 0, got {config.num_train_epochs}")
         self.config = config
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
@@ -302,22 +300,20 @@ def _grad_norm(model: nn.Module) -> float:
 
 def run_sft(config_path: str | None, override_args: list[str]) -> int:
     """``tether sft --config sft.yaml [--field value ...]``: train, then save to ``output_dir``."""
-    from tether.config import load_config, parse_overrides, save_config
-    from tether.data.prompts import load_table
+    from tether.config import load_command_config, save_config
+    from tether.data.prompts import load_table, load_test_split
     from tether.models.loading import load_causal_lm, load_tokenizer
 
     if override_args and override_args[0] in ("-h", "--help"):
         print("usage: tether sft --config sft.yaml [--field value ...]\nfields: see tether.config.SFTConfig")
         return 0
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    config = load_config(SFTConfig, config_path, parse_overrides(override_args), warn=warn)
-    missing = [name for name in ("model_name_or_path", "dataset_name") if not getattr(config, name)]
-    if missing:
-        raise ConfigError(f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ...")
+    required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
+    config = load_command_config(SFTConfig, config_path, override_args, required, warn)
 
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
     train_dataset = load_table(config.dataset_name, config.dataset_train_split)
-    eval_dataset = _test_split(config)
+    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split)
     # One row through the encoder before the (possibly slow) model load: a wrong column or
     # format fails at once. The trainer still encodes and checks every row.
     encode_sequences(train_dataset.select(range(1)), tokenizer, config.max_length)
@@ -330,30 +326,3 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     target = trainer.save_model()
     console.print(f"[green]saved the fine-tuned model to {target}")
     return 0
-
-
-def _test_split(config: SFTConfig):
-    """The ``dataset_test_split`` of a Hub dataset or a saved DatasetDict, if it has one.
-
-    A local file has no splits (and a saved single Dataset would return itself for any
-    split name), so for those the held-out rows come from ``eval_fraction``.
-    """
-    import datasets
-
-    from tether.data.prompts import load_table
-
-    path = os.path.expanduser(config.dataset_name)
-    if os.path.isfile(path):
-        return None
-    if os.path.isdir(path):
-        try:
-            saved = datasets.load_from_disk(path)
-        except Exception:
-            return None  # load_table already read it as the training split; not a split layout
-        if isinstance(saved, datasets.DatasetDict) and config.dataset_test_split in saved:
-            return saved[config.dataset_test_split]
-        return None
-    try:
-        return load_table(config.dataset_name, config.dataset_test_split)
-    except DataError:
-        return None  # the Hub dataset has no such split
