@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     except TetherError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,8 +28,11 @@ IGNORED_TRL_FIELDS = {
     "model_adapter_name", "ref_adapter_name", "world_size", "num_total_batches", "micro_batch_size",
     "local_batch_size", "batch_size", "local_mini_batch_size", "mini_batch_size", "eval_strategy",
     "eval_steps", "logging_first_step", "use_cpu", "save_strategy", "do_train", "do_eval",
-    "overwrite_output_dir", "torch_dtype", "dtype", "attn_implementation",
+    "torch_dtype", "dtype", "attn_implementation",
 }
+
+
+FLAG_ALIASES = {"resume": "resume_from_checkpoint", "overwrite": "overwrite_output_dir"}
 
 
 @dataclass(frozen=True)
@@ -90,14 +93,33 @@ class TrainingConfig:
     report_to: str | list[str] = "none"
     """Trackers besides metrics.jsonl: tensorboard, wandb, trackio."""
 
+    # --- checkpoints ----------------------------------------------------------------------
+    save_steps: int | None = None
+    """Write a checkpoint every this many updates / optimizer steps (always at the end and on
+    SIGTERM / SIGINT)."""
+    save_total_limit: int | None = 2
+    """Keep only the newest this many checkpoints."""
+    resume_from_checkpoint: bool | str | None = None
+    """True: continue from the newest checkpoint in ``output_dir``; a path: from that one.
+    ``--resume`` on the command line."""
+    overwrite_output_dir: bool = False
+    """Replace earlier results in ``output_dir`` (``--overwrite``); otherwise a non-empty
+    ``output_dir`` is refused unless the run resumes."""
+    max_nonfinite_steps: int = 3
+    """Stop after this many optimizer steps in a row were skipped for non-finite gradients."""
+
     def validate(self) -> None:
         """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
         check_types(self)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate < 0:
             raise ConfigError(f"config field learning_rate must be >= 0, got {self.learning_rate}")
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1 (or unset), got {getattr(self, name)}")
         if self.num_train_epochs <= 0:
             raise ConfigError(f"config field num_train_epochs must be > 0, got {self.num_train_epochs}")
 
@@ -372,7 +394,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             else:
                 index += 1
                 value = args[index]
-        overrides[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        overrides[FLAG_ALIASES.get(key, key)] = value
         index += 1
     return overrides
 

@@ -1,0 +1,222 @@
+"""Checkpoints that resume exactly and are never left half-written.
+
+A checkpoint is a folder ``<output_dir>/checkpoint-<step>`` holding, for every trained model, a
+``from_pretrained``-loadable subfolder, plus ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``
+(python, numpy, torch and CUDA generators) and ``trainer_state.json`` (counters, data position,
+anything else the trainer needs). It is written into a hidden temporary folder and renamed into
+place in one step, so a crash or a kill at any moment leaves the previous checkpoint intact;
+only the newest ``save_total_limit`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tether.errors import ConfigError, TetherError
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+# --- stopping on a signal ----------------------------------------------------------------------
+
+class StopSignals:
+    """Inside the block, SIGTERM and SIGINT ask the training loop to stop instead of killing it.
+
+    The loop checks ``requested`` after each step, writes a checkpoint and raises
+    ``Interrupted``, so a pre-empted job loses nothing. A second signal kills as usual.
+    """
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # asked twice: give the signal its usual effect
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Interrupted(TetherError):
+    """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
+        self.exit_code = 128 + signum
+
+
+# --- random number generators ------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- output folder ---------------------------------------------------------------------------
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwrite: bool) -> Path | None:
+    """Check ``output_dir`` before any work; return the checkpoint to resume from, if any.
+
+    A folder with earlier results is refused unless the run resumes (``resume``) or may replace
+    them (``overwrite``); a folder that cannot be written is refused at once.
+    """
+    folder = Path(output_dir)
+    if resume:
+        if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+            path = Path(resume)
+            if not (path / STATE_FILE).is_file():
+                raise ConfigError(f"cannot resume from {path}: not a tether checkpoint (no {STATE_FILE})")
+            return path
+        found = checkpoints(folder)
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint in {folder}; start without --resume")
+        return found[-1]
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it"
+            )
+        for child in folder.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        probe.close()
+    except OSError as error:
+        raise ConfigError(f"output_dir {folder} cannot be written: {error.strerror or error}") from None
+    return None
+
+
+# --- writing and reading ---------------------------------------------------------------------------
+
+def all_finite(models: dict) -> bool:
+    return all(torch.isfinite(p).all() for model in models.values() for p in model.parameters())
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    models: dict,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    total_limit: int | None,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically; refuse non-finite weights; prune old ones."""
+    if not all_finite(models):
+        raise TetherError(f"not writing checkpoint {step}: the weights are not finite; the previous checkpoint is kept")
+    folder = Path(output_dir)
+    final = folder / f"{PREFIX}{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=folder))
+    try:
+        for name, model in models.items():
+            model.save_pretrained(staging / name)
+        tokenizer.save_pretrained(staging / "tokenizer")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_state(), staging / "rng.pt")
+        with open(staging / STATE_FILE, "w") as handle:  # written last: it marks the folder complete
+            json.dump(state, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if total_limit:
+        for old in checkpoints(folder)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load a ``save_pretrained`` folder's safetensors weights into ``model`` in place."""
+    folder = Path(folder)
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
+    if set(missing) - tied or unexpected:
+        raise ConfigError(f"checkpoint {folder} does not match the model: missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+
+
+def restore(path: str | Path, models: dict, optimizer, scheduler) -> dict:
+    """Load a checkpoint's weights, optimizer, scheduler and RNG states; return its trainer state."""
+    path = Path(path)
+    for name, model in models.items():
+        load_weights(model, path / name)
+    device = next(iter(models.values())).device if models else "cpu"
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return read_state(path)
+
+
+def truncate_jsonl(path: str | Path, keep, key: str = "step") -> None:
+    """Drop the lines a resumed run will write again (those after the checkpoint), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(json.loads(line).get(key, 0))]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
