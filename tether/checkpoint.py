@@ -29,6 +29,7 @@ from tether.errors import ConfigError, TetherError
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 STATE_FILE = "trainer_state.json"
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
 
 
 # --- stopping on a signal ----------------------------------------------------------------------
@@ -125,8 +126,11 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
             raise ConfigError(
                 f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it"
             )
-        for child in folder.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        # Only what a run writes and later reads back goes; other files in the folder stay.
+        for old in checkpoints(folder):
+            shutil.rmtree(old)
+        for name in RUN_LOGS:
+            (folder / name).unlink(missing_ok=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")

@@ -84,7 +84,7 @@ def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_ppo(args: list[str]) -> int:
-    from tether.config import PPOConfig, load_command_config, save_config
+    from tether.config import PPOConfig, load_command_config
     from tether.logging import console
 
     if args and args[0] in ("-h", "--help"):
@@ -113,8 +113,6 @@ def run_ppo(args: list[str]) -> int:
         else None
     )
     trainer = PPOTrainer(config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model)
-    os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, "config.yaml"))
     trainer.train()
     target = trainer.save_model()
     console.print(f"[green]saved the trained policy to {target}")

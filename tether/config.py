@@ -447,5 +447,11 @@ def load_command_config(cls, config_path: str | None, override_args: list[str], 
     return config
 
 
+def config_yaml(config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    from tether.saving import write_text_atomic
+
+    write_text_atomic(path, config_yaml(config))

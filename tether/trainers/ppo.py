@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tether.config import PPOConfig
+from tether.config import PPOConfig, config_yaml
 from tether.data import PromptSampler, encode_prompts, left_pad
-from tether.errors import ConfigError
+from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+from tether.errors import ConfigError, TetherError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import critic_values, policy_logprobs
 from tether.models.loading import (
@@ -63,7 +64,7 @@ from tether.scoring.reward import (
     import_reward_function,
     is_function_spec,
 )
-from tether.saving import save_pretrained_atomic
+from tether.saving import save_pretrained_atomic, write_text_atomic
 from tether.trainers.common import (
     autocast,
     make_optimizer,
@@ -165,6 +166,8 @@ class PPOTrainer:
         self.scheduler = make_scheduler(self.optimizer, self.plan.num_total_batches, config)  # stepped per update
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.update = 0
+        self.nonfinite_in_a_row = 0
+        self.history: list[dict[str, float]] = []
         self.timing: dict[str, float] = {}
         self.output_dir = Path(config.output_dir)
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
@@ -404,9 +407,16 @@ class PPOTrainer:
     def _optimizer_step(self, totals: "_UpdateTotals") -> None:
         if optimizer_step(self.optimizer, self.config.max_grad_norm):
             totals.steps += 1
-        else:
-            totals.skipped_steps += 1
-            console.print("[red]non-finite gradient: optimizer step skipped")
+            self.nonfinite_in_a_row = 0
+            return
+        totals.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        console.print("[red]non-finite loss or gradient: optimizer step skipped")
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise TetherError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(update {self.update + 1}); lower learning_rate, set max_grad_norm, or check the reward"
+            )
 
     # --- the loop -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -446,33 +456,79 @@ class PPOTrainer:
         except Exception as error:
             raise ConfigError(f"metric function {name} failed: {type(error).__name__}: {error}") from error
 
-    def train(self) -> list[dict[str, float]]:
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
         """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl).
 
-        Every ``sample_every`` updates a table of prompts, responses and scores is printed and
-        appended to ``samples.jsonl``: from the eval prompts when there are any (their
-        ``eval/*`` metrics join that update's line), else from the current rollout.
+        ``resume_from_checkpoint`` (default: the config's) continues from the newest checkpoint
+        in ``output_dir`` (True) or from a given one, exactly as if never stopped. Checkpoints are
+        written every ``save_steps`` updates, at the end, and on SIGTERM / SIGINT (then the run
+        stops with ``Interrupted``). Every ``sample_every`` updates a table of prompts,
+        responses and scores is printed and appended to ``samples.jsonl``: from the eval prompts
+        when there are any (their ``eval/*`` metrics join that update's line), else from the
+        current rollout.
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
+        write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
+        if checkpoint is not None:
+            self._resume(checkpoint)
         metrics_file = MetricsFile(self.output_dir)
-        history = []
         total = self.plan.num_total_batches
+        saved_at = self.update
         try:
-            with progress_bar("PPO") as progress:
+            with StopSignals() as stop, progress_bar("PPO") as progress:
                 task = progress.add_task("ppo", total=total, completed=self.update, status="")
                 while self.update < total:
                     metrics = self.step()
                     if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
                         metrics.update(self._show_samples(progress))
-                    history.append(metrics)
-                    if self.update % self.config.logging_steps == 0 or self.update == total:
+                    self.history.append(metrics)
+                    if self.update % config.logging_steps == 0 or self.update == total:
                         metrics_file.write(metrics)
                         self.reporters.log(metrics, step=self.update)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
+                    if stop.requested is not None:
+                        raise Interrupted(stop.requested, self.save_checkpoint())
+                    if config.save_steps and self.update % config.save_steps == 0:
+                        saved_at = self.update
+                        self.save_checkpoint()
+                if saved_at != self.update:
+                    self.save_checkpoint()
         finally:
             self.reporters.close()
-        return history
+        return self.history
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _trained_models(self) -> dict[str, nn.Module]:
+        return {"policy": self.policy, "value_model": self.value_model}
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-<update>``: models, optimizer, schedule, KL controller, data position,
+        RNG states and the metrics so far; written atomically."""
+        state = {
+            "update": self.update,
+            "sampler": self.sampler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "history": self.history,
+        }
+        return write_checkpoint(
+            self.output_dir, self.update, self._trained_models(), self.tokenizer,
+            self.optimizer, self.scheduler, state, self.config.save_total_limit,
+        )
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler)
+        self.update = state["update"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.history = state["history"]
+        for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
+            truncate_jsonl(self.output_dir / name, keep=lambda update: update <= self.update, key="update")
+        console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
 
     def _show_samples(self, progress, rows: int = 4) -> dict[str, float]:
         if self.eval_prompts:

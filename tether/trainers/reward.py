@@ -14,15 +14,18 @@ mask, so a tokenizer whose pad id is the EOS id still reads at the EOS). After t
 reward can be normalised: the mean raw score of a reference set is stored as
 ``config.reward_bias``, which ``get_reward`` subtracts (detail 36; no gain).
 
-Deliberately left out: multi-process training, LoRA, checkpoint/resume, margins or
-labeller-confidence weights in the loss.
+A checkpoint (``checkpoint.py``) is written every ``save_steps`` steps, at the end and on
+SIGTERM / SIGINT; ``train(resume_from_checkpoint=True)`` continues from the newest one and gives
+the same weights and metrics as a run that was never stopped (``tests/test_resume_supervised.py``).
+
+Deliberately left out: multi-process training, LoRA, margins or labeller-confidence weights in
+the loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence as SequenceOf
 from pathlib import Path
 
@@ -31,10 +34,11 @@ import transformers
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
 from tether.config import RewardConfig, load_command_config, save_config
 from tether.data.prompts import PromptSampler, load_table, load_test_split
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
-from tether.errors import DataError
+from tether.errors import ConfigError, DataError, TetherError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import (
     load_pretrained,
@@ -165,6 +169,8 @@ class RewardTrainer:
         self.optimizer = make_optimizer(self.model.parameters(), config)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)
         self.step_count = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self.nonfinite_in_a_row = 0
         self.eval_history: list[tuple[int, float]] = []
         self.normalization: dict[str, float] = {}
         self.output_dir = Path(config.output_dir)
@@ -230,14 +236,18 @@ class RewardTrainer:
             loss.backward()
             for name, value in sums.items():
                 totals[name] += float(value)
-        if not optimizer_step(self.optimizer, config.max_grad_norm):
+        stepped = optimizer_step(self.optimizer, config.max_grad_norm)
+        if not stepped:
             console.print("[red]non-finite gradient: optimizer step skipped")
+        self.skipped_steps += not stepped
+        self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         metrics = {name: value / len(batch) for name, value in totals.items()}
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step_count += 1
         metrics["epoch"] = self.step_count * self.batch_pairs / len(self.train_pairs)
         metrics["step"] = self.step_count
+        metrics["skipped_steps"] = self.skipped_steps
         return metrics
 
     @torch.no_grad()
@@ -288,19 +298,84 @@ class RewardTrainer:
         }
         return self.normalization
 
-    def train(self) -> list[dict[str, float]]:
-        """Every optimizer step of the run; returns the per-step metrics (also in metrics.jsonl).
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The counters a checkpoint needs besides weights, optimizer, schedule and RNG (JSON)."""
+        return {
+            "step": self.step_count,
+            "sampler": self.sampler.state_dict(),
+            "train_pairs": len(self.train_pairs),
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "eval_history": [list(entry) for entry in self.eval_history],
+            "normalization": self.normalization,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            pairs = int(state["train_pairs"])
+            self.step_count = int(state["step"])
+            self.skipped_steps = int(state["skipped_steps"])
+            self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+            self.eval_history = [(int(step), float(accuracy)) for step, accuracy in state["eval_history"]]
+            self.normalization = {name: float(value) for name, value in state["normalization"].items()}
+            sampler = state["sampler"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(
+                f"the checkpoint's trainer state has no valid {error}; it is not a reward-model checkpoint"
+            ) from None
+        if pairs != len(self.train_pairs):
+            raise ConfigError(
+                f"the checkpoint was trained on {pairs} pairs, this run has {len(self.train_pairs)}; "
+                "resume with the same data, eval_fraction and seed"
+            )
+        self.sampler.load_state_dict(sampler)
+        if self.normalization:  # config.json is not part of the weights restore() loads
+            self.model.config.reward_bias = self.normalization["reward_bias"]
+
+    def save_checkpoint(self) -> Path:
+        """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
+        try:
+            return write_checkpoint(
+                self.output_dir, self.step_count, {"model": self.model}, self.tokenizer, self.optimizer,
+                self.scheduler, self.state_dict(), self.config.save_total_limit,
+            )
+        except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
+            raise TetherError(
+                f"could not write checkpoint {self.step_count} in {self.output_dir}: {error.strerror or error}; "
+                "the previous checkpoint is kept"
+            ) from error
+
+    def _stop_if_not_finite(self) -> None:
+        limit = self.config.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise TetherError(
+                f"the loss or gradient was not finite for {limit} optimizer steps in a row (steps "
+                f"{self.step_count - limit + 1}-{self.step_count}, skipped); lower learning_rate, set "
+                "max_grad_norm or check the data; the last checkpoint is kept"
+            )
+
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
+        """Every remaining optimizer step; returns this call's per-step metrics (also in metrics.jsonl).
 
         Evaluates every ``eval_steps`` steps and at the end (``eval/*`` join that step's line),
         then normalises the reward when ``normalize_rewards`` is set (``reward_bias`` and the
-        reference scores' statistics join the last line).
+        reference scores' statistics join the last line). ``resume_from_checkpoint`` (default:
+        the config's) is True for the newest checkpoint in ``output_dir`` or a checkpoint's path;
+        without it a non-empty ``output_dir`` is refused unless ``overwrite_output_dir``.
         """
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
         metrics_file = MetricsFile(self.output_dir)
+        save_config(config, self.output_dir / "config.yaml")
+        if checkpoint is not None:
+            self.load_state_dict(restore(checkpoint, {"model": self.model}, self.optimizer, self.scheduler))
+            truncate_jsonl(metrics_file.path, keep=lambda step: step <= self.step_count)  # the rest comes again
+            console.print(f"resuming from {checkpoint} at step {self.step_count} of {self.total_steps}")
         history: list[dict[str, float]] = []
         try:
-            with progress_bar("RM") as progress:
+            with StopSignals() as stop, progress_bar("RM") as progress:
                 task = progress.add_task("rm", total=self.total_steps, completed=self.step_count, status="")
                 while self.step_count < self.total_steps:
                     metrics = self.step()
@@ -313,6 +388,11 @@ class RewardTrainer:
                     if last or self.step_count % config.logging_steps == 0 or "eval/accuracy" in metrics:
                         metrics_file.write(metrics)
                         self.reporters.log(metrics, step=self.step_count)
+                    self._stop_if_not_finite()
+                    if last or stop.requested or (config.save_steps and self.step_count % config.save_steps == 0):
+                        saved = self.save_checkpoint()
+                    if stop.requested and not last:  # on the last step the run simply finishes
+                        raise Interrupted(stop.requested, saved)
                     status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
                     if self.eval_history:
                         status += f"  eval acc {self.eval_history[-1][1]:.2f}"
@@ -357,6 +437,10 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
     config = load_command_config(RewardConfig, config_path, override_args, required, warn)
+    # A used output_dir is refused before the (possibly slow) loads; train() checks again and
+    # is the one that clears it for --overwrite.
+    if not config.overwrite_output_dir:
+        prepare_output_dir(config.output_dir, config.resume_from_checkpoint, overwrite=False)
 
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
@@ -367,8 +451,6 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     console.print(f"loading the reward model backbone from {config.model_name_or_path}")
     model = load_reward_backbone(config.model_name_or_path, config.trust_remote_code)
     trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)
-    os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, "config.yaml"))
     trainer.train()
     target = trainer.save_model()
     if trainer.eval_history:

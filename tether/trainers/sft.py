@@ -12,14 +12,17 @@ tokenizer whose pad token is EOS still trains the completion's EOS and the model
 stop (ppo-details 1, 37, XV.18). ``completion_only_loss`` (the default) trains the completion
 tokens only; ``False`` is the N+ convention of detail 37, every real token including the prompt.
 
-Deliberately left out: packing, multi-process training, LoRA, checkpoint/resume.
+A checkpoint (``checkpoint.py``) is written every ``save_steps`` steps, at the end and on
+SIGTERM / SIGINT; ``train(resume_from_checkpoint=True)`` continues from the newest one and gives
+the same weights and metrics as a run that was never stopped (``tests/test_resume_supervised.py``).
+
+Deliberately left out: packing, multi-process training, LoRA.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tether.config import SFTConfig
+from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+from tether.config import SFTConfig, save_config
 from tether.data.sequences import Sequence, encode_sequences, right_pad
-from tether.errors import DataError
+from tether.errors import ConfigError, DataError, TetherError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
 from tether.ops.masks import position_ids_from_mask
@@ -156,6 +160,8 @@ class SFTTrainer:
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
         self.global_step = 0
         self._epoch_order: tuple[int, list[int]] | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self.nonfinite_in_a_row = 0
         self.output_dir = Path(config.output_dir)
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
@@ -223,6 +229,8 @@ class SFTTrainer:
         stepped = optimizer_step(self.optimizer, self.config.max_grad_norm)
         if not stepped:
             console.print("[red]non-finite gradient: optimizer step skipped")
+        self.skipped_steps += not stepped
+        self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.global_step += 1
@@ -233,6 +241,7 @@ class SFTTrainer:
             "step": self.global_step,
             "tokens": num_tokens,
             "grad_norm": grad_norm,
+            "skipped_steps": self.skipped_steps,
         }
 
     @torch.no_grad()
@@ -250,18 +259,81 @@ class SFTTrainer:
         loss = total_nll / total_tokens
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}  # exp overflows past ~709
 
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The counters a checkpoint needs besides weights, optimizer, schedule and RNG (JSON).
+
+        The rows of step ``k`` depend only on (seed, number of rows, ``k``): the step is the data
+        position, and the other two are checked on resume.
+        """
+        return {
+            "step": self.global_step,
+            "seed": self.config.seed,
+            "train_rows": len(self.train_sequences),
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            seed, rows = int(state["seed"]), int(state["train_rows"])
+            self.global_step = int(state["step"])
+            self.skipped_steps = int(state["skipped_steps"])
+            self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(
+                f"the checkpoint's trainer state has no valid {error}; it is not an SFT checkpoint"
+            ) from None
+        if (seed, rows) != (self.config.seed, len(self.train_sequences)):
+            raise ConfigError(
+                f"the checkpoint was trained on {rows} rows with seed {seed}, this run has "
+                f"{len(self.train_sequences)} rows and seed {self.config.seed}; resume with the same data and seed"
+            )
+        self._epoch_order = None
+
+    def save_checkpoint(self) -> Path:
+        """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
+        try:
+            return write_checkpoint(
+                self.output_dir, self.global_step, {"model": self.model}, self.tokenizer, self.optimizer,
+                self.scheduler, self.state_dict(), self.config.save_total_limit,
+            )
+        except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
+            raise TetherError(
+                f"could not write checkpoint {self.global_step} in {self.output_dir}: {error.strerror or error}; "
+                "the previous checkpoint is kept"
+            ) from error
+
+    def _stop_if_not_finite(self) -> None:
+        limit = self.config.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise TetherError(
+                f"the loss or gradient was not finite for {limit} optimizer steps in a row (steps "
+                f"{self.global_step - limit + 1}-{self.global_step}, skipped); lower learning_rate, set "
+                "max_grad_norm or check the data; the last checkpoint is kept"
+            )
+
     # --- the loop -------------------------------------------------------------------------
-    def train(self) -> list[dict[str, float]]:
-        """Run every step; returns the per-step metrics (also appended to metrics.jsonl).
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
+        """Run every remaining step; returns this call's per-step metrics (also in metrics.jsonl).
 
         With a held-out set, ``eval/loss`` and ``eval/perplexity`` join the metrics every
-        ``eval_steps`` steps and at the last step.
+        ``eval_steps`` steps and at the last step. ``resume_from_checkpoint`` (default: the
+        config's) is True for the newest checkpoint in ``output_dir`` or a checkpoint's path;
+        without it a non-empty ``output_dir`` is refused unless ``overwrite_output_dir``.
         """
         config = self.config
+        resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
         metrics_file = MetricsFile(self.output_dir)
+        save_config(config, self.output_dir / "config.yaml")
+        if checkpoint is not None:
+            self.load_state_dict(restore(checkpoint, {"model": self.model}, self.optimizer, self.scheduler))
+            truncate_jsonl(metrics_file.path, keep=lambda step: step <= self.global_step)  # the rest comes again
+            console.print(f"resuming from {checkpoint} at step {self.global_step} of {self.total_steps}")
         history = []
         try:
-            with progress_bar("SFT") as progress:
+            with StopSignals() as stop, progress_bar("SFT") as progress:
                 task = progress.add_task("sft", total=self.total_steps, completed=self.global_step, status="")
                 while self.global_step < self.total_steps:
                     metrics = self.step(self._next_rows())
@@ -275,6 +347,11 @@ class SFTTrainer:
                     if evaluated or last or self.global_step % config.logging_steps == 0:
                         metrics_file.write(metrics)
                         self.reporters.log(metrics, step=self.global_step)
+                    self._stop_if_not_finite()
+                    if last or stop.requested or (config.save_steps and self.global_step % config.save_steps == 0):
+                        saved = self.save_checkpoint()
+                    if stop.requested and not last:  # on the last step the run simply finishes
+                        raise Interrupted(stop.requested, saved)
                     status = f"loss {metrics['loss']:.4f}"
                     if evaluated:
                         status += f"  eval {metrics['eval/loss']:.4f}"
@@ -300,7 +377,7 @@ def _grad_norm(model: nn.Module) -> float:
 
 def run_sft(config_path: str | None, override_args: list[str]) -> int:
     """``tether sft --config sft.yaml [--field value ...]``: train, then save to ``output_dir``."""
-    from tether.config import load_command_config, save_config
+    from tether.config import load_command_config
     from tether.data.prompts import load_table, load_test_split
     from tether.models.loading import load_causal_lm, load_tokenizer
 
@@ -310,6 +387,10 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
     config = load_command_config(SFTConfig, config_path, override_args, required, warn)
+    # A used output_dir is refused before the (possibly slow) loads; train() checks again and
+    # is the one that clears it for --overwrite.
+    if not config.overwrite_output_dir:
+        prepare_output_dir(config.output_dir, config.resume_from_checkpoint, overwrite=False)
 
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
     train_dataset = load_table(config.dataset_name, config.dataset_train_split)
@@ -320,8 +401,6 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     console.print(f"loading the model from {config.model_name_or_path}")
     model = load_causal_lm(config.model_name_or_path, config.trust_remote_code)
     trainer = SFTTrainer(config, tokenizer, model, train_dataset, eval_dataset)
-    os.makedirs(config.output_dir, exist_ok=True)
-    save_config(config, os.path.join(config.output_dir, "config.yaml"))
     trainer.train()
     target = trainer.save_model()
     console.print(f"[green]saved the fine-tuned model to {target}")

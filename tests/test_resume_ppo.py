@@ -1,0 +1,201 @@
+"""PPO checkpoints: a run stopped and resumed equals a run never stopped; saves are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tether import PPOConfig, PPOTrainer
+from tether.checkpoint import Interrupted, checkpoints
+from tether.cli import main
+from tether.errors import ConfigError, TetherError
+from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+
+PROMPTS = [" ".join(f"w{(5 * i + j) % 20}" for j in range(1 + i % 4)) for i in range(24)]
+# Sends SIGTERM to its own process the second time it is called (during update 2), as a
+# pre-empting scheduler would; it also reports a metric so the file shows where it ran.
+KILLER = """
+import os, signal
+calls = 0
+def metrics(prompts, responses):
+    global calls
+    calls += 1
+    if calls == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return {"custom/calls": float(calls)}
+"""
+COUNTER = KILLER.replace("if calls == 2:", "if False:")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(out: Path, metric_file: Path | None = None, **overrides) -> PPOTrainer:
+    tokenizer = word_tokenizer(numbered_words(20))
+    values = dict(
+        output_dir=str(out), device="cpu", seed=11, total_episodes=32, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2, response_length=5,
+        learning_rate=1e-3, num_sample_generations=2, missing_eos_penalty=0.5,
+        metric_function=f"{metric_file}:metrics" if metric_file else None,
+    )
+    values.update(overrides)
+    config = PPOConfig(**values)
+    return PPOTrainer(config, tokenizer, tiny_causal_lm(tokenizer, seed=0), tiny_reward_model(tokenizer, seed=1), PROMPTS)
+
+
+def lines(path: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock timings (the only numbers allowed to differ)."""
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("timing/")}
+        for line in path.read_text().splitlines()
+    ]
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_stop_and_resume_equals_a_straight_run(tmp_path: Path):
+    (tmp_path / "kill.py").write_text(KILLER)
+    (tmp_path / "count.py").write_text(COUNTER)
+    straight = make_trainer(tmp_path / "straight", tmp_path / "count.py")
+    straight.train()
+
+    stopped = make_trainer(tmp_path / "resumed", tmp_path / "kill.py")
+    with pytest.raises(Interrupted) as info:
+        stopped.train()
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
+    assert len(lines(tmp_path / "resumed" / "metrics.jsonl")) == 2
+
+    resumed = make_trainer(tmp_path / "resumed", tmp_path / "count.py")  # fresh models, fresh process state
+    resumed.train(resume_from_checkpoint=True)
+
+    assert lines(tmp_path / "resumed" / "metrics.jsonl")[:2] == lines(tmp_path / "straight" / "metrics.jsonl")[:2]
+    # after the resume the counter restarts, so compare everything but it
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "custom/calls"} for r in rows]  # noqa: E731
+    assert drop(lines(tmp_path / "resumed" / "metrics.jsonl")) == drop(lines(tmp_path / "straight" / "metrics.jsonl"))
+    assert same_weights(resumed.policy, straight.policy)
+    assert same_weights(resumed.value_model, straight.value_model)
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_cli_resume_after_sigterm_matches_a_straight_run(tmp_path: Path):
+    tokenizer = word_tokenizer(numbered_words(20))
+    tiny_causal_lm(tokenizer, seed=0).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    tiny_reward_model(tokenizer, seed=1).save_pretrained(tmp_path / "reward")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "kill.py").write_text(KILLER.replace('{"custom/calls": float(calls)}', "{}"))
+    base = dict(
+        model_name_or_path=str(tmp_path / "policy"), reward_model_path=str(tmp_path / "reward"),
+        dataset_name=str(tmp_path / "prompts.jsonl"), device="cpu", seed=5, total_episodes=32,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2,
+        response_length=5, learning_rate=1e-3,
+    )
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(base))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def tether(*args):
+        return subprocess.run([sys.executable, "-m", "tether", "ppo", "--config", str(tmp_path / "run.yaml"), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    straight = tether("--output_dir", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = tether("--output_dir", str(tmp_path / "b"), "--metric_function", f"{tmp_path / 'kill.py'}:metrics")
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "stopped by SIGTERM" in killed.stderr and "Traceback" not in killed.stderr
+    again = tether("--output_dir", str(tmp_path / "b"))
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = tether("--output_dir", str(tmp_path / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert lines(tmp_path / "b" / "metrics.jsonl") == lines(tmp_path / "a" / "metrics.jsonl")
+    from safetensors.torch import load_file
+
+    final_a, final_b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_output_dir_policy(tmp_path: Path):
+    out = tmp_path / "run"
+    make_trainer(out, total_episodes=8).train()
+    with pytest.raises(ConfigError, match="is not empty; pass --resume to continue that run or --overwrite"):
+        make_trainer(out, total_episodes=8).train()
+    with pytest.raises(ConfigError, match="no checkpoint in"):
+        make_trainer(tmp_path / "empty", total_episodes=8).train(resume_from_checkpoint=True)
+    (out / "notes.txt").write_text("mine")
+    make_trainer(out, total_episodes=8, overwrite_output_dir=True).train()
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces tether's files only
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path: Path):
+    make_trainer(tmp_path, save_steps=1, save_total_limit=2).train()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch):
+    trainer = make_trainer(tmp_path, save_steps=1)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def disk_full_on_second_checkpoint(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_checkpoint)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")]  # no half-written folder
+    resumed = make_trainer(tmp_path, save_steps=1)
+    resumed.train(resume_from_checkpoint=True)  # and it is loadable
+    assert resumed.update == 4
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_nonfinite_steps=3)
+    real = trainer._micro_batch_loss
+    monkeypatch.setattr(trainer, "_micro_batch_loss", lambda *a: real(*a) * float("nan"))
+    before = [p.clone() for p in trainer.policy.parameters()]
+    with pytest.raises(TetherError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    assert checkpoints(tmp_path) == []
+
+
+def test_cli_refuses_an_unwritable_output_dir(tmp_path: Path, capsys):
+    if os.geteuid() == 0:
+        target = "/proc/tether-cannot-write-here"  # root can write anywhere a mode bit forbids
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "out")
+    tokenizer = word_tokenizer(numbered_words(20))
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    status = main([
+        "ppo", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model_path", "tether.demo.task:gold_reward",
+        "--dataset_name", str(tmp_path / "p.jsonl"), "--output_dir", target, "--device", "cpu",
+        "--total_episodes", "8",
+    ])
+    assert status == 2
+    assert f"output_dir {target} cannot be written" in capsys.readouterr().err
