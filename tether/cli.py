@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_transformers()
+    _plain_warnings()
     try:
         match command:
             case "ppo":
@@ -54,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _plain_warnings() -> None:
+    """Warnings as one line each ("warning: ..."), without the source line Python adds."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _quiet_transformers() -> None:

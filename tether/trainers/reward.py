@@ -350,9 +350,8 @@ class RewardTrainer:
         limit = self.config.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
             raise TetherError(
-                f"the loss or gradient was not finite for {limit} optimizer steps in a row (steps "
-                f"{self.step_count - limit + 1}-{self.step_count}, skipped); lower learning_rate, set "
-                "max_grad_norm or check the data; the last checkpoint is kept"
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient and were skipped (up to "
+                f"step {self.step_count}); lower learning_rate, set max_grad_norm, or check the data"
             )
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
@@ -391,7 +390,7 @@ class RewardTrainer:
                     self._stop_if_not_finite()
                     if last or stop.requested or (config.save_steps and self.step_count % config.save_steps == 0):
                         saved = self.save_checkpoint()
-                    if stop.requested and not last:  # on the last step the run simply finishes
+                    if stop.requested:
                         raise Interrupted(stop.requested, saved)
                     status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
                     if self.eval_history:

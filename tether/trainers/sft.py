@@ -308,9 +308,8 @@ class SFTTrainer:
         limit = self.config.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
             raise TetherError(
-                f"the loss or gradient was not finite for {limit} optimizer steps in a row (steps "
-                f"{self.global_step - limit + 1}-{self.global_step}, skipped); lower learning_rate, set "
-                "max_grad_norm or check the data; the last checkpoint is kept"
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient and were skipped (up to "
+                f"step {self.global_step}); lower learning_rate, set max_grad_norm, or check the data"
             )
 
     # --- the loop -------------------------------------------------------------------------
@@ -350,7 +349,7 @@ class SFTTrainer:
                     self._stop_if_not_finite()
                     if last or stop.requested or (config.save_steps and self.global_step % config.save_steps == 0):
                         saved = self.save_checkpoint()
-                    if stop.requested and not last:  # on the last step the run simply finishes
+                    if stop.requested:
                         raise Interrupted(stop.requested, saved)
                     status = f"loss {metrics['loss']:.4f}"
                     if evaluated:
