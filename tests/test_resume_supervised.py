@@ -25,6 +25,7 @@ import random
 import signal
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
@@ -115,7 +116,8 @@ def make_trainer(kind: str, tokenizer, output_dir: Path, rows: list[dict] | None
         return SFTTrainer(SFTConfig(**settings), tokenizer, model, rows or sft_rows())
     settings.setdefault("normalize_rewards", True)
     model = tiny_reward_model(tokenizer, seed=1, **TINY)
-    return RewardTrainer(RewardConfig(**settings), tokenizer, model, rows or preference_rows())
+    pairs = datasets.Dataset.from_list(rows or preference_rows())
+    return RewardTrainer(RewardConfig(**settings), tokenizer, model, pairs)
 
 
 def steps_done(trainer) -> int:

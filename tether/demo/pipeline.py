@@ -160,7 +160,8 @@ def label_pairs(out: Path, sizes: Sizes, seed: int, device) -> dict:
 
 def stage_configs(out: Path, sizes: Sizes, seed: int, device: str) -> dict[str, Path]:
     """The YAML config of every stage, written where a user can rerun it."""
-    common = {"seed": seed, "device": device}
+    # a rerun of the demo (or of one stage) replaces that stage's earlier results
+    common = {"seed": seed, "device": device, "overwrite_output_dir": True}
     sft = {
         "model_name_or_path": str(out / "base"),
         "dataset_name": str(out / "data" / "sft.jsonl"),
