@@ -176,6 +176,11 @@ def write_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
+    except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TetherError(
+            f"could not write checkpoint {step} in {folder}: {error.strerror or error}; the previous checkpoint is kept"
+        ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

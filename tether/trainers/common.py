@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tether.config import TrainingConfig
-from tether.errors import ConfigError
+from tether.errors import ConfigError, TetherError
 
 
 def seed_everything(seed: int) -> None:
@@ -60,3 +60,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def stop_if_nonfinite(in_a_row: int, limit: int, where: str) -> None:
+    """Stop a run whose last ``limit`` optimizer steps were all skipped for non-finite numbers."""
+    if in_a_row >= limit:
+        raise TetherError(
+            f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient and were skipped "
+            f"({where}); lower learning_rate, set max_grad_norm, or check the data and reward"
+        )

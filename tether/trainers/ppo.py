@@ -31,7 +31,7 @@ from torch import nn
 from tether.config import PPOConfig, config_yaml
 from tether.data import PromptSampler, encode_prompts, left_pad
 from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import critic_values, policy_logprobs
 from tether.models.loading import (
@@ -72,6 +72,7 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
+    stop_if_nonfinite,
 )
 
 def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
@@ -412,11 +413,7 @@ class PPOTrainer:
         totals.skipped_steps += 1
         self.nonfinite_in_a_row += 1
         console.print("[red]non-finite loss or gradient: optimizer step skipped")
-        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
-            raise TetherError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                f"(update {self.update + 1}); lower learning_rate, set max_grad_norm, or check the reward"
-            )
+        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"in update {self.update + 1}")
 
     # --- the loop -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:

@@ -38,7 +38,7 @@ from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, rest
 from tether.config import RewardConfig, load_command_config, save_config
 from tether.data.prompts import PromptSampler, load_table, load_test_split
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
-from tether.errors import ConfigError, DataError, TetherError
+from tether.errors import ConfigError, DataError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import (
     load_pretrained,
@@ -59,6 +59,7 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
+    stop_if_nonfinite,
 )
 
 
@@ -335,24 +336,13 @@ class RewardTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
-        try:
-            return write_checkpoint(
-                self.output_dir, self.step_count, {"model": self.model}, self.tokenizer, self.optimizer,
-                self.scheduler, self.state_dict(), self.config.save_total_limit,
-            )
-        except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
-            raise TetherError(
-                f"could not write checkpoint {self.step_count} in {self.output_dir}: {error.strerror or error}; "
-                "the previous checkpoint is kept"
-            ) from error
+        return write_checkpoint(
+            self.output_dir, self.step_count, {"model": self.model}, self.tokenizer, self.optimizer,
+            self.scheduler, self.state_dict(), self.config.save_total_limit,
+        )
 
     def _stop_if_not_finite(self) -> None:
-        limit = self.config.max_nonfinite_steps
-        if self.nonfinite_in_a_row >= limit:
-            raise TetherError(
-                f"{limit} optimizer steps in a row had a non-finite loss or gradient and were skipped (up to "
-                f"step {self.step_count}); lower learning_rate, set max_grad_norm, or check the data"
-            )
+        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"up to step {self.step_count}")
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
         """Every remaining optimizer step; returns this call's per-step metrics (also in metrics.jsonl).

@@ -33,7 +33,7 @@ from torch import nn
 from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
 from tether.config import SFTConfig, save_config
 from tether.data.sequences import Sequence, encode_sequences, right_pad
-from tether.errors import ConfigError, DataError, TetherError
+from tether.errors import ConfigError, DataError
 from tether.logging import MetricsFile, Reporters, console, progress_bar
 from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
 from tether.ops.masks import position_ids_from_mask
@@ -45,6 +45,7 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
+    stop_if_nonfinite,
 )
 
 # --------------------------------------------------------------------------- the maths
@@ -293,26 +294,14 @@ class SFTTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
-        try:
-            return write_checkpoint(
-                self.output_dir, self.global_step, {"model": self.model}, self.tokenizer, self.optimizer,
-                self.scheduler, self.state_dict(), self.config.save_total_limit,
-            )
-        except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
-            raise TetherError(
-                f"could not write checkpoint {self.global_step} in {self.output_dir}: {error.strerror or error}; "
-                "the previous checkpoint is kept"
-            ) from error
+        return write_checkpoint(
+            self.output_dir, self.global_step, {"model": self.model}, self.tokenizer, self.optimizer,
+            self.scheduler, self.state_dict(), self.config.save_total_limit,
+        )
 
     def _stop_if_not_finite(self) -> None:
-        limit = self.config.max_nonfinite_steps
-        if self.nonfinite_in_a_row >= limit:
-            raise TetherError(
-                f"{limit} optimizer steps in a row had a non-finite loss or gradient and were skipped (up to "
-                f"step {self.global_step}); lower learning_rate, set max_grad_norm, or check the data"
-            )
+        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"up to step {self.global_step}")
 
-    # --- the loop -------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
         """Run every remaining step; returns this call's per-step metrics (also in metrics.jsonl).
 
