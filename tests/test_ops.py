@@ -808,7 +808,7 @@ def test_token_logprobs_gradient_matches_unchunked(chunk_size):
     w_ent = torch.randn(tokens.shape, generator=gen)
 
     leaf = logits.clone().requires_grad_(True)
-    logp, entropy = token_logprobs(leaf, tokens, 0.8, chunk_size=chunk_size, with_entropy=True)
+    logp, entropy = token_logprobs(leaf, tokens, 0.8, chunk_size=chunk_size, with_entropy=True, entropy_grad=True)
     ((logp * w_logp).sum() + (entropy * w_ent).sum()).backward()
 
     ref_leaf = logits.clone().requires_grad_(True)
@@ -818,6 +818,14 @@ def test_token_logprobs_gradient_matches_unchunked(chunk_size):
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
     assert leaf.grad.abs().sum() > 0
     torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_entropy_carries_no_graph_unless_asked():
+    """Without an entropy bonus the entropy is a metric: no softmax is kept for backward."""
+    logits, tokens = _logits_and_tokens(seed=13)
+    leaf = logits.clone().requires_grad_(True)
+    logp, entropy = token_logprobs(leaf, tokens, 0.8, with_entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,3 +199,16 @@ def test_cli_refuses_an_unwritable_output_dir(tmp_path: Path, capsys):
     ])
     assert status == 2
     assert f"output_dir {target} cannot be written" in capsys.readouterr().err
+
+
+def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path: Path):
+    """A run resumed from checkpoint-2 while checkpoint-4 exists continues from 2; its own new
+    checkpoints replace the abandoned future instead of being pruned in favour of it."""
+    first = make_trainer(tmp_path / "two", save_steps=1, save_total_limit=4)
+    first.train()
+    assert [p.name for p in checkpoints(tmp_path / "two")] == [f"checkpoint-{i}" for i in range(1, 5)]
+    resumed = make_trainer(tmp_path / "two", save_steps=1, save_total_limit=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "two" / "checkpoint-2"))
+    assert resumed.update == 4
+    assert [p.name for p in checkpoints(tmp_path / "two")] == ["checkpoint-4"]
+    assert len(lines(tmp_path / "two" / "metrics.jsonl")) == 4

@@ -173,9 +173,13 @@ def write_checkpoint(
             json.dump(state, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
+        if final.exists():  # the same step again (a rerun): move the old one aside, never delete first
+            replaced = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.old-", dir=folder))
+            os.rename(final, replaced / final.name)
+            os.rename(staging, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.rename(staging, final)
     except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
         shutil.rmtree(staging, ignore_errors=True)
         raise TetherError(
@@ -184,10 +188,22 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if total_limit:
-        for old in checkpoints(folder)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    _prune(folder, step, total_limit)
     return final
+
+
+def _prune(folder: Path, step: int, total_limit: int | None) -> None:
+    """Drop checkpoints past ``step`` (a run resumed from an older one abandoned them), then the
+    oldest beyond ``total_limit``. The checkpoint just written is never among them."""
+    kept = []
+    for path in checkpoints(folder):
+        if int(path.name[len(PREFIX):]) > step:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            kept.append(path)
+    if total_limit:
+        for old in kept[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state(path: str | Path) -> dict:

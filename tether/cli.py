@@ -109,12 +109,13 @@ def run_ppo(args: list[str]) -> int:
     }
     config = load_command_config(PPOConfig, config_path, rest, required, warn)
 
-    from tether.data import load_table
+    from tether.data import load_table, load_test_split
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
     from tether.trainers.ppo import PPOTrainer
 
     tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn)
     train_dataset = load_table(config.dataset_name, config.dataset_train_split)
+    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split)
     console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
     policy = load_causal_lm(config.policy_path(), config.trust_remote_code)
     value_model = (
@@ -122,7 +123,10 @@ def run_ppo(args: list[str]) -> int:
         if config.value_model_path
         else None
     )
-    trainer = PPOTrainer(config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model)
+    trainer = PPOTrainer(
+        config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model,
+        eval_dataset=eval_dataset,
+    )
     trainer.train()
     target = trainer.save_model()
     console.print(f"[green]saved the trained policy to {target}")

@@ -78,8 +78,8 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    """Clip the global gradient norm; off when unset."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (HF Trainer's default 1.0); unset: no clipping."""
     lr_scheduler_type: Literal["linear", "constant"] = "linear"
     """``linear``: from ``learning_rate`` to 0 over the run."""
 
@@ -187,6 +187,8 @@ class PPOConfig(TrainingConfig):
 
     # --- overridden defaults and PPO-only run settings -------------------------------------
     learning_rate: float = 3e-6
+    max_grad_norm: float | None = None
+    """TRL's PPO loop never clipped gradients (its max_grad_norm had no effect), so none by default."""
     output_dir: str = "runs/ppo"
     num_sample_generations: int = 10
     """How many times in the run to print a table of prompts, responses and scores."""

@@ -1,7 +1,8 @@
 """Supervised sequences for SFT and reward-model training: prompt + completion, right-padded.
 
-A completion always ends with EOS (appended when missing), so the model learns to stop and the
-reward model reads its score at the EOS (ppo-details 3); an empty completion is EOS alone. Rows come in three shapes:
+A completion ends with EOS (appended when missing; only ``max_length`` can cut it off), so the
+model learns to stop and the reward model reads its score at the EOS (ppo-details 3); an empty
+completion is EOS alone. Rows come in three shapes:
 
 * ``prompt`` + ``completion`` columns (text, or chat messages: the prompt rendered with the
   generation prompt, the completion as what the full conversation adds after it);

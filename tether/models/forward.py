@@ -55,10 +55,11 @@ def policy_logprobs(
     temperature: float,
     chunk_size: int,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of the response tokens under ``model`` at ``temperature`` ``[B, T]``."""
     logits = response_logits(model, queries, query_mask, responses, response_mask)
-    return token_logprobs(logits, responses, temperature, chunk_size, with_entropy)
+    return token_logprobs(logits, responses, temperature, chunk_size, with_entropy, entropy_grad)
 
 
 def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:

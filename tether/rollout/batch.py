@@ -18,7 +18,7 @@ class Rollout:
 
     queries: torch.Tensor  # [B, Q] token ids, left-padded
     query_mask: torch.Tensor  # [B, Q] bool, True on real prompt tokens
-    responses: torch.Tensor  # [B, T] sampled ids, untruncated (what the value model sees)
+    responses: torch.Tensor  # [B, T] sampled ids, untruncated (tokens after the stop are never read)
     response_mask: torch.Tensor  # [B, T] bool, True up to and including the terminating token
     lengths: torch.Tensor  # [B] kept response tokens (the terminating token is lengths - 1)
     terminated: torch.Tensor  # [B] bool, ended on a stop token rather than the length limit

@@ -10,8 +10,8 @@ One update, as ``step()`` reads:
             -> num_ppo_epochs x num_mini_batches optimizer steps   ops/losses.py
             -> metrics
 
-Deliberately left out here: multi-process training, LoRA and checkpoint/resume (tracked as
-their own issues). Where tether departs from TRL, the line says so and names the detail in
+Deliberately left out here: multi-process training and LoRA (tracked as their own issues).
+Where tether departs from TRL, the line says so and names the detail in
 ``shared/spec/ppo-details.md``.
 """
 
@@ -382,7 +382,8 @@ class PPOTrainer:
         chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
         with self._autocast():
             logprobs, entropy = policy_logprobs(
-                self.policy, *chunk, self.temperature, config.logprob_chunk_size, with_entropy=True
+                self.policy, *chunk, self.temperature, config.logprob_chunk_size,
+                with_entropy=True, entropy_grad=config.entropy_coef != 0,
             )
             values = critic_values(self.value_model, *chunk)
         mask = micro.response_mask.float()
@@ -565,19 +566,19 @@ class _UpdateTotals:
     """Token-weighted sums over one update's micro-batches, turned into TRL-named metrics."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.tokens = 0.0
+        self.sums: dict[str, torch.Tensor] = {}  # 0-d tensors on the training device: no sync per add
+        self.tokens: torch.Tensor | float = 0.0
         self.steps = 0
         self.skipped_steps = 0
 
     def add(self, mask: torch.Tensor, **per_token: torch.Tensor) -> None:
-        self.tokens += float(mask.sum())
+        self.tokens = self.tokens + mask.sum()
         for name, value in per_token.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(masked_sum(value.float(), mask))
+            self.sums[name] = self.sums.get(name, 0.0) + masked_sum(value.float(), mask)
 
     def metrics(self) -> dict[str, float]:
-        tokens = max(self.tokens, 1.0)
-        mean = {name: total / tokens for name, total in self.sums.items()}
+        tokens = max(float(self.tokens), 1.0)
+        mean = {name: float(total) / tokens for name, total in self.sums.items()}
         return {
             "policy/approxkl_avg": mean.get("approxkl", 0.0),
             "policy/clipfrac_avg": mean.get("pg_clipped", 0.0),

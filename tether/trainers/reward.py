@@ -149,7 +149,8 @@ class RewardTrainer:
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
         self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps
-        self.total_steps = int(config.num_train_epochs * len(self.train_pairs)) // self.batch_pairs
+        # the sampler serves only full batches: one epoch is floor(N / batch) steps
+        self.total_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
         if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
             raise DataError(
                 f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
@@ -157,7 +158,7 @@ class RewardTrainer:
                 f"{config.num_train_epochs} epochs; lower the batch sizes, raise num_train_epochs, or add pairs"
             )
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
-        # gave overlapping shards); only full batches, so one epoch is floor(N / batch) steps.
+        # gave overlapping shards).
         self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.seed)
         self.reference_sequences = self._reference_sequences()
 

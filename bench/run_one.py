@@ -1,0 +1,142 @@
+"""One system on one workload, in its own process: ``python bench/run_one.py tether W1 --updates 4``.
+
+Prints one JSON line: seconds of every update, peak resident memory, and the update's model
+FLOPs (2 x params x tokens per forward, 6 x params x tokens per forward+backward, tokens that
+were actually computed). ``bench/compare.py`` runs both systems alternately and makes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, build, matmul_flops, prompts  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def non_embedding_params(model) -> int:
+    embedding = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embedding
+
+
+def update_flops(policy_params: int, scalar_params: int, batch: int, query: float, response: float, epochs: int) -> float:
+    """Model FLOPs of one PPO update: generation, four scoring forwards, and the training passes."""
+    generate = 2 * policy_params * batch * (query + response)
+    score = 2 * (2 * policy_params + 2 * scalar_params) * batch * (query + response)
+    train = epochs * 6 * (policy_params + scalar_params) * batch * (query + response)
+    return generate + score + train
+
+
+def run_tether(folder: Path, workload, updates: int, bf16: bool, texts: list[str]) -> list[float]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tether import PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "policy", padding_side="left")
+    config = PPOConfig(
+        output_dir=str(folder / "tether-out"), device="cpu", bf16=bf16, seed=0,
+        per_device_train_batch_size=workload.per_device, gradient_accumulation_steps=workload.minibatches,
+        num_mini_batches=workload.minibatches, num_ppo_epochs=workload.epochs,
+        total_episodes=workload.batch * updates, local_rollout_forward_batch_size=workload.batch,
+        response_length=workload.response, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0,
+        learning_rate=3e-6, num_sample_generations=0,
+    )
+    trainer = PPOTrainer(
+        config, tokenizer, AutoModelForCausalLM.from_pretrained(folder / "policy"),
+        AutoModelForSequenceClassification.from_pretrained(folder / "reward"), texts,
+    )
+    seconds = []
+    for _ in range(updates):
+        start = time.perf_counter()
+        metrics = trainer.step()
+        seconds.append(time.perf_counter() - start)
+        run_tether.last_length = metrics["val/response_length"]
+    return seconds
+
+
+def run_trl(folder: Path, workload, updates: int, bf16: bool, texts: list[str]) -> list[float]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "policy", padding_side="left")
+    dataset = datasets.Dataset.from_dict({"input_ids": tokenizer(texts)["input_ids"]})
+    seconds: list[float] = []
+
+    class Clock(TrainerCallback):
+        start = None
+
+        def on_train_begin(self, *args, **kwargs):
+            Clock.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            now = time.perf_counter()
+            seconds.append(now - Clock.start)
+            Clock.start = now
+
+    config = PPOConfig(
+        output_dir=str(folder / "trl-out"), use_cpu=True, bf16=bf16, report_to="none", num_sample_generations=0,
+        save_strategy="no", gradient_checkpointing=False, seed=0,
+        per_device_train_batch_size=workload.per_device, gradient_accumulation_steps=workload.minibatches,
+        num_mini_batches=workload.minibatches, num_ppo_epochs=workload.epochs,
+        total_episodes=workload.batch * updates, local_rollout_forward_batch_size=workload.batch,
+        response_length=workload.response, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0,
+        learning_rate=3e-6,
+    )
+    policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
+    trainer = PPOTrainer(
+        args=config, processing_class=tokenizer, model=policy,
+        ref_model=AutoModelForCausalLM.from_pretrained(folder / "policy"),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
+        value_model=AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
+        train_dataset=dataset, callbacks=[Clock()],
+    )
+    trainer.train()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=["tether", "trl"])
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--updates", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="bench/.fixtures")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    workload = WORKLOADS[options.workload]
+    folder = build(workload, Path(options.cache))
+    texts = prompts(vocab=workload.vocab)
+    runner = run_tether if options.system == "tether" else run_trl
+    seconds = runner(folder, workload, options.updates, options.bf16, texts)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "policy"))
+    params = non_embedding_params(policy)
+    scalar = params - policy.get_output_embeddings().weight.numel() + policy.config.hidden_size
+    query = sum(len(t.split()) for t in texts) / len(texts)
+    flops = update_flops(params, scalar, workload.batch, query, workload.response, workload.epochs)
+    print(json.dumps({
+        "system": options.system, "workload": options.workload, "bf16": options.bf16,
+        "seconds": seconds, "peak_rss": peak_rss_bytes(), "update_flops": flops, "matmul_flops": matmul_flops(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
