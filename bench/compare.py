@@ -3,7 +3,7 @@
     python bench/compare.py                    # W1 W2 W3, fp32, 4 updates each, 2 rounds
     python bench/compare.py W1 --bf16 --updates 3 --rounds 1
 
-Needs the benchmark extra (`pip install -e ".[bench]"`: trl==1.12.0, psutil). Prints, per workload:
+Needs the benchmark extra (`pip install -e ".[bench]"`: trl==1.12.0). Prints, per workload:
 seconds per update (median of the updates after the first, over all rounds), peak resident
 memory, the tether/TRL ratios and the fraction of the matmul roofline.
 """
