@@ -140,6 +140,13 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
     return None
 
 
+def check_output_dir_early(config) -> None:
+    """Refuse a used or unwritable ``output_dir`` before any slow loading. ``train()`` checks
+    again and is the one that clears earlier results for ``--overwrite``."""
+    if not config.overwrite_output_dir:
+        prepare_output_dir(config.output_dir, config.resume_from_checkpoint, overwrite=False)
+
+
 # --- writing and reading ---------------------------------------------------------------------------
 
 def all_finite(models: dict) -> bool:
@@ -217,8 +224,9 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
-    if set(missing) - tied or unexpected:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    shared = {k for k in missing if tied and ("lm_head" in k or "embed" in k)}  # tied weights are stored once
+    if set(missing) - shared or unexpected:
         raise ConfigError(f"checkpoint {folder} does not match the model: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
 

@@ -94,6 +94,7 @@ def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_ppo(args: list[str]) -> int:
+    from tether.checkpoint import check_output_dir_early
     from tether.config import PPOConfig, load_command_config
     from tether.logging import console
 
@@ -108,6 +109,7 @@ def run_ppo(args: list[str]) -> int:
         "dataset_name": lambda c: c.dataset_name,
     }
     config = load_command_config(PPOConfig, config_path, rest, required, warn)
+    check_output_dir_early(config)
 
     from tether.data import load_table, load_test_split
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer

@@ -34,7 +34,15 @@ import transformers
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+from tether.checkpoint import (
+    Interrupted,
+    StopSignals,
+    check_output_dir_early,
+    prepare_output_dir,
+    restore,
+    truncate_jsonl,
+    write_checkpoint,
+)
 from tether.config import RewardConfig, load_command_config, save_config
 from tether.data.prompts import PromptSampler, load_table, load_test_split
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
@@ -427,10 +435,7 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
     config = load_command_config(RewardConfig, config_path, override_args, required, warn)
-    # A used output_dir is refused before the (possibly slow) loads; train() checks again and
-    # is the one that clears it for --overwrite.
-    if not config.overwrite_output_dir:
-        prepare_output_dir(config.output_dir, config.resume_from_checkpoint, overwrite=False)
+    check_output_dir_early(config)
 
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+from tether.checkpoint import (
+    Interrupted,
+    StopSignals,
+    check_output_dir_early,
+    prepare_output_dir,
+    restore,
+    truncate_jsonl,
+    write_checkpoint,
+)
 from tether.config import SFTConfig, save_config
 from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
@@ -375,10 +383,7 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
     config = load_command_config(SFTConfig, config_path, override_args, required, warn)
-    # A used output_dir is refused before the (possibly slow) loads; train() checks again and
-    # is the one that clears it for --overwrite.
-    if not config.overwrite_output_dir:
-        prepare_output_dir(config.output_dir, config.resume_from_checkpoint, overwrite=False)
+    check_output_dir_early(config)
 
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
     train_dataset = load_table(config.dataset_name, config.dataset_train_split)
