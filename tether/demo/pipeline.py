@@ -58,10 +58,6 @@ def _write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # --- sampling and scoring outside training ------------------------------------------------------
 
 @torch.no_grad()
@@ -85,18 +81,25 @@ def sample_completions(model, tokenizer, prompts: list[str], seed: int, device, 
     return texts
 
 
-@torch.no_grad()
-def reward_scores(reward_model, tokenizer, prompts: list[str], completions: list[str], device) -> list[float]:
-    """The learned reward model's score of each completion (EOS appended, as in training)."""
+def _query_response(tokenizer, prompts: list[str], completions: list[str], device) -> list[torch.Tensor]:
+    """``queries, query_mask, responses, response_mask`` for text pairs; EOS ends each response."""
     from tether.data import left_pad
     from tether.data.sequences import right_pad
-    from tether.scoring.reward import get_reward
 
     queries, query_mask = left_pad(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id)
     bodies = [ids + [tokenizer.eos_token_id] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
     responses, response_mask = right_pad(bodies, tokenizer.pad_token_id)
-    ids = torch.cat([queries, responses], dim=1).to(device)
-    mask = torch.cat([query_mask, response_mask], dim=1).to(device)
+    return [t.to(device) for t in (queries, query_mask, responses, response_mask)]
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, prompts: list[str], completions: list[str], device) -> list[float]:
+    """The learned reward model's score of each completion (EOS appended, as in training)."""
+    from tether.scoring.reward import get_reward
+
+    queries, query_mask, responses, response_mask = _query_response(tokenizer, prompts, completions, device)
+    ids = torch.cat([queries, responses], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1)
     _, scores, _ = get_reward(reward_model, ids, tokenizer.pad_token_id, queries.size(1), mask)
     return scores.tolist()
 
@@ -104,15 +107,11 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], completions: list
 @torch.no_grad()
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], completions: list[str], device) -> float:
     """Mean over samples of the summed log-ratio log pi(y|x) - log pi_ref(y|x) (k1, at the sampling temperature)."""
-    from tether.data import left_pad
-    from tether.data.sequences import right_pad
     from tether.models.forward import policy_logprobs
+    from tether.rollout.generate import sampling_temperature
 
-    queries, query_mask = left_pad(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id)
-    bodies = [ids + [tokenizer.eos_token_id] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
-    responses, response_mask = right_pad(bodies, tokenizer.pad_token_id)
-    tensors = [t.to(device) for t in (queries, query_mask, responses, response_mask)]
-    temperature = TEMPERATURE + 1e-7
+    tensors = _query_response(tokenizer, prompts, completions, device)
+    temperature = sampling_temperature(TEMPERATURE)
     logprobs, _ = policy_logprobs(policy.eval(), *tensors, temperature, 1024)
     ref_logprobs, _ = policy_logprobs(reference.eval(), *tensors, temperature, 1024)
     return float(((logprobs - ref_logprobs) * tensors[3]).sum(1).mean())
@@ -237,7 +236,7 @@ def evaluate(out: Path, eval_prompts: list[str], seed: int, device) -> dict:
 def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bool = False) -> dict:
     """Every stage in order; returns the summary written to ``summary.json``."""
     from tether.cli import run_ppo
-    from tether.demo.report import write_report
+    from tether.demo.report import read_metrics, write_report
     from tether.trainers.common import resolve_device
     from tether.trainers.reward import run_reward
     from tether.trainers.sft import run_sft
@@ -263,7 +262,7 @@ def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bo
 
     console.rule("[bold]evaluation on held-out prompts")
     evaluation = evaluate(out, eval_prompts, seed, torch_device)
-    rm_metrics = _read_metrics(out / "rm" / "metrics.jsonl")
+    rm_metrics = read_metrics(out / "rm" / "metrics.jsonl")
     accuracy = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m]
     figures = evaluation["figures"]
     summary = {

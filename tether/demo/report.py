@@ -16,7 +16,7 @@ from tether.saving import write_text_atomic  # noqa: E402
 COLOURS = {"rm": "#1f77b4", "gold": "#d62728", "kl": "#2ca02c", "length": "#9467bd", "acc": "#ff7f0e"}
 
 
-def _metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -84,7 +84,7 @@ def _score(value: float) -> str:
 
 def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) -> Path:
     """Plots as PNG files beside ``report.html``; returns the report's path."""
-    ppo, rm = _metrics(out / "ppo" / "metrics.jsonl"), _metrics(out / "rm" / "metrics.jsonl")
+    ppo, rm = read_metrics(out / "ppo" / "metrics.jsonl"), read_metrics(out / "rm" / "metrics.jsonl")
     images = out / "report_files"
     images.mkdir(exist_ok=True)
     plots = [

@@ -14,17 +14,22 @@ import torch
 from transformers import GenerationConfig
 
 
+def sampling_temperature(temperature: float) -> float:
+    """The temperature generation samples with and every logprob divides by: TRL's ``+ 1e-7``,
+    kept so that a TRL config gives the same numbers."""
+    return temperature + 1e-7
+
+
 def sampling_config(
     response_length: int, temperature: float, stop_token_ids: list[int] | None, pad_token_id: int
 ) -> GenerationConfig:
-    """Pure ancestral sampling at ``temperature`` (ppo-details 9): no top-k, top-p, repetition
-    penalty, minimum length or suppressed tokens. ``temperature + 1e-7`` as in TRL, matched in
-    every logprob computation."""
+    """Pure ancestral sampling at ``sampling_temperature(temperature)`` (ppo-details 9): no top-k,
+    top-p, repetition penalty, minimum length or suppressed tokens."""
     return GenerationConfig(
         max_new_tokens=response_length,
         min_new_tokens=0,
         do_sample=True,
-        temperature=temperature + 1e-7,
+        temperature=sampling_temperature(temperature),
         top_k=0,
         top_p=1.0,
         min_p=None,

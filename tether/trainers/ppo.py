@@ -56,7 +56,7 @@ from tether.ops import (
     shape_rewards,
 )
 from tether.rollout.batch import Rollout
-from tether.rollout.generate import generate_responses, sampling_config
+from tether.rollout.generate import generate_responses, sampling_config, sampling_temperature
 from tether.scoring.reward import (
     apply_missing_stop_penalty,
     call_reward_function,
@@ -143,7 +143,7 @@ class PPOTrainer:
         self.generation_config = sampling_config(
             config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id
         )
-        self.temperature = config.temperature + 1e-7  # the same value generation samples with
+        self.temperature = sampling_temperature(config.temperature)  # the value generation samples with
 
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
         self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
