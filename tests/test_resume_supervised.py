@@ -121,7 +121,7 @@ def make_trainer(kind: str, tokenizer, output_dir: Path, rows: list[dict] | None
 
 
 def steps_done(trainer) -> int:
-    return trainer.global_step if isinstance(trainer, SFTTrainer) else trainer.step_count
+    return trainer.step_count
 
 
 def signal_during_step(trainer, step: int, signum: int = signal.SIGTERM) -> None:

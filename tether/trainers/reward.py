@@ -34,26 +34,18 @@ import transformers
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from tether.checkpoint import (
-    Interrupted,
-    StopSignals,
-    check_output_dir_early,
-    prepare_output_dir,
-    restore,
-    truncate_jsonl,
-    write_checkpoint,
-)
-from tether.config import RewardConfig, load_command_config, save_config
+from tether.checkpoint import check_output_dir_early
+from tether.config import RewardConfig, load_command_config
 from tether.data.prompts import PromptSampler, load_table, load_test_split
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
-from tether.logging import MetricsFile, Reporters, console, progress_bar
+from tether.logging import Reporters, console
 from tether.models.loading import (
-    load_pretrained,
     check_scalar_model,
     check_vocabulary,
     disable_dropout,
     ensure_pad_token,
+    load_pretrained,
     load_tokenizer,
     scalar_head,
 )
@@ -67,8 +59,8 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
-    stop_if_nonfinite,
 )
+from tether.trainers.loop import run_steps
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -343,61 +335,27 @@ class RewardTrainer:
         if self.normalization:  # config.json is not part of the weights restore() loads
             self.model.config.reward_bias = self.normalization["reward_bias"]
 
-    def save_checkpoint(self) -> Path:
-        """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
-        return write_checkpoint(
-            self.output_dir, self.step_count, {"model": self.model}, self.tokenizer, self.optimizer,
-            self.scheduler, self.state_dict(), self.config.save_total_limit,
-        )
+    # --- the loop -------------------------------------------------------------------------
+    def advance(self) -> tuple[dict[str, float], bool]:
+        """One step; evaluation every ``eval_steps`` steps and at the end (``eval/*`` join that
+        step's line), then, with ``normalize_rewards``, the normalisation (``reward_bias`` and
+        the reference scores' statistics join the last line)."""
+        config = self.config
+        metrics = self.step()
+        last = self.step_count == self.total_steps
+        if last or (config.eval_steps and self.step_count % config.eval_steps == 0):
+            metrics.update(self.evaluate())
+        if last and self.reference_sequences is not None:
+            metrics.update(self.normalize(self.reference_sequences))
+        return metrics, "eval/accuracy" in metrics
 
-    def _stop_if_not_finite(self) -> None:
-        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"up to step {self.step_count}")
+    def status(self, metrics: dict[str, float]) -> str:
+        status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
+        return status + f"  eval acc {self.eval_history[-1][1]:.2f}" if self.eval_history else status
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
-        """Every remaining optimizer step; returns this call's per-step metrics (also in metrics.jsonl).
-
-        Evaluates every ``eval_steps`` steps and at the end (``eval/*`` join that step's line),
-        then normalises the reward when ``normalize_rewards`` is set (``reward_bias`` and the
-        reference scores' statistics join the last line). ``resume_from_checkpoint`` (default:
-        the config's) is True for the newest checkpoint in ``output_dir`` or a checkpoint's path;
-        without it a non-empty ``output_dir`` is refused unless ``overwrite_output_dir``.
-        """
-        config = self.config
-        resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
-        metrics_file = MetricsFile(self.output_dir)
-        save_config(config, self.output_dir / "config.yaml")
-        if checkpoint is not None:
-            self.load_state_dict(restore(checkpoint, {"model": self.model}, self.optimizer, self.scheduler))
-            truncate_jsonl(metrics_file.path, keep=lambda step: step <= self.step_count)  # the rest comes again
-            console.print(f"resuming from {checkpoint} at step {self.step_count} of {self.total_steps}")
-        history: list[dict[str, float]] = []
-        try:
-            with StopSignals() as stop, progress_bar("RM") as progress:
-                task = progress.add_task("rm", total=self.total_steps, completed=self.step_count, status="")
-                while self.step_count < self.total_steps:
-                    metrics = self.step()
-                    last = self.step_count == self.total_steps
-                    if last or (config.eval_steps and self.step_count % config.eval_steps == 0):
-                        metrics.update(self.evaluate())
-                    if last and self.reference_sequences is not None:
-                        metrics.update(self.normalize(self.reference_sequences))
-                    history.append(metrics)
-                    if last or self.step_count % config.logging_steps == 0 or "eval/accuracy" in metrics:
-                        metrics_file.write(metrics)
-                        self.reporters.log(metrics, step=self.step_count)
-                    self._stop_if_not_finite()
-                    if last or stop.requested or (config.save_steps and self.step_count % config.save_steps == 0):
-                        saved = self.save_checkpoint()
-                    if stop.requested:
-                        raise Interrupted(stop.requested, saved)
-                    status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
-                    if self.eval_history:
-                        status += f"  eval acc {self.eval_history[-1][1]:.2f}"
-                    progress.update(task, advance=1, status=status)
-        finally:
-            self.reporters.close()
-        return history
+        """Run every remaining step (``tether.trainers.loop.run_steps``); returns their metrics."""
+        return run_steps(self, "RM", resume_from_checkpoint)
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;

@@ -30,19 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tether.checkpoint import (
-    Interrupted,
-    StopSignals,
-    check_output_dir_early,
-    prepare_output_dir,
-    restore,
-    truncate_jsonl,
-    write_checkpoint,
-)
-from tether.config import SFTConfig, save_config
+from tether.checkpoint import check_output_dir_early
+from tether.config import SFTConfig
 from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
-from tether.logging import MetricsFile, Reporters, console, progress_bar
+from tether.logging import Reporters, console
 from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
 from tether.ops.masks import position_ids_from_mask
 from tether.saving import save_pretrained_atomic
@@ -53,8 +45,8 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
-    stop_if_nonfinite,
 )
+from tether.trainers.loop import run_steps
 
 # --------------------------------------------------------------------------- the maths
 
@@ -167,7 +159,7 @@ class SFTTrainer:
         self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
         self.optimizer = make_optimizer(model.parameters(), config)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
-        self.global_step = 0
+        self.step_count = 0
         self._epoch_order: tuple[int, list[int]] | None = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
         self.nonfinite_in_a_row = 0
@@ -214,7 +206,7 @@ class SFTTrainer:
 
     def _next_rows(self) -> list[int]:
         """Rows of the next step: epoch ``e`` is ``randperm`` under seed ``seed + e``."""
-        epoch, position = divmod(self.global_step, self.steps_per_epoch)
+        epoch, position = divmod(self.step_count, self.steps_per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
             generator = torch.Generator().manual_seed(self.config.seed + epoch)
             self._epoch_order = (epoch, torch.randperm(len(self.train_sequences), generator=generator).tolist())
@@ -242,12 +234,12 @@ class SFTTrainer:
         self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
-        self.global_step += 1
+        self.step_count += 1
         return {
             "loss": total_nll / num_tokens,
             "lr": lr,
-            "epoch": self.global_step / self.steps_per_epoch,
-            "step": self.global_step,
+            "epoch": self.step_count / self.steps_per_epoch,
+            "step": self.step_count,
             "tokens": num_tokens,
             "grad_norm": grad_norm,
             "skipped_steps": self.skipped_steps,
@@ -276,7 +268,7 @@ class SFTTrainer:
         position, and the other two are checked on resume.
         """
         return {
-            "step": self.global_step,
+            "step": self.step_count,
             "seed": self.config.seed,
             "train_rows": len(self.train_sequences),
             "skipped_steps": self.skipped_steps,
@@ -286,7 +278,7 @@ class SFTTrainer:
     def load_state_dict(self, state: dict) -> None:
         try:
             seed, rows = int(state["seed"]), int(state["train_rows"])
-            self.global_step = int(state["step"])
+            self.step_count = int(state["step"])
             self.skipped_steps = int(state["skipped_steps"])
             self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         except (KeyError, TypeError, ValueError) as error:
@@ -300,61 +292,27 @@ class SFTTrainer:
             )
         self._epoch_order = None
 
-    def save_checkpoint(self) -> Path:
-        """Write ``<output_dir>/checkpoint-<step>`` (see ``tether.checkpoint``); returns its folder."""
-        return write_checkpoint(
-            self.output_dir, self.global_step, {"model": self.model}, self.tokenizer, self.optimizer,
-            self.scheduler, self.state_dict(), self.config.save_total_limit,
+    # --- the loop -------------------------------------------------------------------------
+    def advance(self) -> tuple[dict[str, float], bool]:
+        """One step; with a held-out set, ``eval/loss`` and ``eval/perplexity`` join the metrics
+        every ``eval_steps`` steps and at the last step."""
+        config = self.config
+        metrics = self.step(self._next_rows())
+        last = self.step_count == self.total_steps
+        evaluated = bool(self.eval_sequences) and (
+            last or (config.eval_steps is not None and self.step_count % config.eval_steps == 0)
         )
+        if evaluated:
+            metrics.update(self.evaluate())
+        return metrics, evaluated
 
-    def _stop_if_not_finite(self) -> None:
-        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"up to step {self.global_step}")
+    def status(self, metrics: dict[str, float]) -> str:
+        status = f"loss {metrics['loss']:.4f}"
+        return status + f"  eval {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else status
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
-        """Run every remaining step; returns this call's per-step metrics (also in metrics.jsonl).
-
-        With a held-out set, ``eval/loss`` and ``eval/perplexity`` join the metrics every
-        ``eval_steps`` steps and at the last step. ``resume_from_checkpoint`` (default: the
-        config's) is True for the newest checkpoint in ``output_dir`` or a checkpoint's path;
-        without it a non-empty ``output_dir`` is refused unless ``overwrite_output_dir``.
-        """
-        config = self.config
-        resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
-        metrics_file = MetricsFile(self.output_dir)
-        save_config(config, self.output_dir / "config.yaml")
-        if checkpoint is not None:
-            self.load_state_dict(restore(checkpoint, {"model": self.model}, self.optimizer, self.scheduler))
-            truncate_jsonl(metrics_file.path, keep=lambda step: step <= self.global_step)  # the rest comes again
-            console.print(f"resuming from {checkpoint} at step {self.global_step} of {self.total_steps}")
-        history = []
-        try:
-            with StopSignals() as stop, progress_bar("SFT") as progress:
-                task = progress.add_task("sft", total=self.total_steps, completed=self.global_step, status="")
-                while self.global_step < self.total_steps:
-                    metrics = self.step(self._next_rows())
-                    last = self.global_step == self.total_steps
-                    evaluated = bool(self.eval_sequences) and (
-                        last or (config.eval_steps is not None and self.global_step % config.eval_steps == 0)
-                    )
-                    if evaluated:
-                        metrics.update(self.evaluate())
-                    history.append(metrics)
-                    if evaluated or last or self.global_step % config.logging_steps == 0:
-                        metrics_file.write(metrics)
-                        self.reporters.log(metrics, step=self.global_step)
-                    self._stop_if_not_finite()
-                    if last or stop.requested or (config.save_steps and self.global_step % config.save_steps == 0):
-                        saved = self.save_checkpoint()
-                    if stop.requested:
-                        raise Interrupted(stop.requested, saved)
-                    status = f"loss {metrics['loss']:.4f}"
-                    if evaluated:
-                        status += f"  eval {metrics['eval/loss']:.4f}"
-                    progress.update(task, advance=1, status=status)
-        finally:
-            self.reporters.close()
-        return history
+        """Run every remaining step (``tether.trainers.loop.run_steps``); returns their metrics."""
+        return run_steps(self, "SFT", resume_from_checkpoint)
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder."""
