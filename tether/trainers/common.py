@@ -27,6 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def seeded_split(num_rows: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train rows, held-out rows)``, each in dataset order: the first ``held_out`` of a
+    permutation drawn under ``seed`` are held out."""
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held_out:]), sorted(order[:held_out])
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [p for p in params if p.requires_grad],

@@ -59,6 +59,7 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
+    seeded_split,
 )
 from tether.trainers.loop import run_steps
 
@@ -378,12 +379,8 @@ def split_pairs(
             f"eval_fraction={eval_fraction} of {len(pairs)} pairs leaves none to train on; "
             "lower eval_fraction or add pairs"
         )
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = set(order[:held])
-    return (
-        [p for i, p in enumerate(pairs) if i not in held_out],
-        [p for i, p in enumerate(pairs) if i in held_out],
-    )
+    train_rows, held_rows = seeded_split(len(pairs), held, seed)
+    return [pairs[i] for i in train_rows], [pairs[i] for i in held_rows]
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from tether.trainers.common import (
     optimizer_step,
     resolve_device,
     seed_everything,
+    seeded_split,
 )
 from tether.trainers.loop import run_steps
 
@@ -113,9 +114,7 @@ def split_held_out(num_rows: int, fraction: float, seed: int) -> tuple[list[int]
     """(train rows, held-out rows): ``fraction`` of the rows, chosen by a seeded permutation."""
     if fraction <= 0:
         return list(range(num_rows)), []
-    count = min(max(1, round(num_rows * fraction)), num_rows - 1)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[count:]), sorted(order[:count])
+    return seeded_split(num_rows, min(max(1, round(num_rows * fraction)), num_rows - 1), seed)
 
 
 # --------------------------------------------------------------------------- the trainer
