@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.ops.logprobs import head_logprobs
 from tether.ops import (
     AdaptiveKLController,
     bradley_terry_loss,
@@ -882,3 +883,75 @@ def test_adaptive_kl_state_dict_round_trip():
     ctl.update(3.0, 64)
     other.update(3.0, 64)
     assert other.value == ctl.value
+
+
+# ---------------------------------------------------------------------------------------------
+# head_logprobs: the output layer in row chunks, with its own backward pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_inputs(seed: int = 3, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 5, 8, generator=gen, dtype=dtype).requires_grad_()
+    weight = torch.randn(11, 8, generator=gen, dtype=dtype).requires_grad_()
+    bias = torch.randn(11, generator=gen, dtype=dtype).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=gen)
+    return hidden, weight, bias, tokens
+
+
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_head_logprobs_gradients_pass_gradcheck(monkeypatch, keep_probs):
+    """Both backward modes (reuse the forward's probabilities / recompute them per chunk) give
+    the analytical gradient of log softmax(h W^T + b)/tau at the tokens, for h, W and b."""
+    import tether.ops.logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "KEEP_PROBS_BYTES", 1 << 40 if keep_probs else 0)
+    hidden, weight, bias, tokens = _head_inputs()
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: head_logprobs(h, w, b, tokens, 0.7, max_chunk_rows=4)[0], (hidden, weight, bias)
+    )
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows):
+    """Same logprobs, entropy and gradients as materialising the logits (fp32, 1e-5)."""
+    hidden, weight, bias, tokens = (t.detach().float() if t.is_floating_point() else t for t in _head_inputs(4))
+    upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fused in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        if fused:
+            logp, entropy = head_logprobs(h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True)
+        else:
+            logp, entropy = token_logprobs(h @ w.t() + b, tokens, 0.8, chunk_size=chunk_rows, with_entropy=True)
+        (logp * upstream).sum().backward()
+        results.append((logp, entropy, h.grad, w.grad, b.grad))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert not results[0][1].requires_grad
+
+
+def test_head_logprobs_without_bias_and_without_gradients():
+    hidden, weight, _, tokens = (t.detach() for t in _head_inputs(5))
+    with torch.no_grad():
+        logp, entropy = head_logprobs(hidden, weight, None, tokens, 1.0)
+    expected, _ = token_logprobs(hidden @ weight.t(), tokens)
+    torch.testing.assert_close(logp, expected.double(), atol=1e-6, rtol=0)
+    assert entropy is None
+
+
+def test_head_logprobs_under_bf16_autocast_runs_the_product_in_bf16():
+    """Under autocast the product is bf16 like the model's own output layer would be: equal to
+    log_softmax of the bf16 logits, and clearly different from the fp32 answer."""
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 64, 256, generator=gen)
+    weight = torch.randn(512, 256, generator=gen) / 16
+    tokens = torch.randint(0, 512, (2, 64), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = head_logprobs(hidden, weight, None, tokens, 0.7)
+        bf16_logits = torch.nn.functional.linear(hidden, weight)
+    assert bf16_logits.dtype == torch.bfloat16 and logp.dtype == torch.float32
+    expected, _ = token_logprobs(bf16_logits, tokens, 0.7)
+    exact, _ = token_logprobs(hidden @ weight.t(), tokens, 0.7)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=0)
+    assert (logp - exact).abs().max() > 1e-3

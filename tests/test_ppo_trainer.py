@@ -534,7 +534,7 @@ def test_pad_equal_to_eos(tmp_path, reward):
         reward=recorder if reward == "function" else "model",
         tokenizer=tokenizer,
         prompts=prompts,
-        biases={EOS: 2.0},
+        biases={EOS: 1.0},
     )
     assert [5, EOS, 6] in trainer.prompts
     metrics = trainer.step()
@@ -578,7 +578,7 @@ def test_several_stop_ids(tmp_path):
         tmp_path,
         reward=recorder,
         stop_token_id=[EOS, W3],
-        biases={EOS: 1.5, W3: 1.5},
+        biases={EOS: 0.5, W3: 0.5},
         gradient_accumulation_steps=2,  # 16 rows
     )
     assert trainer.stop_token_ids == [EOS, W3]
@@ -606,7 +606,7 @@ def test_reward_function_sees_decoded_prompts_and_responses(tmp_path):
     recorder = RecordingReward(
         lambda prompts, responses: [float(len(p) + 10 * len(r)) for p, r in zip(prompts, responses)]
     )
-    trainer = make_trainer(tmp_path, reward=recorder, biases={EOS: 1.5})
+    trainer = make_trainer(tmp_path, reward=recorder, biases={EOS: 0.5})
     trainer.step()
     rollout = trainer.last_rollout
     assert len(recorder.calls) == 1

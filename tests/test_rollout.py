@@ -17,7 +17,6 @@ Everything runs in fp32 on tiny models built locally.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -26,11 +25,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import tether.rollout.generate as generate_module
 from tether.models.forward import critic_values, policy_logprobs
 from tether.models.loading import disable_dropout, value_model_from_policy
 from tether.ops import ended_on_stop, lengths_to_mask, response_lengths, truncate_response
-from tether.rollout.generate import generate_responses, sampling_config
+from tether.rollout.generate import generate_responses, sample_tokens, sampling_config
 from tether.scoring.reward import get_reward
 from tether.tiny import tiny_causal_lm, tiny_config, tiny_reward_model
 
@@ -118,33 +116,60 @@ def gathered(logprobs_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def test_sampling_config_is_pure_ancestral_sampling():
     config = sampling_config(response_length=7, temperature=0.7, stop_token_ids=[2, 9], pad_token_id=PAD)
-    assert config.do_sample is True
     assert config.max_new_tokens == 7
     assert config.temperature == pytest.approx(0.7 + 1e-7, abs=0, rel=1e-12)
-    assert config.top_k in (0, None) and config.top_p in (1.0, None)
-    assert config.repetition_penalty in (1.0, None)
-    assert not config.min_new_tokens
-    assert not config.no_repeat_ngram_size
-    assert not config.suppress_tokens and not config.begin_suppress_tokens and not config.bad_words_ids
-    assert config.num_beams in (1, None)
-    assert list(config.eos_token_id) == [2, 9]
+    assert config.stop_token_ids == (2, 9)
     assert config.pad_token_id == PAD
+    assert sampling_config(3, 1.0, None, PAD).stop_token_ids == ()
+
+
+def _small_vocabulary():
+    return torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+
+
+def _across_blocks():
+    """Mass on both sides of the 256-id block edges, the last id, and unnormalised weights."""
+    weights = torch.zeros(1000)
+    weights[[3, 255, 256, 511, 512, 999]] = torch.tensor([1.0, 2.0, 3.0, 0.5, 1.5, 2.0])
+    return weights
+
+
+@pytest.mark.parametrize("weights", [_small_vocabulary(), _across_blocks()], ids=["7 ids", "1000 ids"])
+def test_inverse_cdf_sampling_draws_from_the_distribution(weights):
+    """``sample_tokens`` frequencies match ``weights / sum`` (4 standard errors over 40k draws);
+    ids of weight 0 are never drawn."""
+    probs = weights / weights.sum()
+    torch.manual_seed(0)
+    draws = torch.cat([sample_tokens(weights.expand(1000, -1)) for _ in range(40)])
+    counts = torch.bincount(draws, minlength=probs.numel()).double()
+    frequency = counts / draws.numel()
+    standard_error = (probs * (1 - probs) / draws.numel()).sqrt().double()
+    assert counts[probs == 0].sum() == 0
+    assert ((frequency - probs.double()).abs() <= 4 * standard_error + 1e-12).all(), frequency
+
+
+def test_inverse_cdf_sampling_handles_a_large_vocabulary_tail():
+    """A 128k vocabulary whose mass sits on the last id: float64 sums still reach it."""
+    probs = torch.full((4, 128_000), 1e-12)
+    probs[:, -1] = 1.0 - 1e-12 * 127_999
+    torch.manual_seed(1)
+    assert (sample_tokens(probs) == 127_999).all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_hostile_generation_config_does_not_leak(tokenizer, arch):
     """Scores are plain ``logits / tau_eff``: finite everywhere, and their log-softmax at the
-    sampled tokens equals the forward-pass log-probs at ``tau + 1e-7`` (ppo-details 6, 9b)."""
+    sampled tokens equals the sampler's logprobs and the forward-pass log-probs at
+    ``tau + 1e-7`` (ppo-details 6, 9b, 10). The model's own generation config is untouched."""
     model = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
     own_config = model.generation_config
     before = make_hostile(model)
     queries, query_mask = sample_queries(model.config.vocab_size, rows=6)
     temperature, length = 0.7, 10
     config = sampling_config(length, temperature, [EOS], PAD)
-    config_before = config.to_dict()
 
     torch.manual_seed(0)
-    responses, scores = generate_responses(model, queries, query_mask, config, 4, PAD, output_scores=True)
+    responses, logprobs, scores = generate_responses(model, queries, query_mask, config, 4, output_scores=True)
 
     assert responses.shape[0] == 6 and responses.shape[1] <= length
     assert scores.shape == (*responses.shape, model.config.vocab_size)
@@ -156,43 +181,28 @@ def test_hostile_generation_config_does_not_leak(tokenizer, arch):
     with torch.no_grad():
         from_forward, _ = policy_logprobs(model, queries, query_mask, responses, mask, temperature + 1e-7, 5)
     assert torch.allclose(from_scores[mask], from_forward[mask], atol=1e-5, rtol=0)
-
-    # the model's own generation_config is back, unchanged; the caller's config is untouched
+    assert torch.allclose(logprobs[mask], from_forward[mask], atol=1e-5, rtol=0)
+    assert (logprobs[~mask] == 0).all()
     assert model.generation_config is own_config
     assert model.generation_config.to_dict() == before
-    assert config.to_dict() == config_before
 
 
-def test_model_generation_config_is_restored_when_generate_fails(policy):
-    own = policy.generation_config
-    before = make_hostile(policy)
-    seen = {}
-
-    def failing_generate(**kwargs):
-        seen["config"] = policy.generation_config
-        raise RuntimeError("out of memory")
-
-    policy.generate = failing_generate
-    queries = torch.tensor([[4, 5, 6]])
-    with pytest.raises(RuntimeError):
-        generate_responses(policy, queries, queries > 0, sampling_config(4, 1.0, [EOS], PAD), 1, PAD)
-    assert seen["config"] is not own  # hidden while generating
-    assert policy.generation_config is own
-    assert policy.generation_config.to_dict() == before
-
-
-def test_leak_check_can_fail_without_isolation(tokenizer, monkeypatch):
-    """Control: with the model's own config left in place, the hostile settings do reach the
-    sampler (-inf scores), so the finiteness check above is meaningful."""
-    model = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
-    make_hostile(model)
-    monkeypatch.setattr(generate_module, "isolated_generation_config", lambda m: contextlib.nullcontext())
-    queries, query_mask = sample_queries(model.config.vocab_size, rows=3)
-    torch.manual_seed(0)
-    _, scores = generate_responses(
-        model, queries, query_mask, sampling_config(8, 0.7, [EOS], PAD), 3, PAD, output_scores=True
-    )
-    assert torch.isinf(scores).any()
+def test_hostile_generation_config_changes_nothing(tokenizer):
+    """Same seed, same samples whether the model's generation config asks for top-k 3,
+    top-p 0.5, a repetition penalty and suppressed tokens or for nothing at all."""
+    clean = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
+    hostile = copy.deepcopy(clean)
+    make_hostile(hostile)
+    queries, query_mask = sample_queries(clean.config.vocab_size, rows=8)
+    config = sampling_config(12, 1.0, [EOS], PAD)
+    outputs = []
+    for model in (clean, hostile):
+        torch.manual_seed(7)
+        outputs.append(generate_responses(model, queries, query_mask, config, 8))
+    assert torch.equal(outputs[0].responses, outputs[1].responses)
+    assert torch.equal(outputs[0].logprobs, outputs[1].logprobs)
+    # the hostile settings would have mattered: suppressed ids 5 and 6 do get sampled here
+    assert torch.isin(outputs[0].responses, torch.tensor([5, 6])).any()
 
 
 # ---------------------------------------------------------------- stop tokens
@@ -207,7 +217,7 @@ def test_generation_stops_at_any_stop_id_and_pads_the_rest(tokenizer, stops):
     length = 10
     queries, query_mask = sample_queries(model.config.vocab_size, rows=24, seed=1)
     torch.manual_seed(0)
-    responses = generate_responses(model, queries, query_mask, sampling_config(length, 1.0, stops, PAD), 24, PAD)
+    responses = generate_responses(model, queries, query_mask, sampling_config(length, 1.0, stops, PAD), 24).responses
     assert responses.shape[0] == 24 and responses.shape[1] <= length
 
     lengths = response_lengths(responses, stops)
@@ -239,7 +249,7 @@ def test_no_stop_ids_samples_the_full_length_through_eos(tokenizer):
     assert model.generation_config.eos_token_id == EOS
     queries, query_mask = sample_queries(model.config.vocab_size, rows=16, seed=2)
     torch.manual_seed(0)
-    responses = generate_responses(model, queries, query_mask, sampling_config(10, 1.0, None, PAD), 16, PAD)
+    responses = generate_responses(model, queries, query_mask, sampling_config(10, 1.0, None, PAD), 16).responses
     assert responses.shape == (16, 10)
     assert (responses != PAD).all()
     eos_before_end = (responses[:, :-1] == EOS).any(dim=1)
@@ -256,8 +266,8 @@ def test_chunked_generation_shape_contract(tokenizer, chunk):
     rows, length = 6, 9
     queries, query_mask = sample_queries(model.config.vocab_size, rows=rows, seed=3)
     torch.manual_seed(0)
-    responses, scores = generate_responses(
-        model, queries, query_mask, sampling_config(length, 1.0, [EOS], PAD), chunk, PAD, output_scores=True
+    responses, logprobs, scores = generate_responses(
+        model, queries, query_mask, sampling_config(length, 1.0, [EOS], PAD), chunk, output_scores=True
     )
     width = responses.size(1)
     assert responses.dtype == torch.long
@@ -281,8 +291,8 @@ def test_chunked_generation_logprobs_match_forward(tokenizer, policy):
     kept tokens (detail 10: old log-probs may come from generation scores)."""
     queries, query_mask = sample_queries(policy.config.vocab_size, rows=5, seed=4)
     torch.manual_seed(3)
-    responses, scores = generate_responses(
-        policy, queries, query_mask, sampling_config(12, 1.3, [EOS, 7], PAD), 2, PAD, output_scores=True
+    responses, logprobs, scores = generate_responses(
+        policy, queries, query_mask, sampling_config(12, 1.3, [EOS, 7], PAD), 2, output_scores=True
     )
     mask = lengths_to_mask(response_lengths(responses, [EOS, 7]), responses.size(1))
     from_scores = gathered(torch.log_softmax(scores, dim=-1), responses)
@@ -298,9 +308,9 @@ def test_generation_is_deterministic_under_a_seed(tokenizer, policy, chunk):
     outputs = []
     for _ in range(2):
         torch.manual_seed(1234)
-        outputs.append(generate_responses(policy, queries, query_mask, config, chunk, PAD, output_scores=True))
-    assert torch.equal(outputs[0][0], outputs[1][0])
-    assert torch.equal(outputs[0][1], outputs[1][1])
+        outputs.append(generate_responses(policy, queries, query_mask, config, chunk, output_scores=True))
+    for first, second in zip(outputs[0], outputs[1]):
+        assert torch.equal(first, second)
 
 
 # ---------------------------------------------------------------- forward passes
@@ -311,6 +321,68 @@ def forward_batch():
     queries, query_mask = left_pad([[4, 5, 6], [7, 8, 9, 10, 11], [12]])
     responses, response_mask = right_pad([[13, 14, EOS], [15, 16, 17, 18, 19, 20], [21, EOS]])
     return queries, query_mask, responses, response_mask
+
+
+def _model_logprobs(model, queries, query_mask, responses, response_mask, temperature):
+    """Reference: log_softmax of the model's own full logits at the response positions."""
+    ids = torch.cat([queries, responses], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    positions = (mask.long().cumsum(1) - mask.long()).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits
+    logits = logits[:, queries.size(1) - 1 : -1] / temperature
+    return gathered(torch.log_softmax(logits.float(), dim=-1), responses)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_output_layer_path_equals_the_models_logits(tokenizer, arch):
+    """``policy_logprobs`` runs the output layer itself, in chunks; logprobs and parameter
+    gradients equal those through the model's own logits (fp32, 1e-5)."""
+    from tether.models.forward import output_layer_split
+
+    policy = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
+    assert output_layer_split(policy) is not None
+    batch = forward_batch()
+    mask = batch[3]
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+    gradients = []
+    for fused in (True, False):
+        policy.zero_grad()
+        if fused:
+            logprobs, _ = policy_logprobs(policy, *batch, 0.7, 2)
+        else:
+            logprobs = _model_logprobs(policy, *batch, 0.7)
+        (logprobs * weights).sum().backward()
+        gradients.append((logprobs.detach(), [p.grad.clone() for p in policy.parameters()]))
+    (fused_lp, fused_grads), (plain_lp, plain_grads) = gradients
+    assert torch.allclose(fused_lp[mask], plain_lp[mask], atol=1e-5, rtol=0)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_models_that_rescale_their_logits_keep_their_own_forward(tokenizer):
+    """A model whose logits are not just output_layer(hidden) (here: doubled, like a logit
+    scale) fails the check, and its logprobs still come from its real logits."""
+    from tether.models.forward import output_layer_split
+
+    class Scaled(type(tiny_causal_lm(tokenizer, seed=0, **TINY))):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = 2 * output.logits
+            return output
+
+    base = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    scaled = Scaled(base.config)
+    scaled.load_state_dict(base.state_dict())
+    scaled.eval()
+    assert output_layer_split(scaled) is None
+    with torch.no_grad():
+        logprobs, _ = policy_logprobs(scaled, *forward_batch(), 0.7, 4)
+        expected = _model_logprobs(scaled, *forward_batch(), 0.7)
+    mask = forward_batch()[3]
+    assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    hooked = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    hooked.lm_head.register_forward_hook(lambda module, inputs, output: output * 2)
+    assert output_layer_split(hooked) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

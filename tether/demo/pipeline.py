@@ -74,7 +74,7 @@ def sample_completions(model, tokenizer, prompts: list[str], seed: int, device, 
     for start in range(0, len(prompts), batch):
         ids = tokenizer(prompts[start : start + batch])["input_ids"]
         queries, mask = left_pad(ids, tokenizer.pad_token_id)
-        responses = generate_responses(model, queries.to(device), mask.to(device), config, batch, tokenizer.pad_token_id)
+        responses = generate_responses(model, queries.to(device), mask.to(device), config, batch).responses
         lengths = response_lengths(responses, [tokenizer.eos_token_id])
         kept = lengths - ended_on_stop(responses, lengths, [tokenizer.eos_token_id]).long()
         texts += tokenizer.batch_decode([r[:n].tolist() for r, n in zip(responses, kept)], skip_special_tokens=True)

@@ -9,12 +9,14 @@ Every forward passes position ids that skip left padding (ppo-details 4).
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import nn
 
 from tether.models.loading import scalar_head
 from tether.ops import position_ids_from_mask, token_logprobs
+from tether.ops.logprobs import head_logprobs
 
 
 def _concat(queries, query_mask, responses, response_mask):
@@ -57,9 +59,62 @@ def policy_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of the response tokens under ``model`` at ``temperature`` ``[B, T]``."""
-    logits = response_logits(model, queries, query_mask, responses, response_mask)
-    return token_logprobs(logits, responses, temperature, chunk_size, with_entropy, entropy_grad)
+    """Log-probabilities of the response tokens under ``model`` at ``temperature`` ``[B, T]``.
+
+    Where the model's logits are exactly its output layer applied to its backbone's hidden
+    states (checked once per model, see ``output_layer_split``), the output layer runs in row
+    chunks and the ``[B, T, V]`` logits never exist; otherwise the model's own forward pass
+    gives the logits (``logits_to_keep`` trims them to the response).
+    """
+    split = None if entropy_grad else output_layer_split(model)
+    if split is None:
+        logits = response_logits(model, queries, query_mask, responses, response_mask)
+        return token_logprobs(logits, responses, temperature, chunk_size, with_entropy, entropy_grad)
+    backbone, head = split
+    width = responses.size(1)
+    input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, -(width + 1) : -1]
+    return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy)
+
+
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
+    """``(backbone, output layer)`` of a causal LM whose logits are ``output_layer(backbone(x))``.
+
+    Architectures that scale or soft-cap their logits, wrappers (PEFT) and custom heads fail the
+    check and get ``None``: they keep their own forward pass. The answer depends on the
+    architecture, not the weights, so it is computed once per model, on four tokens in fp32.
+    """
+    if model in _SPLITS:
+        return _SPLITS[model]
+    split = None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    if isinstance(backbone, nn.Module) and backbone is not model and plain_head:
+        split = (backbone, head) if _split_matches(model, backbone, head) else None
+    _SPLITS[model] = split
+    return split
+
+
+def _split_matches(model, backbone, head) -> bool:
+    device = head.weight.device
+    ids = torch.arange(4, device=device).remainder(head.weight.size(0)).unsqueeze(0)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            logits = model(input_ids=ids, use_cache=False).logits
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            return bool(torch.allclose(head(hidden).float(), logits.float(), rtol=1e-4, atol=1e-5))
+    except Exception:  # any model that does not take these arguments keeps its own forward pass
+        return False
+    finally:
+        model.train(training)
 
 
 def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:

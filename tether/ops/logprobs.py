@@ -50,3 +50,124 @@ def token_logprobs(
     logprobs = torch.cat(logprob_chunks).view(batch, width)
     entropy = torch.cat(entropy_chunks).view(batch, width) if with_entropy else None
     return logprobs, entropy
+
+
+# --- from hidden states: the [rows, vocab] logits never exist beyond one chunk ----------------
+
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per chunk
+KEEP_PROBS_BYTES = 1 << 28  # below 256 MiB of probabilities the backward pass reuses them
+
+
+def head_chunk_rows(vocab: int, max_rows: int = DEFAULT_CHUNK_ROWS) -> int:
+    """Rows per chunk: at most ``max_rows``, and at most ``CHUNK_ELEMENTS`` logits."""
+    return max(1, min(max_rows, CHUNK_ELEMENTS // vocab))
+
+
+def _scaled_logits(hidden, weight, bias, temperature: float, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``(hidden @ weight.T + bias) / temperature`` in float32 (or wider), the product in ``compute_dtype``."""
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    return logits.to(_wide(compute_dtype)).div_(temperature)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Logprobs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Forward and backward both walk the rows in chunks. The backward pass either reuses the
+    chunks' probabilities (when all of them fit in ``KEEP_PROBS_BYTES``) or recomputes them
+    from the saved hidden states: one extra output-layer matmul instead of holding the
+    ``[rows, vocab]`` logits. With ``d logp_y / d z = onehot(y) - p`` for logits ``z``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, compute_dtype, with_entropy, keep_probs):
+        rows = hidden.size(0)
+        logprobs = torch.empty(rows, dtype=_wide(compute_dtype), device=hidden.device)
+        normalisers = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if with_entropy else None
+        kept = []
+        for part in _chunks(rows, chunk_rows):
+            scaled = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype)
+            normaliser = torch.logsumexp(scaled, dim=-1)
+            normalisers[part] = normaliser
+            logprobs[part] = scaled.gather(1, tokens[part].unsqueeze(1)).squeeze(1) - normaliser
+            if with_entropy or keep_probs:
+                probs = (scaled - normaliser.unsqueeze(1)).exp_()
+                if with_entropy:
+                    entropy[part] = normaliser - (probs * scaled).sum(-1)
+                if keep_probs:
+                    kept.append(probs)
+        ctx.save_for_backward(hidden, weight, bias, tokens, normalisers)
+        ctx.kept = kept
+        ctx.settings = (temperature, chunk_rows, compute_dtype)
+        if entropy is None:
+            return logprobs, None
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        hidden, weight, bias, tokens, normalisers = ctx.saved_tensors
+        temperature, chunk_rows, compute_dtype = ctx.settings
+        kept, ctx.kept = ctx.kept, None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        wide = _wide(compute_dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
+        cast_weight = weight.to(compute_dtype)
+        for index, part in enumerate(_chunks(hidden.size(0), chunk_rows)):
+            if kept:
+                probs = kept[index]
+            else:
+                scaled = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype)
+                probs = scaled.sub_(normalisers[part].unsqueeze(1)).exp_()
+            grad_out = grad_logprobs[part].to(probs.dtype)
+            grad_scaled = probs.mul_(-grad_out.unsqueeze(1))  # probs are not needed again
+            grad_scaled.scatter_add_(1, tokens[part].unsqueeze(1), grad_out.unsqueeze(1))
+            grad_scaled = grad_scaled.div_(temperature).to(compute_dtype)
+            if need_hidden:
+                grad_hidden[part] = (grad_scaled @ cast_weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad_scaled.t() @ hidden[part].to(compute_dtype)
+            if need_bias:
+                grad_bias += grad_scaled.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    max_chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``token_logprobs`` of the output layer ``hidden @ weight.T + bias`` without its logits.
+
+    ``hidden`` is ``[B, T, H]`` (the positions that predict each token), ``tokens`` ``[B, T]``.
+    Under autocast the products run in the autocast dtype, as the output layer itself would.
+    The entropy carries no gradient (use ``token_logprobs`` for an entropy bonus).
+    """
+    batch, width, size = hidden.shape
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    chunk_rows = head_chunk_rows(weight.size(0), max_chunk_rows)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    keep_probs = differentiable and hidden.numel() // size * weight.size(0) * 4 <= KEEP_PROBS_BYTES
+    with torch.autocast(device_type=device_type, enabled=False):
+        logprobs, entropy = _HeadLogprobs.apply(
+            hidden.reshape(-1, size), weight, bias, tokens.reshape(-1), temperature, chunk_rows, compute_dtype,
+            with_entropy, keep_probs,
+        )
+    return logprobs.view(batch, width), entropy.view(batch, width) if entropy is not None else None

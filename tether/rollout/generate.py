@@ -1,17 +1,29 @@
-"""Sampling responses: a clean generation config, generate, split the response off by hand.
+"""Sampling responses: a lean decoding loop that returns tokens and their log-probabilities.
 
-Seed note 1: ``generate`` returns prompt + response as one tensor; the response is taken as
-``sequences[:, Q:]`` with ``Q`` the padded query width, so every response starts in the same
-column and lines up with the logits that produced it.
+Seed note 1: a response starts in column ``Q`` (the padded query width) of every row, so it
+lines up with the outputs that produced it. tether samples with its own loop over the model's
+KV cache instead of ``generate``:
+
+* the distribution is exactly ``softmax(logits / (tau + 1e-7))`` (ppo-details 9): there are no
+  logits processors, so nothing from the model's ``generation_config`` can leak in (fix 7);
+* the log-probability of every sampled token is kept, which makes the rollout's separate
+  policy forward pass unnecessary in full precision (ppo-details 10);
+* the output layer runs on the last position only, and the loop stops as soon as every row
+  has produced a stop token.
+
+Position ids skip left padding, as in every forward pass (ppo-details 4).
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
+import inspect
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from transformers import GenerationConfig
+
+from tether.errors import ConfigError
+from tether.ops import position_ids_from_mask
 
 
 def sampling_temperature(temperature: float) -> float:
@@ -20,51 +32,31 @@ def sampling_temperature(temperature: float) -> float:
     return temperature + 1e-7
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Pure ancestral sampling: no top-k, top-p, repetition penalty or minimum length."""
+
+    max_new_tokens: int
+    temperature: float  # already the effective one, ``sampling_temperature(tau)``
+    stop_token_ids: tuple[int, ...]  # empty: always sample ``max_new_tokens`` (ppo-details 9a)
+    pad_token_id: int
+
+
 def sampling_config(
     response_length: int, temperature: float, stop_token_ids: list[int] | None, pad_token_id: int
-) -> GenerationConfig:
-    """Pure ancestral sampling at ``sampling_temperature(temperature)`` (ppo-details 9): no top-k,
-    top-p, repetition penalty, minimum length or suppressed tokens."""
-    return GenerationConfig(
+) -> SamplingConfig:
+    return SamplingConfig(
         max_new_tokens=response_length,
-        min_new_tokens=0,
-        do_sample=True,
         temperature=sampling_temperature(temperature),
-        top_k=0,
-        top_p=1.0,
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        eos_token_id=stop_token_ids,
+        stop_token_ids=tuple(stop_token_ids or ()),
         pad_token_id=pad_token_id,
-        num_beams=1,
-        use_cache=True,
     )
 
 
-@contextmanager
-def isolated_generation_config(model):
-    """Hide the model's own ``generation_config`` while generating.
-
-    ``generate`` fills every field our config leaves unset from the model's config (a
-    checkpoint's ``top_k=50`` or repetition penalty would leak into rollouts; transformers
-    #42762). With a blank config in its place only transformers' global defaults apply, and
-    ours overrides those. The model's own config is put back untouched, so it is saved as is.
-    """
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = own
+class Generation(NamedTuple):
+    responses: torch.Tensor  # [B, T] ids; finished rows are filled with the pad id
+    logprobs: torch.Tensor  # [B, T] float32 log-probability of each sampled token (0 after the stop)
+    scores: torch.Tensor | None  # [B, T, V] sampling logits ``logits / tau_eff``, only when asked (tests)
 
 
 @torch.no_grad()
@@ -72,37 +64,140 @@ def generate_responses(
     model,
     queries: torch.Tensor,
     query_mask: torch.Tensor,
-    generation_config: GenerationConfig,
+    config: SamplingConfig,
     chunk_size: int,
-    pad_token_id: int,
     output_scores: bool = False,
-):
-    """Sample one response per query, in chunks of ``chunk_size`` rows.
+) -> Generation:
+    """Sample one response per query, ``chunk_size`` rows at a time.
 
-    Returns ``responses [B, T]`` (chunks padded on the right with ``pad_token_id`` to the widest
-    one), and with ``output_scores`` also the per-step sampling logits ``[B, T, V]`` (for tests).
+    Chunks that stop early are padded on the right (pad id, logprob 0, score 0) to the widest.
     """
-    context_length = queries.size(1)
-    generation_config = copy.deepcopy(generation_config)
-    generation_config.return_dict_in_generate = True
-    generation_config.output_scores = output_scores
-    responses, scores = [], []
-    with isolated_generation_config(model):
-        for start in range(0, queries.size(0), chunk_size):
-            rows = slice(start, start + chunk_size)
-            output = model.generate(
-                input_ids=queries[rows],
-                attention_mask=query_mask[rows].long(),
-                generation_config=generation_config,
-            )
-            responses.append(output.sequences[:, context_length:])
-            if output_scores:
-                scores.append(torch.stack(output.scores, dim=1))
-    width = max(r.size(1) for r in responses)
-    responses = torch.cat([_pad_right(r, width, pad_token_id) for r in responses])
-    if output_scores:
-        return responses, torch.cat([_pad_right(s, width, 0.0) for s in scores])
-    return responses
+    chunks = [
+        _sample_chunk(model, queries[start : start + chunk_size], query_mask[start : start + chunk_size], config, output_scores)
+        for start in range(0, queries.size(0), chunk_size)
+    ]
+    width = max(chunk.responses.size(1) for chunk in chunks)
+    return Generation(
+        responses=torch.cat([_pad_right(c.responses, width, config.pad_token_id) for c in chunks]),
+        logprobs=torch.cat([_pad_right(c.logprobs, width, 0.0) for c in chunks]),
+        scores=torch.cat([_pad_right(c.scores, width, 0.0) for c in chunks]) if output_scores else None,
+    )
+
+
+def _accepts(model, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+SAMPLING_BLOCK = 256
+
+
+def sample_tokens(weights: torch.Tensor) -> torch.Tensor:
+    """One id per row of ``weights [b, V]`` (non-negative, any scale), drawn with probability
+    ``weights / weights.sum()`` by inverting the cumulative distribution.
+
+    Exact like ``torch.multinomial``, but one uniform number per row instead of one random
+    number per vocabulary entry (which dominated decoding time on CPU). Two levels: the sums of
+    blocks of ``SAMPLING_BLOCK`` ids pick a block, then the block's own cumulative sum picks the
+    id; the cumulative sums run in float64, so a 128k vocabulary accumulates no visible
+    rounding. Ids of weight 0 are never drawn.
+    """
+    rows, vocab = weights.shape
+    blocks = -(-vocab // SAMPLING_BLOCK)
+    if blocks * SAMPLING_BLOCK != vocab:
+        weights = torch.nn.functional.pad(weights, (0, blocks * SAMPLING_BLOCK - vocab))
+    padded = weights.view(rows, blocks, SAMPLING_BLOCK)
+    block_cumulative = padded.sum(-1).double().cumsum(-1)  # [b, blocks]
+    uniform = torch.rand(rows, 1, dtype=torch.float64, device=weights.device) * block_cumulative[:, -1:]
+    block = torch.searchsorted(block_cumulative, uniform, right=True).clamp_(max=blocks - 1)  # [b, 1]
+    before = torch.where(block > 0, block_cumulative.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(uniform))
+    inside = padded.gather(1, block.unsqueeze(-1).expand(rows, 1, SAMPLING_BLOCK)).squeeze(1)  # [b, SAMPLING_BLOCK]
+    offset = torch.searchsorted(inside.double().cumsum(-1), uniform - before, right=True).clamp_(max=SAMPLING_BLOCK - 1)
+    # rounding can land past the block's last positive weight: step back to it
+    last_positive = ((inside > 0).long() * torch.arange(SAMPLING_BLOCK, device=weights.device)).amax(-1, keepdim=True)
+    return (block * SAMPLING_BLOCK + torch.minimum(offset, last_positive)).squeeze(1)
+
+
+def _next_token_logits(model, split, **inputs) -> tuple[torch.Tensor, object]:
+    """Logits ``[b, V]`` at the last position, and the cache.
+
+    With a plain output layer (``output_layer_split``) the product is ``(W @ h^T)^T``: CPU GEMM
+    kernels run a few rows against a large matrix 1.5x faster that way round, transposition
+    included.
+    """
+    if split is None:
+        keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        output = model(**inputs, **keep_last)
+        return output.logits[:, -1], output.cache
+    backbone, head = split
+    output = backbone(**inputs)
+    logits = torch.mm(head.weight, output.last_hidden_state[:, -1].t()).t().contiguous()  # [b, V]
+    if head.bias is not None:
+        logits = logits + head.bias
+    return logits, output.cache
+
+
+def _kv_cache(model, length: int):
+    """A preallocated KV cache of ``length`` positions (no copy of the cache per token), or
+    ``None`` where the architecture does not support one (the model then makes its own)."""
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except Exception:  # an architecture without a static layout (e.g. sliding or state-space layers)
+        return None
+
+
+def _sample_chunk(model, queries, query_mask, config: SamplingConfig, output_scores: bool) -> Generation:
+    from tether.models.forward import output_layer_split
+
+    rows = queries.size(0)
+    device = queries.device
+    stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
+    split = output_layer_split(model)
+    cache_argument = "cache" if _accepts(split[0] if split else model, "cache") else "past_key_values"
+    cache = _kv_cache(model, queries.size(1) + config.max_new_tokens)
+    attention_mask = query_mask.long()
+    next_position = attention_mask.sum(1, keepdim=True)  # [b, 1] real tokens so far
+    logits, returned_cache = _next_token_logits(
+        model, split, input_ids=queries, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(query_mask), use_cache=True, **{cache_argument: cache},
+    )
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens, logprobs, scores = [], [], []
+    for step in range(config.max_new_tokens):
+        scaled = logits.float().div_(config.temperature)  # [b, V]; the logits are not needed again
+        top = scaled.amax(-1, keepdim=True)
+        weights = (scaled - top).exp_()  # softmax up to its normaliser, which sampling does not need
+        token = sample_tokens(weights).masked_fill_(finished, config.pad_token_id)  # [b]
+        log_normaliser = top.squeeze(1) + weights.sum(-1).log()
+        chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_normaliser
+        tokens.append(token)
+        logprobs.append(chosen.masked_fill_(finished, 0.0))
+        if output_scores:
+            scores.append(scaled.masked_fill(finished.unsqueeze(1), 0.0))
+        if stops.numel():
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()):
+                break
+        if step + 1 == config.max_new_tokens:
+            break
+        cache = cache if cache is not None else returned_cache
+        if cache is None:
+            raise ConfigError(f"{type(model).__name__} returned no KV cache; tether needs a model that supports use_cache")
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        logits, returned_cache = _next_token_logits(
+            model, split, input_ids=token.unsqueeze(1), attention_mask=attention_mask,
+            position_ids=next_position, use_cache=True, **{cache_argument: cache},
+        )
+        next_position = next_position + 1
+    return Generation(
+        responses=torch.stack(tokens, dim=1),
+        logprobs=torch.stack(logprobs, dim=1),
+        scores=torch.stack(scores, dim=1) if output_scores else None,
+    )
 
 
 def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:

@@ -66,6 +66,7 @@ from tether.scoring.reward import (
 )
 from tether.saving import save_pretrained_atomic, write_text_atomic
 from tether.trainers.common import (
+    return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -132,6 +133,8 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()
         seed_everything(config.seed)
 
         self.prompts = prompts_from(train_dataset, tokenizer, config)
@@ -140,9 +143,7 @@ class PPOTrainer:
         self.sampler = PromptSampler(len(self.prompts), self.plan.local_batch_size, config.seed)
         self.stop_token_ids = resolve_stop_token_ids(config, tokenizer, policy)
         self.pad_token_id = tokenizer.pad_token_id
-        self.generation_config = sampling_config(
-            config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id
-        )
+        self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
         self.temperature = sampling_temperature(config.temperature)  # the value generation samples with
 
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
@@ -209,13 +210,8 @@ class PPOTrainer:
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         self.policy.eval()
         with self._autocast():
-            responses = generate_responses(
-                self.policy,
-                queries,
-                query_mask,
-                self.generation_config,
-                self.config.local_rollout_forward_batch_size,
-                self.pad_token_id,
+            responses, logprobs, _ = generate_responses(
+                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
         return {
@@ -225,6 +221,7 @@ class PPOTrainer:
             "response_mask": lengths_to_mask(lengths, responses.size(1)),  # [B, T]
             "lengths": lengths,
             "terminated": ended_on_stop(responses, lengths, self.stop_token_ids),  # [B]
+            "sampling_logprobs": logprobs,  # [B, T]
         }
 
     @torch.no_grad()
@@ -246,20 +243,29 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
-        """Sample responses to ``prompt_ids`` and score them (no advantages yet)."""
+        """Sample responses to ``prompt_ids`` and score them (no advantages yet).
+
+        In full precision the old logprobs are the ones the sampler computed (ppo-details 10:
+        equal to a forward pass to fp32 rounding, one forward pass cheaper). Under bf16 a cached
+        decode and a full forward disagree by more than that (pitfall P3), so the old logprobs
+        come from a forward pass like the ones the update makes.
+        """
         config = self.config
         start = time.perf_counter()
         samples = self.sample(prompt_ids)
+        sampling_logprobs = samples.pop("sampling_logprobs")
         self.timing["timing/generate"] = time.perf_counter() - start
 
         start = time.perf_counter()
         scores = self.score(samples)
+        recompute = config.bf16
         logprobs, ref_logprobs, values = [], [], []
         for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
             rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
             chunk = [samples[k][rows] for k in _CHUNK_KEYS]
             with self._autocast():
-                logprobs.append(policy_logprobs(self.policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
+                if recompute:
+                    logprobs.append(policy_logprobs(self.policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
                 ref_logprobs.append(
                     policy_logprobs(self.ref_policy, *chunk, self.temperature, config.logprob_chunk_size)[0]
                 )
@@ -274,7 +280,7 @@ class PPOTrainer:
 
         return Rollout(
             **samples,
-            logprobs=kept(logprobs),
+            logprobs=kept(logprobs if recompute else [sampling_logprobs]),
             ref_logprobs=kept(ref_logprobs),
             values=kept(values),
             scores=scores,

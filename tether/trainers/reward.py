@@ -53,6 +53,7 @@ from tether.ops.losses import bradley_terry_loss
 from tether.saving import save_pretrained_atomic
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
+    return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -142,6 +143,8 @@ class RewardTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()
         seed_everything(config.seed)
 
         pairs = self._encode(train_dataset)

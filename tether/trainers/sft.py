@@ -39,6 +39,7 @@ from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_
 from tether.ops.masks import position_ids_from_mask
 from tether.saving import save_pretrained_atomic
 from tether.trainers.common import (
+    return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -137,6 +138,8 @@ class SFTTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()
         seed_everything(config.seed)
 
         # Everything is encoded up front, so a bad row fails before the first step.
