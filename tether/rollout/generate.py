@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from transformers import GenerationConfig
 
+from tether.models.loading import bare_model
+
 
 def sampling_temperature(temperature: float) -> float:
     """The temperature generation samples with and every logprob divides by: TRL's ``+ 1e-7``,
@@ -59,6 +61,7 @@ def isolated_generation_config(model):
     #42762). With a blank config in its place only transformers' global defaults apply, and
     ours overrides those. The model's own config is put back untouched, so it is saved as is.
     """
+    model = bare_model(model)  # a PEFT model's generate reads the inner model's config
     own = model.generation_config
     model.generation_config = GenerationConfig()
     try:
