@@ -1,0 +1,229 @@
+"""Several processes through Accelerate: DDP, DeepSpeed ZeRO, FSDP, and fp16 loss scaling.
+
+``accelerate launch [--config_file ...] -m tether ppo --config run.yaml`` (or ``torchrun``)
+starts one process per device; each builds the same trainer. What a trainer needs from here:
+
+* ``Parallel.create(config)``: the Accelerator, or none at all for a plain single-process run
+  (that path never touches ``torch.distributed`` and stays exactly as before);
+* ``sum_over_processes`` / ``gather_rows``: global statistics and the global rollout;
+* ``prepare_frozen``: reference and reward models as each engine needs them for inference;
+* ``unwrapped_for_generation``: the bare model for ``generate``, with ZeRO-3 / FSDP parameters
+  gathered once around the whole rollout instead of once per generated token;
+* ``main_first`` / ``share``: work only the main process may do (output folder, files).
+
+DeepSpeed and FSDP paths need CUDA and were not run in tether's tests (CPU only); they are kept
+to the few calls below. DDP on CPU (gloo) is tested with two processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tether.errors import ConfigError, TetherError
+
+
+def launched_processes() -> int:
+    """Processes of this launch, from the environment torchrun / accelerate set (1 if neither)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Parallel:
+    """The process group a trainer runs in. ``accelerator`` is None for one plain process."""
+
+    accelerator: object | None
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def create(cls, config, accumulation_steps: int = 1) -> "Parallel":
+        """An Accelerator when launched as several processes or asked for fp16; else none.
+
+        ``accumulation_steps``: backward passes per optimizer step (DeepSpeed steps its engine
+        after that many; every engine divides each loss by it).
+        """
+        if launched_processes() == 1 and not config.fp16:
+            return cls(None)
+        from accelerate import Accelerator
+
+        precision = "fp16" if config.fp16 else "bf16" if config.bf16 else "no"
+        accelerator = Accelerator(
+            mixed_precision=precision, cpu=config.device == "cpu", gradient_accumulation_steps=accumulation_steps
+        )
+        return cls(accelerator, accelerator.process_index, accelerator.num_processes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    # --- who does what ----------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def engine(self) -> str:
+        """``none``, ``ddp``, ``deepspeed`` or ``fsdp``."""
+        if self.accelerator is None:
+            return "none"
+        kind = str(self.accelerator.distributed_type)
+        return "deepspeed" if "DEEPSPEED" in kind else "fsdp" if "FSDP" in kind else "ddp"
+
+    @property
+    def zero_stage(self) -> int:
+        if self.engine != "deepspeed":
+            return 0
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+    def share(self, make):
+        """``make()`` on the main process; its result (or its TetherError) on every process.
+
+        For the output folder: only one process may check, clear and create it, and all must
+        stop with the same message when it is refused.
+        """
+        if not self.distributed:
+            return make()
+        from accelerate.utils import broadcast_object_list
+
+        box = [None]
+        if self.is_main:
+            try:
+                box = [("ok", make())]
+            except TetherError as error:
+                box = [("error", error)]
+        broadcast_object_list(box)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def no_sync(self, *models: nn.Module, skip: bool):
+        """With ``skip``, DDP keeps gradients local in this backward pass (a minibatch's earlier
+        micro-batches); they are averaged across processes with the last one."""
+        stack = contextlib.ExitStack()
+        if skip and self.engine == "ddp" and self.distributed:
+            for model in models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def same_permutation(self, rows: int, device) -> torch.Tensor:
+        """``randperm(rows)`` from this process's generator, or process 0's for all processes."""
+        order = torch.randperm(rows, device=device)
+        if self.distributed:
+            from accelerate.utils import broadcast
+
+            order = broadcast(order, from_process=0)
+        return order
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.accelerator.wait_for_everyone()
+
+    # --- numbers across processes -------------------------------------------------------
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of ``tensor`` over all processes (itself with one)."""
+        if not self.distributed:
+            return tensor
+        return self.accelerator.reduce(tensor.clone(), reduction="sum")
+
+    def any_process(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (a stop signal seen by one stops all)."""
+        if not self.distributed:
+            return flag
+        return bool(self.sum_over_processes(torch.tensor([float(flag)], device=self.accelerator.device)) > 0)
+
+    def gather_rows(self, tensor: torch.Tensor, pad_value=0, pad_first: bool = False) -> torch.Tensor:
+        """Every process's rows, rank 0's first: ``[W * B, ...]``; dim 1 padded to the widest
+        (on the left with ``pad_first``) with ``pad_value``."""
+        if not self.distributed:
+            return tensor
+        if tensor.dim() > 1:
+            tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value, pad_first=pad_first)
+        return self.accelerator.gather(tensor.contiguous())
+
+    def gather_objects(self, value) -> list:
+        if not self.distributed:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    # --- models -------------------------------------------------------------------------
+    def prepare_trained(self, *objects):
+        if self.accelerator is None:
+            return objects
+        return self.accelerator.prepare(*objects)
+
+    def prepare_frozen(self, model: nn.Module, micro_batch_size: int) -> nn.Module:
+        """A frozen model (reference, reward) ready for inference on this engine.
+
+        DDP: a whole copy on every device. ZeRO-3: its own inference engine, sharded like the
+        trained models (a whole copy of a large frozen model is what ZeRO-3 is there to avoid);
+        below stage 3 a plain copy. FSDP: wrapped by FSDP for sharded forward passes.
+        """
+        if self.accelerator is None:
+            return model
+        match self.engine:
+            case "deepspeed" if self.zero_stage == 3:
+                import deepspeed
+
+                ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+                for key in ("optimizer", "scheduler", "train_batch_size"):
+                    ds_config.pop(key, None)
+                ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+                ds_config["gradient_accumulation_steps"] = 1
+                engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+                engine.eval()
+                return engine
+            case "fsdp":
+                return self.accelerator.prepare_model(model, evaluation_mode=True)
+            case _:
+                return model.to(self.accelerator.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        if self.accelerator is None:
+            return model
+        return self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def unwrapped_for_generation(self, model: nn.Module):
+        """The bare model for ``generate``. ZeRO-3 and FSDP shard parameters, and a sharded
+        model's ``generate`` would gather every layer for every new token; the parameters are
+        gathered once here, for the whole rollout."""
+        match self.engine:
+            case "deepspeed" if self.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                    yield self.unwrap(model)
+            case "fsdp" if not self.accelerator.is_fsdp2:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+                    yield self.unwrap(model)
+            case _:
+                yield self.unwrap(model)
+
+    def check_checkpointable(self) -> None:
+        """Checkpoints hold full optimizer state; sharded engines keep it in shards (not supported yet)."""
+        if self.engine in ("deepspeed", "fsdp"):
+            raise ConfigError(
+                f"checkpoints and --resume are not supported under {self.engine} yet; run without "
+                "save_steps (the final model is still saved) or use DDP"
+            )
