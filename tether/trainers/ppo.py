@@ -378,6 +378,13 @@ class PPOTrainer:
             self.tokenizer.batch_decode(texts, skip_special_tokens=True),
         )
 
+    def next_prompt_indices(self) -> list[int]:
+        """This process's slice of the next global batch, which every process draws alike
+        (one seeded shuffle, then sharding: ppo-details 11)."""
+        batch = self.sampler.next_batch()
+        local = self.plan.local_batch_size
+        return batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
+
     def gather(self, rollout: Rollout) -> Rollout:
         """Every process's rollout in one global batch (itself in one process): queries padded
         on the left, responses on the right, masks False and numbers 0 where padded."""
@@ -518,10 +525,7 @@ class PPOTrainer:
         """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
         self.timing: dict[str, float] = {}
         start = time.perf_counter()
-        batch = self.sampler.next_batch()  # the global batch, the same on every process
-        local = self.plan.local_batch_size
-        mine = batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
-        rollout = self.gather(self.rollout([self.prompts[i] for i in mine]))
+        rollout = self.gather(self.rollout([self.prompts[i] for i in self.next_prompt_indices()]))
         advantage_start = time.perf_counter()
         metrics = self.compute_advantages(rollout)
         self.timing["timing/advantages"] = time.perf_counter() - advantage_start
