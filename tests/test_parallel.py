@@ -148,3 +148,51 @@ def test_ppo_command_on_two_processes_saves_and_resumes(workspace: Path, tmp_pat
         assert torch.equal(resumed[key], straight[key]), key
     relogged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["update"] for line in relogged] == [1, 2]
+
+
+def supervised_config(workspace: Path, command: str, out: Path, **values) -> Path:
+    """An SFT or RM config on the workspace's policy; 9 SFT rows leave a last batch of one row,
+    so under two processes one of them has no row in that step (it joins with weight 0)."""
+    if command == "sft":
+        rows = [{"prompt": f"w{i} w{i + 1}", "completion": f"w{i} w13"} for i in range(9)]
+    else:
+        rows = [{"prompt": f"w{i}", "chosen": f"w5 w{i + 2}", "rejected": f"w{i + 3} w{i + 1}"} for i in range(18)]
+    data = out.parent / f"{command}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model_name_or_path": str(workspace / "policy"), "dataset_name": str(data), "output_dir": str(out),
+        "device": "cpu", "learning_rate": 1e-3, "adam_epsilon": 1e-4, "num_train_epochs": 1,
+        "gradient_accumulation_steps": 1, "lr_scheduler_type": "constant", **values,
+    }
+    path = out.parent / f"{command}-{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("command", ["sft", "rm"])
+def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_path: Path, command: str):
+    """``tether sft|rm`` under torchrun (2 processes x 2 rows) ends with the weights of one
+    process with 4 rows per step (1e-5), writes its metrics once and saves a loadable model."""
+    one = tmp_path / "one"
+    result = subprocess.run(
+        [sys.executable, "-m", "tether", command, "--config",
+         str(supervised_config(workspace, command, one, per_device_train_batch_size=4))],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    result = torchrun("-m", "tether", command, "--config",
+                      str(supervised_config(workspace, command, two, per_device_train_batch_size=2)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one_lines = (one / "metrics.jsonl").read_text().splitlines()
+    two_lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert len(one_lines) == len(two_lines) == (3 if command == "sft" else 4)
+    assert json.loads(two_lines[-1])["loss"] == pytest.approx(json.loads(one_lines[-1])["loss"], abs=1e-5)
+    start = load_file(str(workspace / "policy" / "model.safetensors"))
+    one_weights, two_weights = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert one_weights.keys() == two_weights.keys()
+    moved = max((one_weights[k] - start[k]).abs().max().item() for k in start if k in one_weights)
+    assert moved > 1e-3
+    for key, value in one_weights.items():
+        torch.testing.assert_close(two_weights[key], value, atol=1e-5, rtol=0, msg=key)

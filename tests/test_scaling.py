@@ -20,7 +20,6 @@ from tether.models.forward import policy_logprobs
 from tether.models.lora import adapter_starts_at_zero, apply_lora
 from tests.test_ppo_trainer import (
     PROMPTS,
-    TINY,
     make_config,
     make_policy,
     make_tokenizer,

@@ -21,11 +21,14 @@ import contextlib
 import copy
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tether.errors import ConfigError, TetherError
+from tether.saving import save_pretrained_atomic
+from tether.trainers.common import optimizer_step
 
 
 def launched_processes() -> int:
@@ -106,6 +109,46 @@ class Parallel:
         if status == "error":
             raise value
         return value
+
+    @property
+    def loss_scale(self) -> int:
+        """What a loss that sums over the whole optimizer batch (divided by its global size) is
+        multiplied by: processes average their gradients (DDP, ZeRO, FSDP) and Accelerate
+        divides each loss by its accumulation steps; this undoes both. 1 in one plain process."""
+        if self.accelerator is None:
+            return 1
+        return self.world_size * self.accelerator.gradient_accumulation_steps
+
+    def my_rows(self, rows: list) -> tuple[list, int]:
+        """``(this process's rows of a global batch, weight)``: every ``world_size``-th row.
+
+        A process left without rows (a short last batch) takes one row with weight 0, so that it
+        still joins the gradient average of every optimizer step.
+        """
+        mine = rows[self.rank :: self.world_size]
+        return (mine, 1) if mine else (rows[:1], 0)
+
+    def optimizer_step(self, optimizer, params, max_grad_norm: float | None) -> bool:
+        """One optimizer step; returns whether it was taken. fp16: the loss scaler decides
+        (and lowers its scale after an overflow); otherwise a non-finite gradient skips it."""
+        if self.accelerator is None or self.accelerator.mixed_precision != "fp16":
+            return optimizer_step(optimizer, max_grad_norm)
+        if max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(list(params), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return not self.accelerator.optimizer_step_was_skipped
+
+    def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path) -> Path:
+        """``model`` and ``tokenizer`` into ``target`` by the main process (weights gathered by
+        every process first under ZeRO-3 / FSDP); returns ``target``."""
+        state_dict = None
+        if self.engine in ("deepspeed", "fsdp"):
+            state_dict = self.accelerator.get_state_dict(wrapped)
+        if self.is_main:
+            save_pretrained_atomic(target, [model, tokenizer], state_dict=state_dict)
+        self.barrier()
+        return target
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:

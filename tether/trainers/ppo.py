@@ -79,12 +79,11 @@ from tether.scoring.reward import (
     import_reward_function,
     is_function_spec,
 )
-from tether.saving import save_pretrained_atomic, write_text_atomic
+from tether.saving import write_text_atomic
 from tether.trainers.common import (
     autocast,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
     resolve_device,
     seed_everything,
     stop_if_nonfinite,
@@ -157,7 +156,6 @@ class PPOTrainer:
         micro_batches = math.ceil(self.plan.local_mini_batch_size / self.plan.micro_batch_size)
         self.parallel = Parallel.create(config, micro_batches)
         self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
-        self.loss_scale = self.parallel.world_size * (micro_batches if self.parallel.accelerator else 1)
         # Global batches, shuffled alike on every process under the global seed; each process
         # rolls out its own slice (ppo-details 11).
         self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.seed)
@@ -493,25 +491,15 @@ class PPOTrainer:
                 ratio=ratio,
                 ratio_sq=ratio**2,
             )
-        # Processes average their gradients (DDP, ZeRO, FSDP) and Accelerate divides by the
-        # accumulation steps: ``loss_scale`` undoes both, leaving sum over the minibatch / its tokens.
-        if self.loss_scale != 1:
-            loss = loss * self.loss_scale
+        # Processes average their gradients and Accelerate divides by the accumulation steps:
+        # ``loss_scale`` undoes both, leaving the sum over the minibatch / its tokens.
+        if self.parallel.loss_scale != 1:
+            loss = loss * self.parallel.loss_scale
         return loss / minibatch_tokens
 
     def _optimizer_step(self, totals: "_UpdateTotals") -> None:
-        if self.config.fp16:  # the loss scaler decides, and lowers its scale on an overflow
-            accelerator = self.parallel.accelerator
-            if self.config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_([*self.policy.parameters(), *self.value_model.parameters()],
-                                            self.config.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            stepped = not accelerator.optimizer_step_was_skipped
-            totals.steps += stepped
-            totals.skipped_steps += not stepped
-            return
-        if optimizer_step(self.optimizer, self.config.max_grad_norm):
+        params = [*self.policy.parameters(), *self.value_model.parameters()]
+        if self.parallel.optimizer_step(self.optimizer, params, self.config.max_grad_norm):
             totals.steps += 1
             self.nonfinite_in_a_row = 0
             return
@@ -681,16 +669,10 @@ class PPOTrainer:
         The policy keeps the generation config it came with; tether's sampling settings never
         replace it (fix 7).
         """
-        target = Path(output_dir or self.config.output_dir)
-        policy, state_dict = self.policy, None
-        if self.parallel.engine in ("deepspeed", "fsdp"):  # sharded: gathered by every process
-            state_dict = self.parallel.accelerator.get_state_dict(self._policy)
-        if self.parallel.is_main:
-            if is_peft_model(policy) and self.config.save_merged:
-                policy = merged_copy(policy)  # a plain model; the trained adapter stays as it is
-            save_pretrained_atomic(target, [policy, self.tokenizer], state_dict=state_dict)
-        self.parallel.barrier()
-        return target
+        policy = self.policy
+        if is_peft_model(policy) and self.config.save_merged:
+            policy = merged_copy(policy)  # a plain model; the trained adapter stays as it is
+        return self.parallel.save_model(policy, self._policy, self.tokenizer, Path(output_dir or self.config.output_dir))
 
 
 class _UpdateTotals:
