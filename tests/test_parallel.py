@@ -196,3 +196,45 @@ def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_pat
     assert moved > 1e-3
     for key, value in one_weights.items():
         torch.testing.assert_close(two_weights[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+EXAMPLES = ROOT / "examples" / "accelerate"
+
+
+def test_example_accelerate_configs_are_valid():
+    """Accelerate's own loader (which refuses unknown keys) reads every example as the engine
+    its name says. DeepSpeed and FSDP need CUDA: this is all the CPU tests can check of them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3), "fsdp": ("FSDP", None)}
+    assert sorted(p.stem for p in EXAMPLES.glob("*.yaml")) == sorted(expected)
+    for name, (kind, stage) in expected.items():
+        config = load_config_from_file(str(EXAMPLES / f"{name}.yaml"))
+        assert str(config.distributed_type).endswith(kind), name
+        assert config.mixed_precision == "no"  # tether's bf16 / fp16 fields decide
+        if stage is not None:
+            assert config.deepspeed_config["zero_stage"] == stage
+
+
+def test_accelerate_launch_with_the_ddp_example_trains_a_lora_policy(workspace: Path, tmp_path: Path):
+    """``accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2`` (gloo
+    on this CPU-only machine) with a LoRA policy and value model: two updates of the global
+    batch, a merged plain model saved once, different from the start."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp.yaml"),
+        "--num_processes", "2", "-m", "tether", "ppo", "--config", str(workspace / "run.yaml"),
+        "--output_dir", str(out), "--peft_config", "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}",
+        "--value_model_peft", "true", "--save_steps", "null",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("saved the trained policy") == 1  # one process speaks
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["update"], line["episode"]) for line in lines] == [(1, 8), (2, 16)]
+    saved = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in key or "score" in key for key in saved)
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(workspace / "policy")
+    assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), start.parameters())) > 1e-4
+    assert (out / "checkpoint-2" / "policy" / "adapter_model.safetensors").is_file()

@@ -218,3 +218,10 @@ def test_lora_config_mistakes_are_one_line_errors(tmp_path):
         lora_trainer(tmp_path, peft_config={"r": 4, "no_such_field": 1})
     with pytest.raises(ConfigError, match="value_model_peft needs peft_config"):
         make_config(tmp_path, value_model_peft=True).validate()
+
+
+def test_precision_mistakes_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        make_config(tmp_path, fp16=True).validate()
+    with pytest.raises(ConfigError, match="bf16 and fp16"):
+        make_config(tmp_path, fp16=True, bf16=True, device="auto").validate()

@@ -109,6 +109,7 @@ class Critic(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's per-layer wrapping reads it
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = last_hidden_state(self.model, input_ids, attention_mask, position_ids)

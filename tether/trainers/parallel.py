@@ -143,7 +143,12 @@ class Parallel:
         """``model`` and ``tokenizer`` into ``target`` by the main process (weights gathered by
         every process first under ZeRO-3 / FSDP); returns ``target``."""
         state_dict = None
-        if self.engine in ("deepspeed", "fsdp"):
+        if self.engine == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(wrapped.parameters())):
+                state_dict = {k: v.detach().cpu().clone() for k, v in self.unwrap(wrapped).state_dict().items()}
+        elif self.engine == "fsdp":
             state_dict = self.accelerator.get_state_dict(wrapped)
         if self.is_main:
             save_pretrained_atomic(target, [model, tokenizer], state_dict=state_dict)
@@ -209,9 +214,19 @@ class Parallel:
 
     # --- models -------------------------------------------------------------------------
     def prepare_trained(self, *objects):
+        """The trained models and their optimizer (last), wrapped for the engine.
+
+        DeepSpeed takes one model per engine: several (PPO's policy and critic) go in as one
+        ``ModuleList`` and come back as its members, whose forward passes the engine's
+        parameter hooks still serve; ``backward`` goes through the engine.
+        """
         if self.accelerator is None:
             return objects
-        return self.accelerator.prepare(*objects)
+        *models, optimizer = objects
+        if self.engine == "deepspeed" and len(models) > 1:
+            engine, optimizer = self.accelerator.prepare(nn.ModuleList(models), optimizer)
+            return (*engine.module, optimizer)
+        return self.accelerator.prepare(*models, optimizer)
 
     def prepare_frozen(self, model: nn.Module, micro_batch_size: int) -> nn.Module:
         """A frozen model (reference, reward) ready for inference on this engine.
@@ -258,7 +273,7 @@ class Parallel:
             case "fsdp" if not self.accelerator.is_fsdp2:
                 from torch.distributed.fsdp import FullyShardedDataParallel
 
-                with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False):
+                with FullyShardedDataParallel.summon_full_params(model, writeback=False):
                     yield self.unwrap(model)
             case _:
                 yield self.unwrap(model)
