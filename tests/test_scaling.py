@@ -225,3 +225,41 @@ def test_precision_mistakes_are_one_line_errors(tmp_path):
         make_config(tmp_path, fp16=True).validate()
     with pytest.raises(ConfigError, match="bf16 and fp16"):
         make_config(tmp_path, fp16=True, bf16=True, device="auto").validate()
+
+
+def test_gradient_checkpointing_in_sft_and_reward_training_keeps_the_step(tmp_path):
+    """SFT and reward-model steps with checkpointing recompute the layers (twice the attention
+    calls) and give the weights of the step without it (1e-6)."""
+    from tests.test_reward_trainer import preference_table, rm_config
+    from tests.test_sft import copy_task
+    from tests.test_sft import make_config as sft_config
+    from tether.tiny import tiny_reward_model
+    from tether.trainers.reward import RewardTrainer
+    from tether.trainers.sft import SFTTrainer
+
+    tokenizer = make_tokenizer()
+    runs = {}
+    for checkpointing in (False, True):
+        sft_model = make_policy(tokenizer)
+        sft = SFTTrainer(sft_config(tmp_path / f"sft{checkpointing}", gradient_checkpointing=checkpointing,
+                                    per_device_train_batch_size=2, gradient_accumulation_steps=2, adam_epsilon=1e-4),
+                         tokenizer, sft_model, copy_task(4))
+        rm_model = tiny_reward_model(tokenizer, seed=1, hidden_size=32, num_layers=2, num_heads=2)
+        rm = RewardTrainer(rm_config(tmp_path / f"rm{checkpointing}", gradient_checkpointing=checkpointing,
+                                     per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_fraction=0.0,
+                                     adam_epsilon=1e-4), tokenizer, rm_model, preference_table(4))
+        calls = {"sft": 0, "rm": 0}
+        for name, model in (("sft", sft_model), ("rm", rm_model)):
+            model.model.layers[0].self_attn.register_forward_pre_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        assert sft_model.is_activation_checkpointing == rm_model.is_activation_checkpointing == checkpointing
+        sft.step(sft._next_rows())
+        rm.step()
+        runs[checkpointing] = (calls, params(sft_model), params(rm_model))
+    (plain_calls, *plain), (ckpt_calls, *ckpt) = runs[False], runs[True]
+    assert ckpt_calls == {name: 2 * count for name, count in plain_calls.items()} and plain_calls["sft"] == 2
+    start = params(make_policy(tokenizer))
+    assert max((plain[0][name] - value).abs().max().item() for name, value in start.items()) > 1e-4
+    for before, after in zip(plain, ckpt):
+        for name, value in before.items():
+            torch.testing.assert_close(after[name], value, atol=1e-6, rtol=0, msg=name)
