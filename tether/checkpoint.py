@@ -66,9 +66,12 @@ class StopSignals:
 class Interrupted(TetherError):
     """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Path | None):
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
+        if checkpoint is None:  # an engine without checkpoints (DeepSpeed, FSDP)
+            super().__init__(f"stopped by {name}; no checkpoint (not supported with this engine)")
+        else:
+            super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
         self.exit_code = 128 + signum
 
 

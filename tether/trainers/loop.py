@@ -50,11 +50,12 @@ class SteppedTrainer(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def save_checkpoint(trainer) -> Path:
+def save_checkpoint(trainer) -> Path | None:
     """``<output_dir>/checkpoint-<step>`` with the trainer's model and state (see tether.checkpoint),
     written by the main process with every process's random generators."""
     parallel = trainer.parallel
-    parallel.check_checkpointable()
+    if parallel.skip_checkpoint():
+        return None
     state = {**trainer.state_dict(), "world_size": parallel.world_size}
     rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
     return parallel.share(
@@ -67,7 +68,7 @@ def save_checkpoint(trainer) -> Path:
 
 def resume(trainer, checkpoint: Path) -> None:
     parallel = trainer.parallel
-    parallel.check_checkpointable()
+    parallel.check_resumable()
     state = restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, parallel.rank)
     written_by = state.pop("world_size", 1)
     if written_by != parallel.world_size:

@@ -278,10 +278,23 @@ class Parallel:
             case _:
                 yield self.unwrap(model)
 
-    def check_checkpointable(self) -> None:
-        """Checkpoints hold full optimizer state; sharded engines keep it in shards (not supported yet)."""
-        if self.engine in ("deepspeed", "fsdp"):
-            raise ConfigError(
-                f"checkpoints and --resume are not supported under {self.engine} yet; run without "
-                "save_steps (the final model is still saved) or use DDP"
-            )
+    @property
+    def checkpoints_supported(self) -> bool:
+        """Checkpoints hold the whole optimizer state; DeepSpeed and FSDP keep it in shards,
+        which tether does not write yet (the final model is still saved)."""
+        return self.engine not in ("deepspeed", "fsdp")
+
+    def check_resumable(self) -> None:
+        if not self.checkpoints_supported:
+            raise ConfigError(f"--resume is not supported under {self.engine} yet; start afresh or use DDP")
+
+    def skip_checkpoint(self) -> bool:
+        """True (after saying so once) when this engine cannot write checkpoints."""
+        if self.checkpoints_supported:
+            return False
+        if not getattr(self, "_said_no_checkpoints", False):
+            self._said_no_checkpoints = True
+            from tether.logging import console
+
+            console.print(f"[yellow]checkpoints are not written under {self.engine} yet; only the final model is saved")
+        return True

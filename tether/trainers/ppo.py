@@ -15,7 +15,9 @@ one global batch, then the rollouts are gathered so that advantages, whitening a
 are computed over the global batch, and every minibatch is drawn from the global batch by
 one permutation shared by all processes; each process trains on its equal part of it. The
 update is therefore the same whatever the (per-device batch, accumulation, processes) split
-(``tests/test_parallel.py``). LoRA through PEFT (``peft_config``). Where tether departs from TRL, the line says so and names the detail in
+(``tests/test_parallel.py``). LoRA through PEFT (``peft_config``; ``models/lora.py``).
+
+Where tether departs from TRL, the line says so and names the detail in
 ``shared/spec/ppo-details.md``.
 """
 
@@ -600,11 +602,13 @@ class PPOTrainer:
     def _trained_models(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "value_model": self.value_model}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """``checkpoint-<update>``: models, optimizer, schedule, KL controller, data position,
         RNG states (every process's) and the metrics so far; written atomically by the main
-        process. The models are the bare ones: a LoRA model's checkpoint holds its adapter."""
-        self.parallel.check_checkpointable()
+        process. The models are the bare ones: a LoRA model's checkpoint holds its adapter.
+        None under DeepSpeed / FSDP, which tether cannot checkpoint yet."""
+        if self.parallel.skip_checkpoint():
+            return None
         state = {
             "update": self.update,
             "sampler": self.sampler.state_dict(),
@@ -622,7 +626,7 @@ class PPOTrainer:
         )
 
     def _resume(self, checkpoint: Path) -> None:
-        self.parallel.check_checkpointable()
+        self.parallel.check_resumable()
         state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler, self.parallel.rank)
         written_by = state.get("world_size", 1)
         if written_by != self.parallel.world_size:
