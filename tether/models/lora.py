@@ -13,6 +13,7 @@ import copy
 from torch import nn
 
 from tether.errors import ConfigError
+from tether.models.loading import freeze
 
 
 def _peft():
@@ -52,6 +53,21 @@ def adapter_starts_at_zero(model: nn.Module) -> bool:
         if ("lora_B" in name or "lora_embedding_B" in name) and parameter.detach().any():
             return False
     return True
+
+
+def policy_and_reference(
+    policy: nn.Module, ref_policy: nn.Module | None, peft_config: dict | None
+) -> tuple[nn.Module, nn.Module | None]:
+    """The trained policy (given a fresh LoRA adapter for ``peft_config``) and its frozen
+    reference, the starting policy (fix 8): ``ref_policy`` when given, else a frozen copy, or
+    ``None`` for "the policy with its adapter switched off" when the adapter starts at zero."""
+    if peft_config and not is_peft_model(policy):
+        policy = apply_lora(policy, peft_config, "CAUSAL_LM")
+    if ref_policy is not None:
+        return policy, freeze(ref_policy)
+    if is_peft_model(policy):
+        return policy, None if adapter_starts_at_zero(policy) else freeze(merged_copy(policy))
+    return policy, freeze(copy.deepcopy(policy))
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

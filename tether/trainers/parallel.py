@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,28 @@ import torch
 from torch import nn
 
 from tether.errors import ConfigError, TetherError
+from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
 from tether.trainers.common import optimizer_step
+
+
+def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) -> Rollout:
+    """Every process's rollout in one global batch, rank 0's rows first (``rollout`` itself in
+    one process): queries padded on the left, responses on the right, masks False and numbers 0
+    where padded, so every padded position reads as padding."""
+    if not parallel.distributed:
+        return rollout
+    gathered = {}
+    for field in dataclasses.fields(rollout):
+        value = getattr(rollout, field.name)
+        if value is None:
+            gathered[field.name] = None
+            continue
+        pad = pad_token_id if field.name in ("queries", "responses") else 0
+        as_int = value.to(torch.uint8) if value.dtype == torch.bool else value  # gloo gathers no bool
+        joined = parallel.gather_rows(as_int, pad, pad_first=field.name in ("queries", "query_mask"))
+        gathered[field.name] = joined.bool() if value.dtype == torch.bool else joined
+    return Rollout(**gathered)
 
 
 def launched_processes() -> int:

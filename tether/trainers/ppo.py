@@ -58,7 +58,7 @@ from tether.models.loading import (
     freeze,
     value_model_from_policy,
 )
-from tether.models.lora import adapter_starts_at_zero, apply_lora, is_peft_model, merged_copy
+from tether.models.lora import apply_lora, is_peft_model, merged_copy, policy_and_reference
 from tether.ops import (
     AdaptiveKLController,
     clipped_policy_loss,
@@ -90,7 +90,7 @@ from tether.trainers.common import (
     seed_everything,
     stop_if_nonfinite,
 )
-from tether.trainers.parallel import Parallel, launched_processes
+from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 
 def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
     """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
@@ -178,7 +178,7 @@ class PPOTrainer:
             else:
                 value_model = value_model_from_policy(merged_copy(policy) if is_peft_model(policy) else policy)
         check_scalar_model(value_model, "value model")
-        self.policy, self.ref_policy = self._policy_and_reference(policy, ref_policy)
+        self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.peft_config)
         self.value_model = value_model
         if config.value_model_peft:
             self.value_model = apply_lora(value_model, config.peft_config, "SEQ_CLS")
@@ -213,18 +213,6 @@ class PPOTrainer:
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
     # --- set-up helpers -------------------------------------------------------------------
-    def _policy_and_reference(self, policy, ref_policy):
-        """The trained policy (with a LoRA adapter for ``peft_config``) and its frozen reference:
-        the starting policy (fix 8). ``None`` stands for "the policy with its adapter
-        switched off", used when the adapter starts at zero."""
-        if self.config.peft_config and not is_peft_model(policy):
-            policy = apply_lora(policy, self.config.peft_config, "CAUSAL_LM")
-        if ref_policy is not None:
-            return policy, freeze(ref_policy)
-        if is_peft_model(policy):
-            return policy, None if adapter_starts_at_zero(policy) else freeze(merged_copy(policy))
-        return policy, freeze(copy.deepcopy(policy))
-
     def _reference_logprobs(self, *chunk) -> torch.Tensor:
         if self._ref is not None:
             return policy_logprobs(self._ref, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
@@ -243,7 +231,9 @@ class PPOTrainer:
             return freeze(reward), None
         if callable(reward):
             return None, reward
-        raise ConfigError(f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}")
+        raise ConfigError(
+            f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}"
+        )
 
     def _models(self) -> dict[str, nn.Module]:
         models = {"policy": self.policy, "value model": self.value_model}
@@ -386,21 +376,8 @@ class PPOTrainer:
         return batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
 
     def gather(self, rollout: Rollout) -> Rollout:
-        """Every process's rollout in one global batch (itself in one process): queries padded
-        on the left, responses on the right, masks False and numbers 0 where padded."""
-        if not self.parallel.distributed:
-            return rollout
-        gathered = {}
-        for field in dataclasses.fields(rollout):
-            value = getattr(rollout, field.name)
-            if value is None:
-                gathered[field.name] = None
-                continue
-            pad = self.pad_token_id if field.name in ("queries", "responses") else 0
-            as_int = value.to(torch.uint8) if value.dtype == torch.bool else value
-            joined = self.parallel.gather_rows(as_int, pad, pad_first=field.name in ("queries", "query_mask"))
-            gathered[field.name] = joined.bool() if value.dtype == torch.bool else joined
-        return Rollout(**gathered)
+        """Every process's rollout as one global batch (itself in one process)."""
+        return gather_rollout(rollout, self.parallel, self.pad_token_id)
 
     # --- advantages -----------------------------------------------------------------------
     @torch.no_grad()
@@ -562,7 +539,9 @@ class PPOTrainer:
         resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         # Only the main process checks, clears and writes the output folder; every process
         # stops with its message when it is refused.
-        checkpoint = self.parallel.share(lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir))
+        checkpoint = self.parallel.share(
+            lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
+        )
         if main:
             write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
         if checkpoint is not None:
@@ -676,7 +655,8 @@ class PPOTrainer:
         policy = self.policy
         if is_peft_model(policy) and self.config.save_merged:
             policy = merged_copy(policy)  # a plain model; the trained adapter stays as it is
-        return self.parallel.save_model(policy, self._policy, self.tokenizer, Path(output_dir or self.config.output_dir))
+        target = Path(output_dir or self.config.output_dir)
+        return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
 
 
 class _UpdateTotals:

@@ -155,7 +155,8 @@ class RewardTrainer:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset)
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
-        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
+        processes = launched_processes()
+        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
         self.total_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
         if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
@@ -377,7 +378,8 @@ class RewardTrainer:
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
         ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
-        return self.parallel.save_model(self.model, self._scorer, self.tokenizer, Path(output_dir or self.config.output_dir))
+        target = Path(output_dir or self.config.output_dir)
+        return self.parallel.save_model(self.model, self._scorer, self.tokenizer, target)
 
 
 def split_pairs(

@@ -327,7 +327,8 @@ class SFTTrainer:
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder."""
-        return self.parallel.save_model(self.model, self._model, self.tokenizer, Path(output_dir or self.config.output_dir))
+        target = Path(output_dir or self.config.output_dir)
+        return self.parallel.save_model(self.model, self._model, self.tokenizer, target)
 
 
 def _grad_norm(model: nn.Module) -> float:
