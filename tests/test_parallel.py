@@ -172,7 +172,8 @@ def supervised_config(workspace: Path, command: str, out: Path, **values) -> Pat
 @pytest.mark.parametrize("command", ["sft", "rm"])
 def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_path: Path, command: str):
     """``tether sft|rm`` under torchrun (2 processes x 2 rows) ends with the weights of one
-    process with 4 rows per step (1e-5), writes its metrics once and saves a loadable model."""
+    process with 4 rows per step (1e-5) and writes its metrics once; resumed from its first
+    checkpoint on two processes it ends with the same weights again (bit for bit)."""
     one = tmp_path / "one"
     result = subprocess.run(
         [sys.executable, "-m", "tether", command, "--config",
@@ -181,9 +182,12 @@ def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     two = tmp_path / "two"
-    result = torchrun("-m", "tether", command, "--config",
-                      str(supervised_config(workspace, command, two, per_device_train_batch_size=2)), cwd=tmp_path)
+    two_config = supervised_config(
+        workspace, command, two, per_device_train_batch_size=2, save_steps=1, save_total_limit=None
+    )
+    result = torchrun("-m", "tether", command, "--config", str(two_config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (two / "checkpoint-1" / "rng-rank1.pt").is_file()
 
     one_lines = (one / "metrics.jsonl").read_text().splitlines()
     two_lines = (two / "metrics.jsonl").read_text().splitlines()
@@ -196,6 +200,14 @@ def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_pat
     assert moved > 1e-3
     for key, value in one_weights.items():
         torch.testing.assert_close(two_weights[key], value, atol=1e-5, rtol=0, msg=key)
+
+    result = torchrun("-m", "tether", command, "--config", str(two_config), "--resume", str(two / "checkpoint-1"),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(str(two / "model.safetensors"))
+    for key, value in two_weights.items():
+        assert torch.equal(resumed[key], value), key
+    assert (two / "metrics.jsonl").read_text().splitlines() == two_lines
 
 
 EXAMPLES = ROOT / "examples" / "accelerate"
