@@ -67,12 +67,14 @@ class Parallel:
 
     @classmethod
     def create(cls, config, accumulation_steps: int = 1) -> "Parallel":
-        """An Accelerator when launched as several processes or asked for fp16; else none.
+        """An Accelerator when launched as several processes, with a DeepSpeed / FSDP config
+        (even on one device) or asked for fp16; else none.
 
         ``accumulation_steps``: backward passes per optimizer step (DeepSpeed steps its engine
         after that many; every engine divides each loss by it).
         """
-        if launched_processes() == 1 and not config.fp16:
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
+        if launched_processes() == 1 and not config.fp16 and not sharded:
             return cls(None)
         from accelerate import Accelerator
 
@@ -101,7 +103,9 @@ class Parallel:
         if self.accelerator is None:
             return "none"
         kind = str(self.accelerator.distributed_type)
-        return "deepspeed" if "DEEPSPEED" in kind else "fsdp" if "FSDP" in kind else "ddp"
+        if "DEEPSPEED" in kind or "FSDP" in kind:
+            return "deepspeed" if "DEEPSPEED" in kind else "fsdp"
+        return "ddp" if self.distributed else "none"
 
     @property
     def zero_stage(self) -> int:
