@@ -6,6 +6,9 @@ The model fixtures are function-scoped: every test gets a fresh, unmodified mode
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +17,11 @@ from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_
 # The models here are tiny: one thread is fastest, and on a busy shared CPU several OpenMP
 # threads spin-wait on each 32x32 matmul (tens of ms each instead of microseconds).
 torch.set_num_threads(1)
+
+# Subprocesses (``python -m tether``, torchrun, accelerate launch) run from temporary folders:
+# they must import this checkout, not whichever copy of tether is installed in editable mode.
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 

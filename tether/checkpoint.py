@@ -66,9 +66,12 @@ class StopSignals:
 class Interrupted(TetherError):
     """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Path | None):
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
+        if checkpoint is None:  # an engine without checkpoints (DeepSpeed, FSDP)
+            super().__init__(f"stopped by {name}; no checkpoint (not supported with this engine)")
+        else:
+            super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
         self.exit_code = 128 + signum
 
 
@@ -162,8 +165,13 @@ def write_checkpoint(
     scheduler,
     state: dict,
     total_limit: int | None,
+    rng_states: list[dict] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; refuse non-finite weights; prune old ones."""
+    """Write ``checkpoint-<step>`` atomically; refuse non-finite weights; prune old ones.
+
+    ``rng_states`` holds every process's generators in a multi-process run (``rng.pt`` is
+    process 0's, ``rng-rank<r>.pt`` process r's); by default, this process's.
+    """
     if not all_finite(models):
         raise TetherError(f"not writing checkpoint {step}: the weights are not finite; the previous checkpoint is kept")
     folder = Path(output_dir)
@@ -175,7 +183,8 @@ def write_checkpoint(
         tokenizer.save_pretrained(staging / "tokenizer")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng.pt")
+        for rank, states in enumerate(rng_states or [rng_state()]):
+            torch.save(states, staging / _rng_file(rank))
         with open(staging / STATE_FILE, "w") as handle:  # written last: it marks the folder complete
             json.dump(state, handle, indent=1)
             handle.flush()
@@ -213,6 +222,10 @@ def _prune(folder: Path, step: int, total_limit: int | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
 def read_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
@@ -223,6 +236,13 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(shard)))
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # a LoRA checkpoint: the adapter alone
+        from peft import set_peft_model_state_dict
+
+        unexpected = set_peft_model_state_dict(model, state).unexpected_keys
+        if unexpected or not state:
+            raise ConfigError(f"checkpoint {folder} does not match the adapter: unexpected {sorted(unexpected)[:3]}")
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model.config, "tie_word_embeddings", False)
     shared = {k for k in missing if tied and ("lm_head" in k or "embed" in k)}  # tied weights are stored once
@@ -231,15 +251,18 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
                           f"unexpected {sorted(unexpected)[:3]}")
 
 
-def restore(path: str | Path, models: dict, optimizer, scheduler) -> dict:
-    """Load a checkpoint's weights, optimizer, scheduler and RNG states; return its trainer state."""
+def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0) -> dict:
+    """Load a checkpoint's weights, optimizer, scheduler and (process ``rank``'s) RNG states;
+    return its trainer state."""
     path = Path(path)
+    if not (path / _rng_file(rank)).is_file():
+        raise ConfigError(f"checkpoint {path} was written by fewer processes than this run has; resume with as many")
     for name, model in models.items():
         load_weights(model, path / name)
     device = next(iter(models.values())).device if models else "cpu"
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(path / _rng_file(rank), weights_only=False))
     return read_state(path)
 
 

@@ -20,6 +20,10 @@ commands:
          tether rm --config rm.yaml [--field value ...]
   demo   a small PPO run on a tiny model built on the fly, offline
          tether demo [--output-dir DIR] [--seed N] [--device cpu|cuda|auto] [--quick]
+
+several processes (ppo, sft, rm):
+  accelerate launch [--config_file examples/accelerate/ddp.yaml] -m tether ppo --config run.yaml
+  torchrun --nproc_per_node N -m tether ppo --config run.yaml
 """
 
 
@@ -30,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("RANK", "0")) > 0:  # several processes: one copy of every message
+        from tether.logging import console
+
+        console.quiet = True
     _quiet_transformers()
     _plain_warnings()
     try:

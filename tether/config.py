@@ -89,6 +89,11 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     """Autocast forwards (and generation) to bfloat16; weights stay fp32."""
+    fp16: bool = False
+    """Autocast to float16 with a loss scaler (through Accelerate); needs a CUDA device."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (policy and value
+    model, the value model's backbone included): less memory, about a third more compute."""
     logging_steps: int = 1
     report_to: str | list[str] = "none"
     """Trackers besides metrics.jsonl: tensorboard, wandb, trackio."""
@@ -122,6 +127,10 @@ class TrainingConfig:
                 raise ConfigError(f"config field {name} must be at least 1 (or unset), got {getattr(self, name)}")
         if self.num_train_epochs <= 0:
             raise ConfigError(f"config field num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("config fields bf16 and fp16 are both set; choose one mixed precision")
+        if self.fp16 and self.device == "cpu":
+            raise ConfigError("config field fp16 needs a CUDA device; use bf16 on CPU")
 
 
 @dataclass
@@ -137,6 +146,15 @@ class PPOConfig(TrainingConfig):
     value_model_path: str | None = None
     """Value model; defaults to the reward model, or to the policy with a zero scalar head
     when the reward is a function."""
+    peft_config: dict[str, Any] | None = None
+    """Train the policy as a LoRA adapter: ``peft.LoraConfig`` fields, e.g. ``{r: 16,
+    lora_alpha: 32, target_modules: [q_proj, v_proj]}``. The reference is the starting
+    policy (ppo-details fix 8)."""
+    value_model_peft: bool = False
+    """With ``peft_config``: train the value model as a LoRA adapter too (its scalar head in full)."""
+    save_merged: bool = True
+    """With ``peft_config``: ``save_model`` writes the policy with the adapter merged in (a plain
+    model); false: the adapter alone, in PEFT's format."""
     metric_function: str | None = None
     """``module:function`` / ``file.py:function`` computing extra metrics of each rollout,
     ``fn(prompts, responses) -> dict[str, float]`` (e.g. a held-out "gold" judge)."""
@@ -216,6 +234,8 @@ class PPOConfig(TrainingConfig):
             raise ConfigError(f"config field max_prompt_length must be at least 1, got {self.max_prompt_length}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ConfigError(f"config fields gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if self.value_model_peft and not self.peft_config:
+            raise ConfigError("config field value_model_peft needs peft_config (the LoRA settings); set both or neither")
         local = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if local % self.num_mini_batches:
             raise ConfigError(
@@ -304,6 +324,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(tp, str(tp))
 
 
@@ -327,6 +349,15 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ValueError
         return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if isinstance(value, str):  # from the command line: --peft_config '{r: 8, lora_alpha: 16}'
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError from None
+        if not isinstance(value, dict):
+            raise ValueError
+        return dict(value)
     if tp is type(None):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None

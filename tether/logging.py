@@ -105,7 +105,8 @@ def _plain(value):
     return value
 
 
-def progress_bar(description: str) -> Progress:
+def progress_bar(description: str, enabled: bool = True) -> Progress:
+    """A progress bar on stderr; ``enabled=False`` (processes other than the main one) hides it."""
     return Progress(
         TextColumn(f"[bold]{description}"),
         BarColumn(),
@@ -115,6 +116,7 @@ def progress_bar(description: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not enabled,
     )
 
 

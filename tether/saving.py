@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 
-def save_pretrained_atomic(target: str | Path, objects) -> None:
-    """``save_pretrained`` every object into ``target`` via a temporary folder beside it.
+def save_pretrained_atomic(target: str | Path, objects, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` every object into ``target`` via a temporary folder beside it
+    (``state_dict``: the first object's weights, gathered from a sharded engine).
 
     Each file is written completely in the temporary folder, then moved into place with an
     atomic rename, so a reader of ``target`` sees either the old file or the new one.
@@ -18,8 +19,11 @@ def save_pretrained_atomic(target: str | Path, objects) -> None:
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        for obj in objects:
-            obj.save_pretrained(staging)
+        for index, obj in enumerate(objects):
+            if index == 0 and state_dict is not None:
+                obj.save_pretrained(staging, state_dict=state_dict)
+            else:
+                obj.save_pretrained(staging)
         for path in sorted(staging.rglob("*")):
             if path.is_file():
                 destination = target / path.relative_to(staging)

@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from tether.models.loading import scalar_head
+from tether.models.loading import bare_model, scalar_head
 from tether.ops import position_ids_from_mask, token_logprobs
 from tether.ops.logprobs import head_logprobs
 
@@ -26,7 +26,8 @@ def _concat(queries, query_mask, responses, response_mask):
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:
-    forward = getattr(model, "forward", model)
+    """Whether the Hugging Face model under any wrapper takes ``argument`` (wrappers pass it on)."""
+    forward = getattr(bare_model(model), "forward", model)
     try:
         return argument in inspect.signature(forward).parameters
     except (TypeError, ValueError):
@@ -119,6 +120,7 @@ def _split_matches(model, backbone, head) -> bool:
 
 def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """The backbone's final hidden states ``[B, L, H]`` of a sequence-classification model."""
+    model = bare_model(model)
     backbone = getattr(model, model.base_model_prefix)
     return backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -132,6 +134,7 @@ def reward_bias(model) -> float:
 
 def scalar_outputs(model, hidden: torch.Tensor) -> torch.Tensor:
     """The scalar head on hidden states ``[B, L, H]`` -> ``[B, L, 1]``, less the stored bias."""
+    model = bare_model(model)
     return scalar_head(model)(hidden) - reward_bias(model)
 
 
@@ -143,5 +146,26 @@ def critic_values(model, queries, query_mask, responses, response_mask) -> torch
     """
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
-    hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
-    return scalar_outputs(model, hidden[:, -(width + 1) : -1]).squeeze(-1).float()
+    if isinstance(bare_model(model), Critic):
+        outputs = model(input_ids, attention_mask, position_ids)  # through DDP / FSDP, which must see it
+    else:
+        outputs = scalar_outputs(model, last_hidden_state(model, input_ids, attention_mask, position_ids))
+    return outputs[:, -(width + 1) : -1].squeeze(-1).float()
+
+
+class Critic(nn.Module):
+    """A value model's backbone and scalar head as one module, ``forward`` -> ``[B, L, 1]``.
+
+    The values come from the backbone's hidden states, not the model's own forward (which
+    scores the last token only). A DDP or FSDP wrapper synchronises gradients only for what
+    runs through its own ``forward``, so the trainer wraps this module, never the bare model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's per-layer wrapping reads it
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = last_hidden_state(self.model, input_ids, attention_mask, position_ids)
+        return scalar_outputs(self.model, hidden)

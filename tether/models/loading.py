@@ -83,6 +83,30 @@ def scalar_head(model: nn.Module) -> nn.Module:
     return model.score if hasattr(model, "score") else model.classifier
 
 
+def bare_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / DeepSpeed / FSDP wrappers and a PEFT adapter (whose
+    LoRA layers live inside it, so its forward still uses the adapter)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in backward (the value model's backbone too: the
+    flag is set on every layer that supports it). Non-reentrant checkpointing needs no input
+    that requires grad, so a LoRA model with frozen embeddings works as well."""
+    bare = bare_model(model)
+    if not getattr(bare, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient_checkpointing: {type(bare).__name__} does not support it; set it to false")
+    options = {"use_reentrant": False}
+    if hasattr(bare, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        bare.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere: modules and the config values some attention kernels read.
 

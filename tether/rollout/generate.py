@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 
 from tether.errors import ConfigError
+from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
-
 
 def sampling_temperature(temperature: float) -> float:
     """The temperature generation samples with and every logprob divides by: TRL's ``+ 1e-7``,
@@ -71,7 +71,10 @@ def generate_responses(
     """Sample one response per query, ``chunk_size`` rows at a time.
 
     Chunks that stop early are padded on the right (pad id, logprob 0, score 0) to the widest.
+    A wrapped model (DDP, FSDP, PEFT) samples through the Hugging Face model inside it, whose
+    LoRA layers are still in place.
     """
+    model = bare_model(model)
     chunks = [
         _sample_chunk(model, queries[start : start + chunk_size], query_mask[start : start + chunk_size], config, output_scores)
         for start in range(0, queries.size(0), chunk_size)

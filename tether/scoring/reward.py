@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from tether.errors import ConfigError, RewardError
-from tether.models.forward import last_hidden_state, scalar_outputs
+from tether.models.forward import Critic, last_hidden_state, scalar_outputs
+from tether.models.loading import bare_model
 from tether.ops import first_true_indices, position_ids_from_mask
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -45,8 +46,10 @@ def get_reward(
     attention_mask = attention_mask.bool()
     position_ids = position_ids_from_mask(attention_mask)
     input_ids = query_responses.masked_fill(~attention_mask, 0)
-    hidden = last_hidden_state(model, input_ids, attention_mask.long(), position_ids)
-    outputs = scalar_outputs(model, hidden)  # [B, L, 1]
+    if isinstance(bare_model(model), Critic):  # through the DDP / FSDP wrapper that must see it
+        outputs = model(input_ids, attention_mask.long(), position_ids)  # [B, L, 1]
+    else:
+        outputs = scalar_outputs(model, last_hidden_state(model, input_ids, attention_mask.long(), position_ids))
     sequence_lengths = first_true_indices(~attention_mask[:, context_length:]) - 1 + context_length
     rows = torch.arange(outputs.size(0), device=outputs.device)
     return outputs, outputs[rows, sequence_lengths].squeeze(-1), sequence_lengths

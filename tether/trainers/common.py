@@ -69,7 +69,9 @@ def make_scheduler(optimizer, total_steps: int, config: TrainingConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, bf16: bool, fp16: bool = False):
+    if fp16:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

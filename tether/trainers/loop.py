@@ -15,14 +15,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+import signal
+
+from tether.checkpoint import (
+    Interrupted,
+    StopSignals,
+    prepare_output_dir,
+    restore,
+    rng_state,
+    truncate_jsonl,
+    write_checkpoint,
+)
 from tether.config import TrainingConfig, save_config
+from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
 from tether.trainers.common import stop_if_nonfinite
+from tether.trainers.parallel import Parallel
 
 
 class SteppedTrainer(Protocol):
     config: TrainingConfig
+    parallel: Parallel
     step_count: int
     total_steps: int
     nonfinite_in_a_row: int
@@ -37,12 +50,33 @@ class SteppedTrainer(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def save_checkpoint(trainer) -> Path:
-    """``<output_dir>/checkpoint-<step>`` with the trainer's model and state (see tether.checkpoint)."""
-    return write_checkpoint(
-        trainer.output_dir, trainer.step_count, {"model": trainer.model}, trainer.tokenizer, trainer.optimizer,
-        trainer.scheduler, trainer.state_dict(), trainer.config.save_total_limit,
+def save_checkpoint(trainer) -> Path | None:
+    """``<output_dir>/checkpoint-<step>`` with the trainer's model and state (see tether.checkpoint),
+    written by the main process with every process's random generators."""
+    parallel = trainer.parallel
+    if parallel.skip_checkpoint():
+        return None
+    state = {**trainer.state_dict(), "world_size": parallel.world_size}
+    rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
+    return parallel.share(
+        lambda: write_checkpoint(
+            trainer.output_dir, trainer.step_count, {"model": trainer.model}, trainer.tokenizer, trainer.optimizer,
+            trainer.scheduler, state, trainer.config.save_total_limit, rng_states,
+        )
     )
+
+
+def resume(trainer, checkpoint: Path) -> None:
+    parallel = trainer.parallel
+    parallel.check_resumable()
+    state = restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, parallel.rank)
+    written_by = state.pop("world_size", 1)
+    if written_by != parallel.world_size:
+        raise ConfigError(
+            f"checkpoint {checkpoint} was written by {written_by} processes, this run has "
+            f"{parallel.world_size}; resume with {written_by} (the data order depends on it)"
+        )
+    trainer.load_state_dict(state)
 
 
 def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool | str | None) -> list[dict[str, float]]:
@@ -52,31 +86,36 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     ``output_dir`` or a checkpoint's path; without it a non-empty ``output_dir`` is refused
     unless ``overwrite_output_dir``.
     """
-    config = trainer.config
-    resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-    checkpoint = prepare_output_dir(trainer.output_dir, resume, config.overwrite_output_dir)
+    config, parallel = trainer.config, trainer.parallel
+    wanted = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+    # Only the main process checks, clears and writes the output folder; all stop on its refusal.
+    checkpoint = parallel.share(lambda: prepare_output_dir(trainer.output_dir, wanted, config.overwrite_output_dir))
     metrics_file = MetricsFile(trainer.output_dir)
-    save_config(config, trainer.output_dir / "config.yaml")
+    if parallel.is_main:
+        save_config(config, trainer.output_dir / "config.yaml")
     if checkpoint is not None:
-        trainer.load_state_dict(restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler))
-        truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again
-        console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
+        resume(trainer, checkpoint)
+        parallel.barrier()  # every process has read the checkpoint before the logs change
+        if parallel.is_main:
+            truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again
+            console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
     try:
-        with StopSignals() as stop, progress_bar(name) as progress:
+        with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main) as progress:
             task = progress.add_task(name.lower(), total=trainer.total_steps, completed=trainer.step_count, status="")
             while trainer.step_count < trainer.total_steps:
                 metrics, evaluated = trainer.advance()
                 step, last = trainer.step_count, trainer.step_count == trainer.total_steps
                 history.append(metrics)
-                if evaluated or last or step % config.logging_steps == 0:
+                if parallel.is_main and (evaluated or last or step % config.logging_steps == 0):
                     metrics_file.write(metrics)
                     trainer.reporters.log(metrics, step=step)
                 stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}")
-                if last or stop.requested or (config.save_steps and step % config.save_steps == 0):
+                stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step
+                if last or stopping or (config.save_steps and step % config.save_steps == 0):
                     saved = save_checkpoint(trainer)
-                if stop.requested:
-                    raise Interrupted(stop.requested, saved)
+                if stopping:
+                    raise Interrupted(stop.requested or signal.SIGTERM, saved)
                 progress.update(task, advance=1, status=trainer.status(metrics))
     finally:
         trainer.reporters.close()

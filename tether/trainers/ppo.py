@@ -10,7 +10,13 @@ One update, as ``step()`` reads:
             -> num_ppo_epochs x num_mini_batches optimizer steps   ops/losses.py
             -> metrics
 
-Deliberately left out here: multi-process training and LoRA (tracked as their own issues).
+Several processes (``accelerate launch`` / ``torchrun``): every process rolls out its shard of
+one global batch, then the rollouts are gathered so that advantages, whitening and metrics
+are computed over the global batch, and every minibatch is drawn from the global batch by
+one permutation shared by all processes; each process trains on its equal part of it. The
+update is therefore the same whatever the (per-device batch, accumulation, processes) split
+(``tests/test_parallel.py``). LoRA through PEFT (``peft_config``; ``models/lora.py``).
+
 Where tether departs from TRL, the line says so and names the detail in
 ``shared/spec/ppo-details.md``.
 """
@@ -21,6 +27,7 @@ import copy
 import dataclasses
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,18 +37,28 @@ from torch import nn
 
 from tether.config import PPOConfig, config_yaml
 from tether.data import PromptSampler, encode_prompts, left_pad
-from tether.checkpoint import Interrupted, StopSignals, prepare_output_dir, restore, truncate_jsonl, write_checkpoint
+from tether.checkpoint import (
+    Interrupted,
+    StopSignals,
+    prepare_output_dir,
+    restore,
+    rng_state,
+    truncate_jsonl,
+    write_checkpoint,
+)
 from tether.errors import ConfigError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
-from tether.models.forward import critic_values, policy_logprobs
+from tether.models.forward import Critic, critic_values, policy_logprobs
 from tether.models.loading import (
     check_scalar_model,
     check_vocabulary,
     disable_dropout,
+    enable_gradient_checkpointing,
     ensure_pad_token,
     freeze,
     value_model_from_policy,
 )
+from tether.models.lora import apply_lora, is_peft_model, merged_copy, policy_and_reference
 from tether.ops import (
     AdaptiveKLController,
     clipped_policy_loss,
@@ -64,17 +81,17 @@ from tether.scoring.reward import (
     import_reward_function,
     is_function_spec,
 )
-from tether.saving import save_pretrained_atomic, write_text_atomic
+from tether.saving import write_text_atomic
 from tether.trainers.common import (
     return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
     resolve_device,
     seed_everything,
     stop_if_nonfinite,
 )
+from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 
 def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
     """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
@@ -132,15 +149,21 @@ class PPOTrainer:
         self.config = config
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
-        self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            return_large_frees_to_the_os()
-        seed_everything(config.seed)
+        seed_everything(config.seed)  # the same on every process: models and data are built alike
 
         self.prompts = prompts_from(train_dataset, tokenizer, config)
         self.eval_prompts = prompts_from(eval_dataset, tokenizer, config) if eval_dataset is not None else None
-        self.plan = config.batch_plan(len(self.prompts))
-        self.sampler = PromptSampler(len(self.prompts), self.plan.local_batch_size, config.seed)
+        self.plan = config.batch_plan(len(self.prompts), launched_processes())
+        # One optimizer step per minibatch, in micro-batches: Accelerate divides each loss by
+        # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.
+        micro_batches = math.ceil(self.plan.local_mini_batch_size / self.plan.micro_batch_size)
+        self.parallel = Parallel.create(config, micro_batches)
+        self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()
+        # Global batches, shuffled alike on every process under the global seed; each process
+        # rolls out its own slice (ppo-details 11).
+        self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.seed)
         self.stop_token_ids = resolve_stop_token_ids(config, tokenizer, policy)
         self.pad_token_id = tokenizer.pad_token_id
         self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
@@ -150,21 +173,37 @@ class PPOTrainer:
         self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
         if ref_policy is policy:
             raise ConfigError("ref_policy is the policy itself; pass a separate copy or leave it out")
-        self.policy = policy
-        self.ref_policy = freeze(ref_policy if ref_policy is not None else copy.deepcopy(policy))
         if value_model is None:
-            value_model = (
-                copy.deepcopy(self.reward_model) if self.reward_model is not None else value_model_from_policy(policy)
-            )
+            if self.reward_model is not None:
+                value_model = copy.deepcopy(self.reward_model)
+            else:
+                value_model = value_model_from_policy(merged_copy(policy) if is_peft_model(policy) else policy)
         check_scalar_model(value_model, "value model")
+        self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.peft_config)
         self.value_model = value_model
+        if config.value_model_peft:
+            self.value_model = apply_lora(value_model, config.peft_config, "SEQ_CLS")
+        else:
+            self.value_model.requires_grad_(True)
         for name, model in self._models().items():
             check_vocabulary(tokenizer, model, name)
             disable_dropout(model)
             model.to(self.device)
-        self.value_model.requires_grad_(True)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
+            enable_gradient_checkpointing(self.value_model)
 
-        self.optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
+        optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
+        # What forward passes run through: the models themselves in one process, the engine's
+        # wrappers (DDP, DeepSpeed, FSDP) in several. Saving and tests use the bare models.
+        self._policy, self._critic, self.optimizer = self.parallel.prepare_trained(
+            self.policy, Critic(self.value_model), optimizer
+        )
+        frozen_rows = config.local_rollout_forward_batch_size
+        self._ref = self.parallel.prepare_frozen(self.ref_policy, frozen_rows) if self.ref_policy is not None else None
+        self._reward = self.parallel.prepare_frozen(self.reward_model, frozen_rows) if self.reward_model else None
+        if self.parallel.distributed:  # different samples on every process (ppo-details 11)
+            seed_everything(config.seed + 100003 * self.parallel.rank)
         self.scheduler = make_scheduler(self.optimizer, self.plan.num_total_batches, config)  # stepped per update
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.update = 0
@@ -175,6 +214,12 @@ class PPOTrainer:
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
     # --- set-up helpers -------------------------------------------------------------------
+    def _reference_logprobs(self, *chunk) -> torch.Tensor:
+        if self._ref is not None:
+            return policy_logprobs(self._ref, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
+        with self.parallel.unwrap(self._policy).disable_adapter():
+            return policy_logprobs(self._policy, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
+
     def _resolve_reward(self, reward):
         if isinstance(reward, str):
             if is_function_spec(reward):
@@ -187,16 +232,20 @@ class PPOTrainer:
             return freeze(reward), None
         if callable(reward):
             return None, reward
-        raise ConfigError(f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}")
+        raise ConfigError(
+            f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}"
+        )
 
     def _models(self) -> dict[str, nn.Module]:
-        models = {"policy": self.policy, "reference policy": self.ref_policy, "value model": self.value_model}
+        models = {"policy": self.policy, "value model": self.value_model}
+        if self.ref_policy is not None:
+            models["reference policy"] = self.ref_policy
         if self.reward_model is not None:
             models["reward model"] = self.reward_model
         return models
 
     def _autocast(self):
-        return autocast(self.device, self.config.bf16)
+        return autocast(self.device, self.config.bf16, self.config.fp16)
 
     @property
     def kl_coef(self) -> float:
@@ -209,9 +258,9 @@ class PPOTrainer:
         queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         self.policy.eval()
-        with self._autocast():
+        with self._autocast(), self.parallel.unwrapped_for_generation(self._policy) as model:
             responses, logprobs, _ = generate_responses(
-                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
+                model, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
         return {
@@ -258,18 +307,16 @@ class PPOTrainer:
 
         start = time.perf_counter()
         scores = self.score(samples)
-        recompute = config.bf16
+        recompute = config.bf16 or config.fp16
         logprobs, ref_logprobs, values = [], [], []
         for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
             rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
             chunk = [samples[k][rows] for k in _CHUNK_KEYS]
             with self._autocast():
                 if recompute:
-                    logprobs.append(policy_logprobs(self.policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
-                ref_logprobs.append(
-                    policy_logprobs(self.ref_policy, *chunk, self.temperature, config.logprob_chunk_size)[0]
-                )
-                values.append(critic_values(self.value_model, *chunk))
+                    logprobs.append(policy_logprobs(self._policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
+                ref_logprobs.append(self._reference_logprobs(*chunk))
+                values.append(critic_values(self._critic, *chunk))
         self.timing["timing/score"] = time.perf_counter() - start
 
         response_mask = samples["response_mask"]
@@ -313,7 +360,7 @@ class PPOTrainer:
         query_responses = torch.cat([queries, postprocessed], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
         _, scores, _ = get_reward(
-            self.reward_model, query_responses, self.pad_token_id, queries.size(1), attention_mask
+            self._reward, query_responses, self.pad_token_id, queries.size(1), attention_mask
         )
         return scores.float()
 
@@ -326,6 +373,17 @@ class PPOTrainer:
             self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
             self.tokenizer.batch_decode(texts, skip_special_tokens=True),
         )
+
+    def next_prompt_indices(self) -> list[int]:
+        """This process's slice of the next global batch, which every process draws alike
+        (one seeded shuffle, then sharding: ppo-details 11)."""
+        batch = self.sampler.next_batch()
+        local = self.plan.local_batch_size
+        return batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
+
+    def gather(self, rollout: Rollout) -> Rollout:
+        """Every process's rollout as one global batch (itself in one process)."""
+        return gather_rollout(rollout, self.parallel, self.pad_token_id)
 
     # --- advantages -----------------------------------------------------------------------
     @torch.no_grad()
@@ -363,35 +421,43 @@ class PPOTrainer:
         #5645), and its loss is normalised by the minibatch's kept-token count, so splitting it
         into micro-batches does not change the update.
         """
-        config, plan = self.config, self.plan
+        config, plan, parallel = self.config, self.plan, self.parallel
         self.policy.train()
         self.value_model.train()
         totals = _UpdateTotals()
-        rows = rollout.scores.size(0)  # the plan's local batch, or whatever a caller rolled out
+        rows = rollout.scores.size(0)  # the plan's global batch, or whatever a caller rolled out
         mini_batch_size = math.ceil(rows / config.num_mini_batches)
+        if mini_batch_size % parallel.world_size:
+            raise ConfigError(
+                f"a minibatch of {mini_batch_size} rows cannot be shared equally by {parallel.world_size} processes"
+            )
+        share = mini_batch_size // parallel.world_size  # this process's rows of every minibatch
         for _ in range(config.num_ppo_epochs):
-            order = torch.randperm(rows, device=self.device)
+            order = parallel.same_permutation(rows, self.device)
             for mini_start in range(0, rows, mini_batch_size):
                 minibatch = order[mini_start : mini_start + mini_batch_size]
-                num_tokens = int(rollout.response_mask[minibatch].sum())
+                num_tokens = int(rollout.response_mask[minibatch].sum())  # over all processes' rows
                 if num_tokens == 0:
                     continue  # nothing to learn from: no step, weights unchanged (fix 5)
-                for micro_start in range(0, minibatch.numel(), plan.micro_batch_size):
-                    micro = rollout.select(minibatch[micro_start : micro_start + plan.micro_batch_size])
-                    loss = self._micro_batch_loss(micro, num_tokens, totals)
-                    loss.backward()
+                mine = minibatch[parallel.rank * share : (parallel.rank + 1) * share]
+                starts = range(0, mine.numel(), plan.micro_batch_size)
+                for micro_start in starts:
+                    micro = rollout.select(mine[micro_start : micro_start + plan.micro_batch_size])
+                    with parallel.no_sync(self._policy, self._critic, skip=micro_start != starts[-1]):
+                        loss = self._micro_batch_loss(micro, num_tokens, totals)
+                        parallel.backward(loss)
                 self._optimizer_step(totals)
-        return totals.metrics()
+        return totals.metrics(parallel)
 
     def _micro_batch_loss(self, micro: Rollout, minibatch_tokens: int, totals: "_UpdateTotals") -> torch.Tensor:
         config = self.config
         chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
         with self._autocast():
             logprobs, entropy = policy_logprobs(
-                self.policy, *chunk, self.temperature, config.logprob_chunk_size,
+                self._policy, *chunk, self.temperature, config.logprob_chunk_size,
                 with_entropy=True, entropy_grad=config.entropy_coef != 0,
             )
-            values = critic_values(self.value_model, *chunk)
+            values = critic_values(self._critic, *chunk)
         mask = micro.response_mask.float()
         pg_loss, pg_clipped, ratio = clipped_policy_loss(logprobs, micro.logprobs, micro.advantages, config.cliprange)
         vf_loss, vf_clipped = clipped_value_loss(values, micro.values, micro.returns, config.cliprange_value)
@@ -410,10 +476,15 @@ class PPOTrainer:
                 ratio=ratio,
                 ratio_sq=ratio**2,
             )
+        # Processes average their gradients and Accelerate divides by the accumulation steps:
+        # ``loss_scale`` undoes both, leaving the sum over the minibatch / its tokens.
+        if self.parallel.loss_scale != 1:
+            loss = loss * self.parallel.loss_scale
         return loss / minibatch_tokens
 
     def _optimizer_step(self, totals: "_UpdateTotals") -> None:
-        if optimizer_step(self.optimizer, self.config.max_grad_norm):
+        params = [*self.policy.parameters(), *self.value_model.parameters()]
+        if self.parallel.optimizer_step(self.optimizer, params, self.config.max_grad_norm):
             totals.steps += 1
             self.nonfinite_in_a_row = 0
             return
@@ -427,8 +498,7 @@ class PPOTrainer:
         """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
         self.timing: dict[str, float] = {}
         start = time.perf_counter()
-        prompt_ids = [self.prompts[i] for i in self.sampler.next_batch()]
-        rollout = self.rollout(prompt_ids)
+        rollout = self.gather(self.rollout([self.prompts[i] for i in self.next_prompt_indices()]))
         advantage_start = time.perf_counter()
         metrics = self.compute_advantages(rollout)
         self.timing["timing/advantages"] = time.perf_counter() - advantage_start
@@ -471,30 +541,39 @@ class PPOTrainer:
         when there are any (their ``eval/*`` metrics join that update's line), else from the
         current rollout.
         """
-        config = self.config
+        config, main = self.config, self.parallel.is_main
         resume = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-        checkpoint = prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
-        write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
+        # Only the main process checks, clears and writes the output folder; every process
+        # stops with its message when it is refused.
+        checkpoint = self.parallel.share(
+            lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
+        )
+        if main:
+            write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
         if checkpoint is not None:
             self._resume(checkpoint)
+        self.parallel.barrier()  # every process has read the logs before the main one truncates them
+        if checkpoint is not None and main:
+            for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
+                truncate_jsonl(self.output_dir / name, keep=lambda update: update <= self.update, key="update")
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
         saved_at = self.update
         try:
-            with StopSignals() as stop, progress_bar("PPO") as progress:
+            with StopSignals() as stop, progress_bar("PPO", enabled=main) as progress:
                 task = progress.add_task("ppo", total=total, completed=self.update, status="")
                 while self.update < total:
                     metrics = self.step()
                     if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
                         metrics.update(self._show_samples(progress))
                     self.history.append(metrics)
-                    if self.update % config.logging_steps == 0 or self.update == total:
+                    if main and (self.update % config.logging_steps == 0 or self.update == total):
                         metrics_file.write(metrics)
                         self.reporters.log(metrics, step=self.update)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
-                    if stop.requested is not None:
-                        raise Interrupted(stop.requested, self.save_checkpoint())
+                    if self.parallel.any_process(stop.requested is not None):  # all stop at the same update
+                        raise Interrupted(stop.requested or signal.SIGTERM, self.save_checkpoint())
                     if config.save_steps and self.update % config.save_steps == 0:
                         saved_at = self.update
                         self.save_checkpoint()
@@ -508,31 +587,45 @@ class PPOTrainer:
     def _trained_models(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "value_model": self.value_model}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """``checkpoint-<update>``: models, optimizer, schedule, KL controller, data position,
-        RNG states and the metrics so far; written atomically."""
+        RNG states (every process's) and the metrics so far; written atomically by the main
+        process. The models are the bare ones: a LoRA model's checkpoint holds its adapter.
+        None under DeepSpeed / FSDP, which tether cannot checkpoint yet."""
+        if self.parallel.skip_checkpoint():
+            return None
         state = {
             "update": self.update,
             "sampler": self.sampler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "history": self.history,
+            "world_size": self.parallel.world_size,
         }
-        return write_checkpoint(
-            self.output_dir, self.update, self._trained_models(), self.tokenizer,
-            self.optimizer, self.scheduler, state, self.config.save_total_limit,
+        rng_states = self.parallel.gather_objects(rng_state()) if self.parallel.distributed else None
+        return self.parallel.share(
+            lambda: write_checkpoint(
+                self.output_dir, self.update, self._trained_models(), self.tokenizer,
+                self.optimizer, self.scheduler, state, self.config.save_total_limit, rng_states,
+            )
         )
 
     def _resume(self, checkpoint: Path) -> None:
-        state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler)
+        self.parallel.check_resumable()
+        state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler, self.parallel.rank)
+        written_by = state.get("world_size", 1)
+        if written_by != self.parallel.world_size:
+            raise ConfigError(
+                f"checkpoint {checkpoint} was written by {written_by} processes, this run has "
+                f"{self.parallel.world_size}; resume with {written_by} (the data order depends on it)"
+            )
         self.update = state["update"]
         self.sampler.load_state_dict(state["sampler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.history = state["history"]
-        for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
-            truncate_jsonl(self.output_dir / name, keep=lambda update: update <= self.update, key="update")
-        console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
+        if self.parallel.is_main:
+            console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
 
     def _show_samples(self, progress, rows: int = 4) -> dict[str, float]:
         if self.eval_prompts:
@@ -544,6 +637,8 @@ class PPOTrainer:
             )
             samples = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, rollout.scores.tolist())]
         shown = samples[:rows]
+        if not self.parallel.is_main:
+            return metrics
         progress.console.print(
             sample_table(
                 f"samples at update {self.update}",
@@ -563,9 +658,11 @@ class PPOTrainer:
         The policy keeps the generation config it came with; tether's sampling settings never
         replace it (fix 7).
         """
+        policy = self.policy
+        if is_peft_model(policy) and self.config.save_merged:
+            policy = merged_copy(policy)  # a plain model; the trained adapter stays as it is
         target = Path(output_dir or self.config.output_dir)
-        save_pretrained_atomic(target, [self.policy, self.tokenizer])
-        return target
+        return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
 
 
 class _UpdateTotals:
@@ -582,9 +679,17 @@ class _UpdateTotals:
         for name, value in per_token.items():
             self.sums[name] = self.sums.get(name, 0.0) + masked_sum(value.float(), mask)
 
-    def metrics(self) -> dict[str, float]:
-        tokens = max(float(self.tokens), 1.0)
-        mean = {name: float(total) / tokens for name, total in self.sums.items()}
+    def metrics(self, parallel: Parallel) -> dict[str, float]:
+        """Token-weighted means over every process's micro-batches (one all-reduce)."""
+        sums, tokens = self.sums, self.tokens
+        if parallel.distributed:
+            names = sorted(sums)  # every process added the same names
+            totals = torch.stack([torch.as_tensor(tokens, dtype=torch.float32, device=parallel.device)]
+                                 + [sums[name].float() for name in names])
+            totals = parallel.sum_over_processes(totals)
+            tokens, sums = totals[0], dict(zip(names, totals[1:]))
+        tokens = max(float(tokens), 1.0)
+        mean = {name: float(total) / tokens for name, total in sums.items()}
         return {
             "policy/approxkl_avg": mean.get("approxkl", 0.0),
             "policy/clipfrac_avg": mean.get("pg_clipped", 0.0),

@@ -18,7 +18,11 @@ A checkpoint (``checkpoint.py``) is written every ``save_steps`` steps, at the e
 SIGTERM / SIGINT; ``train(resume_from_checkpoint=True)`` continues from the newest one and gives
 the same weights and metrics as a run that was never stopped (``tests/test_resume_supervised.py``).
 
-Deliberately left out: multi-process training, LoRA, margins or labeller-confidence weights in
+Several processes (``accelerate launch`` / ``torchrun``): every process draws the same global
+batch of pairs and trains on every ``processes``-th pair of it; the loss stays the mean over
+the global batch.
+
+Deliberately left out: LoRA, margins or labeller-confidence weights in
 the loss.
 """
 
@@ -44,25 +48,26 @@ from tether.models.loading import (
     check_scalar_model,
     check_vocabulary,
     disable_dropout,
+    enable_gradient_checkpointing,
     ensure_pad_token,
     load_pretrained,
     load_tokenizer,
     scalar_head,
 )
 from tether.ops.losses import bradley_terry_loss
-from tether.saving import save_pretrained_atomic
+from tether.models.forward import Critic
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
     return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
     resolve_device,
     seed_everything,
     seeded_split,
 )
 from tether.trainers.loop import run_steps
+from tether.trainers.parallel import Parallel, launched_processes
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -142,7 +147,8 @@ class RewardTrainer:
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
-        self.device = resolve_device(config.device)
+        self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
+        self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
         if self.device.type == "cpu":
             return_large_frees_to_the_os()
         seed_everything(config.seed)
@@ -152,13 +158,14 @@ class RewardTrainer:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset)
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
-        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        processes = launched_processes()
+        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
         self.total_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
         if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
             raise DataError(
                 f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
-                f"gradient_accumulation_steps) but there are {len(self.train_pairs)} training pairs for "
+                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs for "
                 f"{config.num_train_epochs} epochs; lower the batch sizes, raise num_train_epochs, or add pairs"
             )
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
@@ -172,7 +179,13 @@ class RewardTrainer:
             model.config.pad_token_id = self.pad_token_id
         disable_dropout(model)
         self.model = model.to(self.device)
-        self.optimizer = make_optimizer(self.model.parameters(), config)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # ``_scorer`` is what forward passes run through: backbone + head as one module, wrapped
+        # by the engine in several processes (DDP must see the forward to average gradients).
+        self._scorer, self.optimizer = self.parallel.prepare_trained(
+            Critic(self.model), make_optimizer(self.model.parameters(), config)
+        )
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)
         self.step_count = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
@@ -198,7 +211,7 @@ class RewardTrainer:
         return [s.ids for s in encode_sequences(table, self.tokenizer, config.max_length)]
 
     def _autocast(self):
-        return autocast(self.device, self.config.bf16)
+        return autocast(self.device, self.config.bf16, self.config.fp16)
 
     # --- scoring --------------------------------------------------------------------------
     def score_sequences(self, sequences: SequenceOf[list[int]]) -> torch.Tensor:
@@ -209,7 +222,7 @@ class RewardTrainer:
         """
         ids, mask = right_pad(list(sequences), self.pad_token_id)  # [N, L]
         with self._autocast():
-            _, scores, _ = get_reward(self.model, ids.to(self.device), self.pad_token_id, 0, mask.to(self.device))
+            _, scores, _ = get_reward(self._scorer, ids.to(self.device), self.pad_token_id, 0, mask.to(self.device))
         return scores.float()
 
     def score_pairs(self, pairs: SequenceOf[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,16 +246,20 @@ class RewardTrainer:
 
     def step(self) -> dict[str, float]:
         """One optimizer step on the next batch of pairs; returns its metrics."""
-        config = self.config
+        config, parallel = self.config, self.parallel
         self.model.train()
-        batch = [self.train_pairs[i] for i in self.sampler.next_batch()]
-        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        for start in range(0, len(batch), config.per_device_train_batch_size):
-            loss, sums = self.micro_batch_loss(batch[start : start + config.per_device_train_batch_size], len(batch))
-            loss.backward()
-            for name, value in sums.items():
-                totals[name] += float(value)
-        stepped = optimizer_step(self.optimizer, config.max_grad_norm)
+        batch = [self.train_pairs[i] for i in self.sampler.next_batch()]  # the global batch
+        mine, weight = parallel.my_rows(batch)
+        starts = range(0, len(mine), config.per_device_train_batch_size)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss, accuracy, margin summed over pairs
+        for start in starts:
+            with parallel.no_sync(self._scorer, skip=start != starts[-1]):
+                loss, sums = self.micro_batch_loss(mine[start : start + config.per_device_train_batch_size], len(batch))
+                parallel.backward(loss * weight * parallel.loss_scale)
+            totals += weight * torch.tensor([float(sums[name]) for name in ("loss", "accuracy", "margin")],
+                                            dtype=torch.float64)
+        totals = dict(zip(("loss", "accuracy", "margin"), parallel.sum_over_processes(totals.to(self.device)).tolist()))
+        stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), config.max_grad_norm)
         if not stepped:
             console.print("[red]non-finite gradient: optimizer step skipped")
         self.skipped_steps += not stepped
@@ -365,8 +382,7 @@ class RewardTrainer:
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
         ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
         target = Path(output_dir or self.config.output_dir)
-        save_pretrained_atomic(target, [self.model, self.tokenizer])
-        return target
+        return self.parallel.save_model(self.model, self._scorer, self.tokenizer, target)
 
 
 def split_pairs(

@@ -16,7 +16,11 @@ A checkpoint (``checkpoint.py``) is written every ``save_steps`` steps, at the e
 SIGTERM / SIGINT; ``train(resume_from_checkpoint=True)`` continues from the newest one and gives
 the same weights and metrics as a run that was never stopped (``tests/test_resume_supervised.py``).
 
-Deliberately left out: packing, multi-process training, LoRA.
+Several processes (``accelerate launch`` / ``torchrun``): every process draws the same global
+batch of ``per_device_train_batch_size x gradient_accumulation_steps x processes`` rows and
+trains on every ``processes``-th row of it; the loss is divided by the global token count.
+
+Deliberately left out: packing, LoRA.
 """
 
 from __future__ import annotations
@@ -35,20 +39,19 @@ from tether.config import SFTConfig
 from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
-from tether.models.loading import check_vocabulary, disable_dropout, ensure_pad_token
+from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
 from tether.ops.masks import position_ids_from_mask
-from tether.saving import save_pretrained_atomic
 from tether.trainers.common import (
     return_large_frees_to_the_os,
     autocast,
     make_optimizer,
     make_scheduler,
-    optimizer_step,
     resolve_device,
     seed_everything,
     seeded_split,
 )
 from tether.trainers.loop import run_steps
+from tether.trainers.parallel import Parallel, launched_processes
 
 # --------------------------------------------------------------------------- the maths
 
@@ -137,7 +140,8 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
-        self.device = resolve_device(config.device)
+        self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
+        self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
         if self.device.type == "cpu":
             return_large_frees_to_the_os()
         seed_everything(config.seed)
@@ -156,10 +160,13 @@ class SFTTrainer:
         self.model = model
         disable_dropout(model)
         model.to(self.device)
-        self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
         self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
-        self.optimizer = make_optimizer(model.parameters(), config)
+        # ``_model`` is what forward passes run through: the model itself, or the engine's wrapper.
+        self._model, self.optimizer = self.parallel.prepare_trained(model, make_optimizer(model.parameters(), config))
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
         self.step_count = 0
         self._epoch_order: tuple[int, list[int]] | None = None
@@ -218,18 +225,23 @@ class SFTTrainer:
     # --- one step -------------------------------------------------------------------------
     def step(self, rows: list[int]) -> dict[str, float]:
         """One optimizer step on the training rows ``rows``; returns its metrics."""
+        parallel = self.parallel
         self.model.train()
-        micro_batches = self._micro_batches([self.train_sequences[r] for r in rows])
-        num_tokens = sum(int(b.loss_mask.sum()) for b in micro_batches)
+        mine, weight = parallel.my_rows(rows)
+        micro_batches = self._micro_batches([self.train_sequences[r] for r in mine])
+        local_tokens = sum(int(b.loss_mask.sum()) for b in micro_batches) * weight
+        num_tokens = int(parallel.sum_over_processes(torch.tensor(local_tokens, device=self.device)))
         total_nll = 0.0
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
-            with autocast(self.device, self.config.bf16):
-                nll = summed_nll(self.model, batch)
-            (nll / num_tokens).backward()
+            with parallel.no_sync(self._model, skip=index < len(micro_batches) - 1):
+                with autocast(self.device, self.config.bf16, self.config.fp16):
+                    nll = summed_nll(self._model, batch) * weight
+                parallel.backward(nll * parallel.loss_scale / num_tokens)
             total_nll += nll.item()
+        total_nll = float(parallel.sum_over_processes(torch.tensor(total_nll, device=self.device)))
         grad_norm = _grad_norm(self.model)  # before clipping, as HF Trainer logs it
-        stepped = optimizer_step(self.optimizer, self.config.max_grad_norm)
+        stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), self.config.max_grad_norm)
         if not stepped:
             console.print("[red]non-finite gradient: optimizer step skipped")
         self.skipped_steps += not stepped
@@ -256,8 +268,8 @@ class SFTTrainer:
         total_nll, total_tokens = 0.0, 0
         for batch in self._micro_batches(self.eval_sequences):
             batch = batch.to(self.device)
-            with autocast(self.device, self.config.bf16):
-                total_nll += summed_nll(self.model, batch).item()
+            with autocast(self.device, self.config.bf16, self.config.fp16):
+                total_nll += summed_nll(self._model, batch).item()
             total_tokens += int(batch.loss_mask.sum())
         loss = total_nll / total_tokens
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}  # exp overflows past ~709
@@ -319,8 +331,7 @@ class SFTTrainer:
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder."""
         target = Path(output_dir or self.config.output_dir)
-        save_pretrained_atomic(target, [self.model, self.tokenizer])
-        return target
+        return self.parallel.save_model(self.model, self._model, self.tokenizer, target)
 
 
 def _grad_norm(model: nn.Module) -> float:

@@ -1,0 +1,75 @@
+"""LoRA adapters through PEFT: wrapping, the reference policy, merging for saving.
+
+ppo-details 8 and tether fix 8: the reference must be the *starting* policy. A freshly
+initialised LoRA adapter adds exactly zero (its B matrices start at zero), so the base model
+with the adapter switched off is the starting policy and costs no memory. An adapter that
+arrives already trained is part of the starting policy; its reference is a frozen, merged copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from tether.errors import ConfigError
+from tether.models.loading import freeze
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("peft_config needs the peft package: pip install 'tether[peft]'") from None
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def apply_lora(model: nn.Module, peft_config: dict, task_type: str) -> nn.Module:
+    """``model`` with a fresh LoRA adapter from ``peft_config`` (``peft.LoraConfig`` fields);
+    ``task_type`` is ``CAUSAL_LM`` (policy) or ``SEQ_CLS`` (value model: head trained in full)."""
+    peft = _peft()
+    options = {key: value for key, value in peft_config.items() if key != "task_type"}
+    try:
+        lora = peft.LoraConfig(task_type=task_type, **options)
+        return peft.get_peft_model(model, lora)
+    except (TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"config field peft_config: {reason}") from None
+
+
+def adapter_starts_at_zero(model: nn.Module) -> bool:
+    """True when the adapter adds nothing yet: LoRA only, every B matrix exactly zero, and no
+    fully trained module copies (``modules_to_save``)."""
+    peft = _peft()
+    if not all(isinstance(c, peft.LoraConfig) for c in model.peft_config.values()):
+        return False
+    for name, parameter in model.named_parameters():
+        if "modules_to_save" in name:
+            return False
+        if ("lora_B" in name or "lora_embedding_B" in name) and parameter.detach().any():
+            return False
+    return True
+
+
+def policy_and_reference(
+    policy: nn.Module, ref_policy: nn.Module | None, peft_config: dict | None
+) -> tuple[nn.Module, nn.Module | None]:
+    """The trained policy (given a fresh LoRA adapter for ``peft_config``) and its frozen
+    reference, the starting policy (fix 8): ``ref_policy`` when given, else a frozen copy, or
+    ``None`` for "the policy with its adapter switched off" when the adapter starts at zero."""
+    if peft_config and not is_peft_model(policy):
+        policy = apply_lora(policy, peft_config, "CAUSAL_LM")
+    if ref_policy is not None:
+        return policy, freeze(ref_policy)
+    if is_peft_model(policy):
+        return policy, None if adapter_starts_at_zero(policy) else freeze(merged_copy(policy))
+    return policy, freeze(copy.deepcopy(policy))
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model equal to ``model`` with its adapter merged in; ``model`` is untouched."""
+    return copy.deepcopy(model).merge_and_unload()

@@ -1,0 +1,334 @@
+"""Several processes through Accelerate: DDP, DeepSpeed ZeRO, FSDP, and fp16 loss scaling.
+
+``accelerate launch [--config_file ...] -m tether ppo --config run.yaml`` (or ``torchrun``)
+starts one process per device; each builds the same trainer. What a trainer needs from here:
+
+* ``Parallel.create(config)``: the Accelerator, or none at all for a plain single-process run
+  (that path never touches ``torch.distributed`` and stays exactly as before);
+* ``sum_over_processes`` / ``gather_rows``: global statistics and the global rollout;
+* ``prepare_frozen``: reference and reward models as each engine needs them for inference;
+* ``unwrapped_for_generation``: the bare model for ``generate``, with ZeRO-3 / FSDP parameters
+  gathered once around the whole rollout instead of once per generated token;
+* ``main_first`` / ``share``: work only the main process may do (output folder, files).
+
+DeepSpeed and FSDP paths need CUDA and were not run in tether's tests (CPU only); they are kept
+to the few calls below. DDP on CPU (gloo) is tested with two processes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tether.errors import ConfigError, TetherError
+from tether.rollout.batch import Rollout
+from tether.saving import save_pretrained_atomic
+from tether.trainers.common import optimizer_step
+
+
+def _close_process_group() -> None:
+    """Join the process group's threads before the interpreter exits: a gloo group left open
+    can abort the process at exit ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) -> Rollout:
+    """Every process's rollout in one global batch, rank 0's rows first (``rollout`` itself in
+    one process): queries padded on the left, responses on the right, masks False and numbers 0
+    where padded, so every padded position reads as padding."""
+    if not parallel.distributed:
+        return rollout
+    gathered = {}
+    for field in dataclasses.fields(rollout):
+        value = getattr(rollout, field.name)
+        if value is None:
+            gathered[field.name] = None
+            continue
+        pad = pad_token_id if field.name in ("queries", "responses") else 0
+        as_int = value.to(torch.uint8) if value.dtype == torch.bool else value  # gloo gathers no bool
+        joined = parallel.gather_rows(as_int, pad, pad_first=field.name in ("queries", "query_mask"))
+        gathered[field.name] = joined.bool() if value.dtype == torch.bool else joined
+    return Rollout(**gathered)
+
+
+def launched_processes() -> int:
+    """Processes of this launch, from the environment torchrun / accelerate set (1 if neither)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Parallel:
+    """The process group a trainer runs in. ``accelerator`` is None for one plain process."""
+
+    accelerator: object | None
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def create(cls, config, accumulation_steps: int = 1) -> "Parallel":
+        """An Accelerator when launched as several processes, with a DeepSpeed / FSDP config
+        (even on one device) or asked for fp16; else none.
+
+        ``accumulation_steps``: backward passes per optimizer step (DeepSpeed steps its engine
+        after that many; every engine divides each loss by it).
+        """
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
+        if launched_processes() == 1 and not config.fp16 and not sharded:
+            return cls(None)
+        from accelerate import Accelerator
+
+        precision = "fp16" if config.fp16 else "bf16" if config.bf16 else "no"
+        accelerator = Accelerator(
+            mixed_precision=precision, cpu=config.device == "cpu", gradient_accumulation_steps=accumulation_steps
+        )
+        atexit.register(_close_process_group)
+        return cls(accelerator, accelerator.process_index, accelerator.num_processes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    # --- who does what ----------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def engine(self) -> str:
+        """``none``, ``ddp``, ``deepspeed`` or ``fsdp``."""
+        if self.accelerator is None:
+            return "none"
+        kind = str(self.accelerator.distributed_type)
+        if "DEEPSPEED" in kind or "FSDP" in kind:
+            return "deepspeed" if "DEEPSPEED" in kind else "fsdp"
+        return "ddp" if self.distributed else "none"
+
+    @property
+    def zero_stage(self) -> int:
+        if self.engine != "deepspeed":
+            return 0
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+    def share(self, make):
+        """``make()`` on the main process; its result (or its TetherError) on every process.
+
+        For the output folder: only one process may check, clear and create it, and all must
+        stop with the same message when it is refused.
+        """
+        if not self.distributed:
+            return make()
+        from accelerate.utils import broadcast_object_list
+
+        box = [None]
+        if self.is_main:
+            try:
+                box = [("ok", make())]
+            except TetherError as error:
+                box = [("error", error)]
+        broadcast_object_list(box)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
+
+    @property
+    def loss_scale(self) -> int:
+        """What a loss that sums over the whole optimizer batch (divided by its global size) is
+        multiplied by: processes average their gradients (DDP, ZeRO, FSDP) and Accelerate
+        divides each loss by its accumulation steps; this undoes both. 1 in one plain process."""
+        if self.accelerator is None:
+            return 1
+        return self.world_size * self.accelerator.gradient_accumulation_steps
+
+    def my_rows(self, rows: list) -> tuple[list, int]:
+        """``(this process's rows of a global batch, weight)``: every ``world_size``-th row.
+
+        A process left without rows (a short last batch) takes one row with weight 0, so that it
+        still joins the gradient average of every optimizer step.
+        """
+        mine = rows[self.rank :: self.world_size]
+        return (mine, 1) if mine else (rows[:1], 0)
+
+    def optimizer_step(self, optimizer, params, max_grad_norm: float | None) -> bool:
+        """One optimizer step; returns whether it was taken. fp16: the loss scaler decides
+        (and lowers its scale after an overflow); otherwise a non-finite gradient skips it."""
+        if self.accelerator is None or self.accelerator.mixed_precision != "fp16":
+            return optimizer_step(optimizer, max_grad_norm)
+        if max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(list(params), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return not self.accelerator.optimizer_step_was_skipped
+
+    def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path) -> Path:
+        """``model`` and ``tokenizer`` into ``target`` by the main process (weights gathered by
+        every process first under ZeRO-3 / FSDP); returns ``target``."""
+        state_dict = None
+        if self.engine == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(wrapped.parameters())):
+                state_dict = {k: v.detach().cpu().clone() for k, v in self.unwrap(wrapped).state_dict().items()}
+        elif self.engine == "fsdp":
+            state_dict = self.accelerator.get_state_dict(wrapped)
+        if self.is_main:
+            save_pretrained_atomic(target, [model, tokenizer], state_dict=state_dict)
+        self.barrier()
+        return target
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def no_sync(self, *models: nn.Module, skip: bool):
+        """With ``skip``, DDP keeps gradients local in this backward pass (a minibatch's earlier
+        micro-batches); they are averaged across processes with the last one."""
+        stack = contextlib.ExitStack()
+        if skip and self.engine == "ddp" and self.distributed:
+            for model in models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def same_permutation(self, rows: int, device) -> torch.Tensor:
+        """``randperm(rows)`` from this process's generator, or process 0's for all processes."""
+        order = torch.randperm(rows, device=device)
+        if self.distributed:
+            from accelerate.utils import broadcast
+
+            order = broadcast(order, from_process=0)
+        return order
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.accelerator.wait_for_everyone()
+
+    # --- numbers across processes -------------------------------------------------------
+    def sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of ``tensor`` over all processes (itself with one)."""
+        if not self.distributed:
+            return tensor
+        return self.accelerator.reduce(tensor.clone(), reduction="sum")
+
+    def any_process(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (a stop signal seen by one stops all)."""
+        if not self.distributed:
+            return flag
+        return bool(self.sum_over_processes(torch.tensor([float(flag)], device=self.accelerator.device)) > 0)
+
+    def gather_rows(self, tensor: torch.Tensor, pad_value=0, pad_first: bool = False) -> torch.Tensor:
+        """Every process's rows, rank 0's first: ``[W * B, ...]``; dim 1 padded to the widest
+        (on the left with ``pad_first``) with ``pad_value``."""
+        if not self.distributed:
+            return tensor
+        if tensor.dim() > 1:
+            tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value, pad_first=pad_first)
+        return self.accelerator.gather(tensor.contiguous())
+
+    def gather_objects(self, value) -> list:
+        if not self.distributed:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    # --- models -------------------------------------------------------------------------
+    def prepare_trained(self, *objects):
+        """The trained models and their optimizer (last), wrapped for the engine.
+
+        DeepSpeed takes one model per engine: several (PPO's policy and critic) go in as one
+        ``ModuleList`` and come back as its members, whose forward passes the engine's
+        parameter hooks still serve; ``backward`` goes through the engine.
+        """
+        if self.accelerator is None:
+            return objects
+        *models, optimizer = objects
+        if self.engine == "deepspeed" and len(models) > 1:
+            engine, optimizer = self.accelerator.prepare(nn.ModuleList(models), optimizer)
+            return (*engine.module, optimizer)
+        return self.accelerator.prepare(*models, optimizer)
+
+    def prepare_frozen(self, model: nn.Module, micro_batch_size: int) -> nn.Module:
+        """A frozen model (reference, reward) ready for inference on this engine.
+
+        DDP: a whole copy on every device. ZeRO-3: its own inference engine, sharded like the
+        trained models (a whole copy of a large frozen model is what ZeRO-3 is there to avoid);
+        below stage 3 a plain copy. FSDP: wrapped by FSDP for sharded forward passes.
+        """
+        if self.accelerator is None:
+            return model
+        match self.engine:
+            case "deepspeed" if self.zero_stage == 3:
+                import deepspeed
+
+                ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+                for key in ("optimizer", "scheduler", "train_batch_size"):
+                    ds_config.pop(key, None)
+                ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+                ds_config["gradient_accumulation_steps"] = 1
+                engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+                engine.eval()
+                return engine
+            case "fsdp":
+                return self.accelerator.prepare_model(model, evaluation_mode=True)
+            case _:
+                return model.to(self.accelerator.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        if self.accelerator is None:
+            return model
+        return self.accelerator.unwrap_model(model)
+
+    @contextlib.contextmanager
+    def unwrapped_for_generation(self, model: nn.Module):
+        """The bare model for ``generate``. ZeRO-3 and FSDP shard parameters, and a sharded
+        model's ``generate`` would gather every layer for every new token; the parameters are
+        gathered once here, for the whole rollout."""
+        match self.engine:
+            case "deepspeed" if self.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                    yield self.unwrap(model)
+            case "fsdp" if not self.accelerator.is_fsdp2:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+                    yield self.unwrap(model)
+            case _:
+                yield self.unwrap(model)
+
+    @property
+    def checkpoints_supported(self) -> bool:
+        """Checkpoints hold the whole optimizer state; DeepSpeed and FSDP keep it in shards,
+        which tether does not write yet (the final model is still saved)."""
+        return self.engine not in ("deepspeed", "fsdp")
+
+    def check_resumable(self) -> None:
+        if not self.checkpoints_supported:
+            raise ConfigError(f"--resume is not supported under {self.engine} yet; start afresh or use DDP")
+
+    def skip_checkpoint(self) -> bool:
+        """True (after saying so once) when this engine cannot write checkpoints."""
+        if self.checkpoints_supported:
+            return False
+        if not getattr(self, "_said_no_checkpoints", False):
+            self._said_no_checkpoints = True
+            from tether.logging import console
+
+            console.print(f"[yellow]checkpoints are not written under {self.engine} yet; only the final model is saved")
+        return True
