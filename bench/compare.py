@@ -56,7 +56,7 @@ def main() -> None:
         rows.append((workload, summary))
         print(json.dumps({"workload": workload, "bf16": options.bf16, **summary}), flush=True)
     precision = "bf16" if options.bf16 else "fp32"
-    print(f"\n| workload | precision | tether s/update | TRL s/update | speed-up | tether peak GB | TRL peak GB "
+    print("\n| workload | precision | tether s/update | TRL s/update | speed-up | tether peak GB | TRL peak GB "
           "| memory ratio | tether roofline | TRL roofline |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for workload, s in rows:

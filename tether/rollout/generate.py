@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from tether.errors import ConfigError
+from tether.models.forward import output_layer_split
 from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
 
@@ -133,13 +134,19 @@ def _next_token_logits(model, split, **inputs) -> tuple[torch.Tensor, object]:
     if split is None:
         keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         output = model(**inputs, **keep_last)
-        return output.logits[:, -1], output.cache
+        return output.logits[:, -1], _returned_cache(output)
     backbone, head = split
     output = backbone(**inputs)
     logits = torch.mm(head.weight, output.last_hidden_state[:, -1].t()).t().contiguous()  # [b, V]
     if head.bias is not None:
         logits = logits + head.bias
-    return logits, output.cache
+    return logits, _returned_cache(output)
+
+
+def _returned_cache(output):
+    """The KV cache a forward pass returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _kv_cache(model, length: int):
@@ -154,8 +161,6 @@ def _kv_cache(model, length: int):
 
 
 def _sample_chunk(model, queries, query_mask, config: SamplingConfig, output_scores: bool) -> Generation:
-    from tether.models.forward import output_layer_split
-
     rows = queries.size(0)
     device = queries.device
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
