@@ -263,3 +263,19 @@ def test_gradient_checkpointing_in_sft_and_reward_training_keeps_the_step(tmp_pa
     for before, after in zip(plain, ckpt):
         for name, value in before.items():
             torch.testing.assert_close(after[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("native, bf16, device, warned", [
+    (False, True, "cpu", True), (True, True, "cpu", False), (False, False, "cpu", False), (False, True, "meta", False),
+])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged(monkeypatch, native, bf16, device, warned):
+    """bf16 autocast on a CPU without AVX512-BF16/AMX runs several times slower than fp32: one
+    warning, only in that case."""
+    import tether.trainers.common as common
+
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    messages = []
+    common.warn_if_bf16_is_slow(bf16, torch.device(device), messages.append)
+    assert bool(messages) == warned
+    if warned:
+        assert "drop bf16" in messages[0] and "\n" not in messages[0]

@@ -84,6 +84,7 @@ from tether.scoring.reward import (
 from tether.saving import write_text_atomic
 from tether.trainers.common import (
     return_large_frees_to_the_os,
+    warn_if_bf16_is_slow,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -161,6 +162,9 @@ class PPOTrainer:
         self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
         if self.device.type == "cpu":
             return_large_frees_to_the_os()
+        warn_if_bf16_is_slow(
+            config.bf16, self.device, warn=lambda message: console.print(f"[yellow]warning: {message}")
+        )
         # Global batches, shuffled alike on every process under the global seed; each process
         # rolls out its own slice (ppo-details 11).
         self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.seed)

@@ -59,6 +59,7 @@ from tether.models.forward import Critic
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
     return_large_frees_to_the_os,
+    warn_if_bf16_is_slow,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -151,6 +152,9 @@ class RewardTrainer:
         self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
         if self.device.type == "cpu":
             return_large_frees_to_the_os()
+        warn_if_bf16_is_slow(
+            config.bf16, self.device, warn=lambda message: console.print(f"[yellow]warning: {message}")
+        )
         seed_everything(config.seed)
 
         pairs = self._encode(train_dataset)

@@ -43,6 +43,7 @@ from tether.models.loading import check_vocabulary, disable_dropout, enable_grad
 from tether.ops.masks import position_ids_from_mask
 from tether.trainers.common import (
     return_large_frees_to_the_os,
+    warn_if_bf16_is_slow,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -144,6 +145,9 @@ class SFTTrainer:
         self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
         if self.device.type == "cpu":
             return_large_frees_to_the_os()
+        warn_if_bf16_is_slow(
+            config.bf16, self.device, warn=lambda message: console.print(f"[yellow]warning: {message}")
+        )
         seed_everything(config.seed)
 
         # Everything is encoded up front, so a bad row fails before the first step.
