@@ -50,6 +50,16 @@ def warn_if_bf16_is_slow(bf16: bool, device: torch.device, warn) -> None:
         )
 
 
+def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
+    """The device a trainer runs on (the Accelerator's when there is one), prepared: on CPU the
+    allocator gives large freed blocks back, and bf16 without native support is flagged."""
+    device = parallel.device if parallel.accelerator else resolve_device(config.device)
+    if device.type == "cpu":
+        return_large_frees_to_the_os()
+    warn_if_bf16_is_slow(config.bf16, device, warn)
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -83,14 +83,12 @@ from tether.scoring.reward import (
 )
 from tether.saving import write_text_atomic
 from tether.trainers.common import (
-    return_large_frees_to_the_os,
-    warn_if_bf16_is_slow,
     autocast,
     make_optimizer,
     make_scheduler,
-    resolve_device,
     seed_everything,
     stop_if_nonfinite,
+    training_device,
 )
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 
@@ -159,11 +157,8 @@ class PPOTrainer:
         # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.
         micro_batches = math.ceil(self.plan.local_mini_batch_size / self.plan.micro_batch_size)
         self.parallel = Parallel.create(config, micro_batches)
-        self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
-        if self.device.type == "cpu":
-            return_large_frees_to_the_os()
-        warn_if_bf16_is_slow(
-            config.bf16, self.device, warn=lambda message: console.print(f"[yellow]warning: {message}")
+        self.device = training_device(
+            config, self.parallel, warn=lambda message: console.print(f"[yellow]warning: {message}")
         )
         # Global batches, shuffled alike on every process under the global seed; each process
         # rolls out its own slice (ppo-details 11).

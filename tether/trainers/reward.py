@@ -58,14 +58,12 @@ from tether.ops.losses import bradley_terry_loss
 from tether.models.forward import Critic
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
-    return_large_frees_to_the_os,
-    warn_if_bf16_is_slow,
     autocast,
     make_optimizer,
     make_scheduler,
-    resolve_device,
     seed_everything,
     seeded_split,
+    training_device,
 )
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, launched_processes
@@ -149,11 +147,8 @@ class RewardTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
         self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
-        self.device = self.parallel.device if self.parallel.accelerator else resolve_device(config.device)
-        if self.device.type == "cpu":
-            return_large_frees_to_the_os()
-        warn_if_bf16_is_slow(
-            config.bf16, self.device, warn=lambda message: console.print(f"[yellow]warning: {message}")
+        self.device = training_device(
+            config, self.parallel, warn=lambda message: console.print(f"[yellow]warning: {message}")
         )
         seed_everything(config.seed)
 
