@@ -2,13 +2,23 @@
 
 One update, as ``step()`` reads:
 
-    prompts -> generate (split the response off by hand)          rollout/generate.py
+    prompts -> generate (split the response off by hand)          ppo_rollout.py, rollout/generate.py
             -> logprobs, reference logprobs, values on query_response, score on the
-               postprocessed query_response                       models/forward.py, scoring/
+               postprocessed query_response                       ppo_rollout.py, models/forward.py, scoring/
             -> rewards: -kl_coef * KL per token, score on the terminating token
             -> advantages: GAE, whitening                          ops/rewards.py, ops/stats.py
-            -> num_ppo_epochs x num_mini_batches optimizer steps   ops/losses.py
+            -> num_ppo_epochs x num_mini_batches optimizer steps   ppo_update.py, ops/losses.py
             -> metrics
+
+The trainer's files:
+
+    ppo.py          PPOTrainer: set-up, step(), advantages, the update loop (epochs x
+                    minibatches x micro-batches, one optimizer step per minibatch), train(),
+                    checkpoints, saving
+    ppo_rollout.py  RolloutMaker: sample, score, rollout, evaluate, decode (the trainer's
+                    methods of those names hand over to it); resolve_stop_token_ids
+    ppo_update.py   ppo_loss (one micro-batch's loss from the new logprobs and values) and
+                    UpdateTotals (the update's token-weighted metrics)
 
 Several processes (``accelerate launch`` / ``torchrun``): every process rolls out its shard of
 one global batch, then the rollouts are gathered so that advantages, whitening and metrics
@@ -36,7 +46,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_yaml
-from tether.data import PromptSampler, encode_prompts, left_pad
+from tether.data import PromptSampler, encode_prompts
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -59,28 +69,10 @@ from tether.models.loading import (
     value_model_from_policy,
 )
 from tether.models.lora import apply_lora, is_peft_model, merged_copy, policy_and_reference
-from tether.ops import (
-    AdaptiveKLController,
-    clipped_policy_loss,
-    clipped_value_loss,
-    ended_on_stop,
-    gae,
-    kl_estimate,
-    lengths_to_mask,
-    masked_sum,
-    masked_whiten,
-    response_lengths,
-    shape_rewards,
-)
+from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
-from tether.rollout.generate import generate_responses, sampling_config, sampling_temperature
-from tether.scoring.reward import (
-    apply_missing_stop_penalty,
-    call_reward_function,
-    get_reward,
-    import_reward_function,
-    is_function_spec,
-)
+from tether.rollout.generate import sampling_config, sampling_temperature
+from tether.scoring.reward import import_reward_function, is_function_spec
 from tether.saving import write_text_atomic
 from tether.trainers.common import (
     autocast,
@@ -91,26 +83,8 @@ from tether.trainers.common import (
     training_device,
 )
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
-
-def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
-    """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
-    model's own EOS ids (ppo-details fix 3: any of several ids terminates)."""
-    if config.stop_token_id is not None:
-        ids = config.stop_token_id if isinstance(config.stop_token_id, list) else [config.stop_token_id]
-    elif config.stop_token == "eos":
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    else:
-        own = policy.generation_config.eos_token_id
-        own = own if isinstance(own, list) else [own]
-        ids = [i for i in [*own, tokenizer.eos_token_id] if i is not None]
-    ids = list(dict.fromkeys(int(i) for i in ids))
-    if not ids:
-        raise ConfigError("no stop token: the tokenizer has no EOS; set stop_token_id")
-    vocab = len(tokenizer)
-    for token_id in ids:
-        if not 0 <= token_id < vocab:
-            raise ConfigError(f"stop_token_id {token_id} is outside the tokenizer's vocabulary of {vocab}")
-    return ids
+from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
+from tether.trainers.ppo_update import UpdateTotals, ppo_loss
 
 
 def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
@@ -120,9 +94,6 @@ def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
 
         dataset = datasets.Dataset.from_dict({config.prompt_column or "prompt": list(dataset)})
     return encode_prompts(dataset, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
-
-
-_CHUNK_KEYS = ("queries", "query_mask", "responses", "response_mask")
 
 
 class PPOTrainer:
@@ -201,6 +172,12 @@ class PPOTrainer:
         frozen_rows = config.local_rollout_forward_batch_size
         self._ref = self.parallel.prepare_frozen(self.ref_policy, frozen_rows) if self.ref_policy is not None else None
         self._reward = self.parallel.prepare_frozen(self.reward_model, frozen_rows) if self.reward_model else None
+        self.rollout_maker = RolloutMaker(
+            config, tokenizer, self.parallel, self.device,
+            policy=self.policy, policy_forward=self._policy, critic=self._critic, reference=self._ref,
+            reward_model=self._reward, reward_fn=self.reward_fn, sampling=self.sampling,
+            temperature=self.temperature, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
+        )
         if self.parallel.distributed:  # different samples on every process (ppo-details 11)
             seed_everything(config.seed + 100003 * self.parallel.rank)
         self.scheduler = make_scheduler(self.optimizer, self.plan.num_total_batches, config)  # stepped per update
@@ -213,12 +190,6 @@ class PPOTrainer:
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
     # --- set-up helpers -------------------------------------------------------------------
-    def _reference_logprobs(self, *chunk) -> torch.Tensor:
-        if self._ref is not None:
-            return policy_logprobs(self._ref, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
-        with self.parallel.unwrap(self._policy).disable_adapter():
-            return policy_logprobs(self._policy, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
-
     def _resolve_reward(self, reward):
         if isinstance(reward, str):
             if is_function_spec(reward):
@@ -250,128 +221,33 @@ class PPOTrainer:
     def kl_coef(self) -> float:
         return self.kl_controller.value if self.config.adaptive_kl else self.config.kl_coef
 
-    # --- rollout --------------------------------------------------------------------------
-    @torch.no_grad()
+    # --- rollout (ppo_rollout.py) ----------------------------------------------------------
     def sample(self, prompt_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """Left-pad the prompts, sample responses, and find where each response ends."""
-        queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
-        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
-        self.policy.eval()
-        with self._autocast(), self.parallel.unwrapped_for_generation(self._policy) as model:
-            responses, logprobs, _ = generate_responses(
-                model, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
-            )
-        lengths = response_lengths(responses, self.stop_token_ids)  # [B]
-        return {
-            "queries": queries,
-            "query_mask": query_mask,
-            "responses": responses,
-            "response_mask": lengths_to_mask(lengths, responses.size(1)),  # [B, T]
-            "lengths": lengths,
-            "terminated": ended_on_stop(responses, lengths, self.stop_token_ids),  # [B]
-            "sampling_logprobs": logprobs,  # [B, T]
-        }
+        return self.rollout_maker.sample(prompt_ids)
 
-    @torch.no_grad()
     def score(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
-        if self.reward_fn is not None:
-            texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
-            scores = call_reward_function(self.reward_fn, *texts)
-        else:
-            chunk_rows = self.config.local_rollout_forward_batch_size
-            scores = []
-            for start in range(0, samples["queries"].size(0), chunk_rows):
-                rows = slice(start, start + chunk_rows)
-                with self._autocast():
-                    scores.append(self._model_scores(*(samples[k][rows] for k in _CHUNK_KEYS)))
-            scores = torch.cat(scores)
-        scores = scores.float().to(self.device)
-        return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
+        return self.rollout_maker.score(samples)
 
-    @torch.no_grad()
     def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
-        """Sample responses to ``prompt_ids`` and score them (no advantages yet).
+        """Sample responses to ``prompt_ids`` and score them (no advantages yet); the time it
+        takes goes into ``timing``."""
+        return self.rollout_maker.rollout(prompt_ids, self.timing)
 
-        In full precision the old logprobs are the ones the sampler computed (ppo-details 10:
-        equal to a forward pass to fp32 rounding, one forward pass cheaper). Under bf16 a cached
-        decode and a full forward disagree by more than that (pitfall P3), so the old logprobs
-        come from a forward pass like the ones the update makes.
-        """
-        config = self.config
-        start = time.perf_counter()
-        samples = self.sample(prompt_ids)
-        sampling_logprobs = samples.pop("sampling_logprobs")
-        self.timing["timing/generate"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        scores = self.score(samples)
-        recompute = config.bf16 or config.fp16
-        logprobs, ref_logprobs, values = [], [], []
-        for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
-            rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
-            chunk = [samples[k][rows] for k in _CHUNK_KEYS]
-            with self._autocast():
-                if recompute:
-                    logprobs.append(policy_logprobs(self._policy, *chunk, self.temperature, config.logprob_chunk_size)[0])
-                ref_logprobs.append(self._reference_logprobs(*chunk))
-                values.append(critic_values(self._critic, *chunk))
-        self.timing["timing/score"] = time.perf_counter() - start
-
-        response_mask = samples["response_mask"]
-
-        def kept(chunks):  # tail positions hold numbers nobody may read: make them exactly 0
-            values = torch.cat(chunks).float()
-            return torch.where(response_mask, values, torch.zeros_like(values))
-
-        return Rollout(
-            **samples,
-            logprobs=kept(logprobs if recompute else [sampling_logprobs]),
-            ref_logprobs=kept(ref_logprobs),
-            values=kept(values),
-            scores=scores,
-        )
-
-    @torch.no_grad()
     def evaluate(self, max_prompts: int = 64) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to the first ``max_prompts`` eval prompts.
 
         Returns ``eval/*`` metrics and the sample rows (prompt, response, score).
         """
-        prompt_ids = self.eval_prompts[:max_prompts]
-        samples = self.sample(prompt_ids)
-        scores = self.score(samples)
-        prompts, responses = self.decode(
-            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
-        )
-        metrics = {
-            "eval/scores": scores.mean().item(),
-            "eval/response_length": samples["lengths"].float().mean().item(),
-            "eval/num_eos_tokens": int(samples["terminated"].sum()),
-        }
-        rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, scores.tolist())]
-        return metrics, rows
-
-    def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
-        """Reward model on the postprocessed query_response: cut after the stop token, the rest
-        padded and masked out, score read at the terminating token (seed note 3)."""
-        postprocessed = torch.where(response_mask, responses, torch.full_like(responses, self.pad_token_id))
-        query_responses = torch.cat([queries, postprocessed], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        _, scores, _ = get_reward(
-            self._reward, query_responses, self.pad_token_id, queries.size(1), attention_mask
-        )
-        return scores.float()
+        return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts])
 
     def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
         """Prompt and response texts; the response without its stop token."""
-        prompts = [row[mask].tolist() for row, mask in zip(queries, query_mask)]
-        kept = (lengths - terminated.long()).tolist()
-        texts = [row[:n].tolist() for row, n in zip(responses, kept)]
-        return (
-            self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
-            self.tokenizer.batch_decode(texts, skip_special_tokens=True),
-        )
+        return self.rollout_maker.decode(queries, query_mask, responses, lengths, terminated)
+
+    def _reference_logprobs(self, *chunk) -> torch.Tensor:
+        return self.rollout_maker.reference_logprobs(*chunk)
 
     def next_prompt_indices(self) -> list[int]:
         """This process's slice of the next global batch, which every process draws alike
@@ -423,7 +299,7 @@ class PPOTrainer:
         config, plan, parallel = self.config, self.plan, self.parallel
         self.policy.train()
         self.value_model.train()
-        totals = _UpdateTotals()
+        totals = UpdateTotals()
         rows = rollout.scores.size(0)  # the plan's global batch, or whatever a caller rolled out
         mini_batch_size = math.ceil(rows / config.num_mini_batches)
         if mini_batch_size % parallel.world_size:
@@ -448,7 +324,7 @@ class PPOTrainer:
                 self._optimizer_step(totals)
         return totals.metrics(parallel)
 
-    def _micro_batch_loss(self, micro: Rollout, minibatch_tokens: int, totals: "_UpdateTotals") -> torch.Tensor:
+    def _micro_batch_loss(self, micro: Rollout, minibatch_tokens: int, totals: UpdateTotals) -> torch.Tensor:
         config = self.config
         chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
         with self._autocast():
@@ -457,31 +333,14 @@ class PPOTrainer:
                 with_entropy=True, entropy_grad=config.entropy_coef != 0,
             )
             values = critic_values(self._critic, *chunk)
-        mask = micro.response_mask.float()
-        pg_loss, pg_clipped, ratio = clipped_policy_loss(logprobs, micro.logprobs, micro.advantages, config.cliprange)
-        vf_loss, vf_clipped = clipped_value_loss(values, micro.values, micro.returns, config.cliprange_value)
-        loss = masked_sum(pg_loss, mask) + config.vf_coef * masked_sum(vf_loss, mask)
-        if config.entropy_coef:
-            loss = loss - config.entropy_coef * masked_sum(entropy, mask)
-        with torch.no_grad():
-            totals.add(
-                mask,
-                pg_loss=pg_loss,
-                vf_loss=vf_loss,
-                pg_clipped=pg_clipped.float(),
-                vf_clipped=vf_clipped.float(),
-                approxkl=0.5 * (logprobs - micro.logprobs) ** 2,
-                entropy=entropy,
-                ratio=ratio,
-                ratio_sq=ratio**2,
-            )
+        loss = ppo_loss(micro, logprobs, entropy, values, config, totals)
         # Processes average their gradients and Accelerate divides by the accumulation steps:
         # ``loss_scale`` undoes both, leaving the sum over the minibatch / its tokens.
         if self.parallel.loss_scale != 1:
             loss = loss * self.parallel.loss_scale
         return loss / minibatch_tokens
 
-    def _optimizer_step(self, totals: "_UpdateTotals") -> None:
+    def _optimizer_step(self, totals: UpdateTotals) -> None:
         params = [*self.policy.parameters(), *self.value_model.parameters()]
         if self.parallel.optimizer_step(self.optimizer, params, self.config.max_grad_norm):
             totals.steps += 1
@@ -662,44 +521,3 @@ class PPOTrainer:
             policy = merged_copy(policy)  # a plain model; the trained adapter stays as it is
         target = Path(output_dir or self.config.output_dir)
         return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
-
-
-class _UpdateTotals:
-    """Token-weighted sums over one update's micro-batches, turned into TRL-named metrics."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}  # 0-d tensors on the training device: no sync per add
-        self.tokens: torch.Tensor | float = 0.0
-        self.steps = 0
-        self.skipped_steps = 0
-
-    def add(self, mask: torch.Tensor, **per_token: torch.Tensor) -> None:
-        self.tokens = self.tokens + mask.sum()
-        for name, value in per_token.items():
-            self.sums[name] = self.sums.get(name, 0.0) + masked_sum(value.float(), mask)
-
-    def metrics(self, parallel: Parallel) -> dict[str, float]:
-        """Token-weighted means over every process's micro-batches (one all-reduce)."""
-        sums, tokens = self.sums, self.tokens
-        if parallel.distributed:
-            names = sorted(sums)  # every process added the same names
-            totals = torch.stack([torch.as_tensor(tokens, dtype=torch.float32, device=parallel.device)]
-                                 + [sums[name].float() for name in names])
-            totals = parallel.sum_over_processes(totals)
-            tokens, sums = totals[0], dict(zip(names, totals[1:]))
-        tokens = max(float(tokens), 1.0)
-        mean = {name: float(total) / tokens for name, total in sums.items()}
-        return {
-            "policy/approxkl_avg": mean.get("approxkl", 0.0),
-            "policy/clipfrac_avg": mean.get("pg_clipped", 0.0),
-            "loss/policy_avg": mean.get("pg_loss", 0.0),
-            "loss/value_avg": mean.get("vf_loss", 0.0),
-            "val/clipfrac_avg": mean.get("vf_clipped", 0.0),
-            "policy/entropy_avg": mean.get("entropy", 0.0),
-            "val/ratio": mean.get("ratio", 1.0),
-            # token-level variance over the update (TRL: variance of micro-batch means, which
-            # depends on the micro-batch split)
-            "val/ratio_var": max(mean.get("ratio_sq", 1.0) - mean.get("ratio", 1.0) ** 2, 0.0),
-            "train/optimizer_steps": self.steps,
-            "train/skipped_steps": self.skipped_steps,
-        }

@@ -1,0 +1,234 @@
+"""The rollout half of a PPO update: sample responses to prompts, then score them.
+
+    prompts -> left-pad -> generate (split the response off by hand)   rollout/generate.py
+            -> where each response ends (stop token or length limit)   ops/
+            -> score: reward model on the postprocessed query_response,
+               or a reward function on the decoded texts;
+               then the missing-stop penalty                            scoring/reward.py
+            -> old logprobs, reference logprobs, values                 models/forward.py
+            -> Rollout                                                  rollout/batch.py
+
+``RolloutMaker`` holds the models and sampling settings this needs; ``PPOTrainer`` builds one
+and hands its ``sample`` / ``score`` / ``rollout`` / ``evaluate`` / ``decode`` through.
+Advantages and the update loop stay in ``ppo.py``, the micro-batch loss is in ``ppo_update.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from tether.config import PPOConfig
+from tether.data import left_pad
+from tether.errors import ConfigError
+from tether.models.forward import critic_values, policy_logprobs
+from tether.ops import ended_on_stop, lengths_to_mask, response_lengths
+from tether.rollout.batch import Rollout
+from tether.rollout.generate import generate_responses
+from tether.scoring.reward import apply_missing_stop_penalty, call_reward_function, get_reward
+from tether.trainers.common import autocast
+from tether.trainers.parallel import Parallel
+
+
+def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
+    """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
+    model's own EOS ids (ppo-details fix 3: any of several ids terminates)."""
+    if config.stop_token_id is not None:
+        ids = config.stop_token_id if isinstance(config.stop_token_id, list) else [config.stop_token_id]
+    elif config.stop_token == "eos":
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    else:
+        own = policy.generation_config.eos_token_id
+        own = own if isinstance(own, list) else [own]
+        ids = [i for i in [*own, tokenizer.eos_token_id] if i is not None]
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    if not ids:
+        raise ConfigError("no stop token: the tokenizer has no EOS; set stop_token_id")
+    vocab = len(tokenizer)
+    for token_id in ids:
+        if not 0 <= token_id < vocab:
+            raise ConfigError(f"stop_token_id {token_id} is outside the tokenizer's vocabulary of {vocab}")
+    return ids
+
+
+_CHUNK_KEYS = ("queries", "query_mask", "responses", "response_mask")
+
+
+class RolloutMaker:
+    """Samples responses with the policy and scores them with the reward, the reference and
+    the critic, in chunks of ``local_rollout_forward_batch_size`` rows.
+
+    ``policy`` is the bare policy (switched to eval mode for sampling); ``policy_forward``,
+    ``critic``, ``reference`` and ``reward_model`` are what forward passes run through (the
+    engine's wrappers in several processes). ``reference`` None: the policy is a LoRA model
+    and the reference is the policy with its adapter disabled.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        tokenizer,
+        parallel: Parallel,
+        device: torch.device,
+        *,
+        policy: nn.Module,
+        policy_forward: nn.Module,
+        critic: nn.Module,
+        reference: nn.Module | None,
+        reward_model: nn.Module | None,
+        reward_fn: Callable | None,
+        sampling,
+        temperature: float,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.parallel = parallel
+        self.device = device
+        self.policy = policy
+        self.policy_forward = policy_forward
+        self.critic = critic
+        self.reference = reference
+        self.reward_model = reward_model
+        self.reward_fn = reward_fn
+        self.sampling = sampling
+        self.temperature = temperature
+        self.stop_token_ids = stop_token_ids
+        self.pad_token_id = pad_token_id
+
+    def _autocast(self):
+        return autocast(self.device, self.config.bf16, self.config.fp16)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-pad the prompts, sample responses, and find where each response ends."""
+        queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        self.policy.eval()
+        with self._autocast(), self.parallel.unwrapped_for_generation(self.policy_forward) as model:
+            responses, logprobs, _ = generate_responses(
+                model, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
+            )
+        lengths = response_lengths(responses, self.stop_token_ids)  # [B]
+        return {
+            "queries": queries,
+            "query_mask": query_mask,
+            "responses": responses,
+            "response_mask": lengths_to_mask(lengths, responses.size(1)),  # [B, T]
+            "lengths": lengths,
+            "terminated": ended_on_stop(responses, lengths, self.stop_token_ids),  # [B]
+            "sampling_logprobs": logprobs,  # [B, T]
+        }
+
+    @torch.no_grad()
+    def score(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
+        if self.reward_fn is not None:
+            texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
+            scores = call_reward_function(self.reward_fn, *texts)
+        else:
+            chunk_rows = self.config.local_rollout_forward_batch_size
+            scores = []
+            for start in range(0, samples["queries"].size(0), chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                with self._autocast():
+                    scores.append(self._model_scores(*(samples[k][rows] for k in _CHUNK_KEYS)))
+            scores = torch.cat(scores)
+        scores = scores.float().to(self.device)
+        return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids: Sequence[list[int]], timing: dict[str, float]) -> Rollout:
+        """Sample responses to ``prompt_ids`` and score them (no advantages yet); the seconds
+        spent generating and scoring go into ``timing``.
+
+        In full precision the old logprobs are the ones the sampler computed (ppo-details 10:
+        equal to a forward pass to fp32 rounding, one forward pass cheaper). Under bf16 a cached
+        decode and a full forward disagree by more than that (pitfall P3), so the old logprobs
+        come from a forward pass like the ones the update makes.
+        """
+        config = self.config
+        start = time.perf_counter()
+        samples = self.sample(prompt_ids)
+        sampling_logprobs = samples.pop("sampling_logprobs")
+        timing["timing/generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores = self.score(samples)
+        recompute = config.bf16 or config.fp16
+        logprobs, ref_logprobs, values = [], [], []
+        for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
+            rows = slice(start_row, start_row + config.local_rollout_forward_batch_size)
+            chunk = [samples[k][rows] for k in _CHUNK_KEYS]
+            with self._autocast():
+                if recompute:
+                    logprobs.append(
+                        policy_logprobs(self.policy_forward, *chunk, self.temperature, config.logprob_chunk_size)[0]
+                    )
+                ref_logprobs.append(self.reference_logprobs(*chunk))
+                values.append(critic_values(self.critic, *chunk))
+        timing["timing/score"] = time.perf_counter() - start
+
+        response_mask = samples["response_mask"]
+
+        def kept(chunks):  # tail positions hold numbers nobody may read: make them exactly 0
+            values = torch.cat(chunks).float()
+            return torch.where(response_mask, values, torch.zeros_like(values))
+
+        return Rollout(
+            **samples,
+            logprobs=kept(logprobs if recompute else [sampling_logprobs]),
+            ref_logprobs=kept(ref_logprobs),
+            values=kept(values),
+            scores=scores,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, prompt_ids: Sequence[list[int]]) -> tuple[dict[str, float], list[dict]]:
+        """Sample and score responses to ``prompt_ids``: ``eval/*`` metrics and the sample rows
+        (prompt, response, score)."""
+        samples = self.sample(prompt_ids)
+        scores = self.score(samples)
+        prompts, responses = self.decode(
+            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        )
+        metrics = {
+            "eval/scores": scores.mean().item(),
+            "eval/response_length": samples["lengths"].float().mean().item(),
+            "eval/num_eos_tokens": int(samples["terminated"].sum()),
+        }
+        rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, scores.tolist())]
+        return metrics, rows
+
+    def reference_logprobs(self, *chunk) -> torch.Tensor:
+        """Reference logprobs ``[B, T]`` of one chunk; a LoRA policy's are its own with the
+        adapter disabled."""
+        if self.reference is not None:
+            return policy_logprobs(self.reference, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
+        with self.parallel.unwrap(self.policy_forward).disable_adapter():
+            return policy_logprobs(self.policy_forward, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
+
+    def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
+        """Reward model on the postprocessed query_response: cut after the stop token, the rest
+        padded and masked out, score read at the terminating token (seed note 3)."""
+        postprocessed = torch.where(response_mask, responses, torch.full_like(responses, self.pad_token_id))
+        query_responses = torch.cat([queries, postprocessed], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        _, scores, _ = get_reward(
+            self.reward_model, query_responses, self.pad_token_id, queries.size(1), attention_mask
+        )
+        return scores.float()
+
+    def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
+        """Prompt and response texts; the response without its stop token."""
+        prompts = [row[mask].tolist() for row, mask in zip(queries, query_mask)]
+        kept = (lengths - terminated.long()).tolist()
+        texts = [row[:n].tolist() for row, n in zip(responses, kept)]
+        return (
+            self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
+            self.tokenizer.batch_decode(texts, skip_special_tokens=True),
+        )
