@@ -301,6 +301,30 @@ def test_chunked_generation_logprobs_match_forward(tokenizer, policy):
     assert torch.allclose(from_scores[mask], from_forward[mask], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_decoding_output_layer_equals_the_linear_layer_on_both_paths(monkeypatch, bias):
+    """The decoding loop's output layer (oneDNN-packed weight where available, else W @ h^T)
+    gives ``head(h)`` to fp32 rounding, and a failed kernel check falls back to the plain product."""
+    import tether.rollout.generate as generate
+
+    torch.manual_seed(0)
+    head = nn.Linear(24, 300, bias=bias)
+    hidden = torch.randn(5, 24)
+    expected = head(hidden).detach()
+    with torch.no_grad():
+        layer = generate._OutputLayer(head, rows=5)
+        if torch.backends.mkldnn.is_available():
+            assert layer.packed is not None  # the CPU fp32 path this machine should take
+        torch.testing.assert_close(layer(hidden), expected, rtol=1e-5, atol=1e-5)
+        monkeypatch.setitem(generate._ONEDNN_CHECKED, "ok", False)
+        plain = generate._OutputLayer(head, rows=5)
+        assert plain.packed is None
+        torch.testing.assert_close(plain(hidden), expected, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the model's own product
+            monkeypatch.delitem(generate._ONEDNN_CHECKED, "ok")
+            assert generate._OutputLayer(head, rows=5).packed is None
+
+
 @pytest.mark.parametrize("chunk", [2, 6])
 def test_generation_is_deterministic_under_a_seed(tokenizer, policy, chunk):
     queries, query_mask = sample_queries(policy.config.vocab_size, rows=6, seed=5)

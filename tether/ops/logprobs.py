@@ -63,16 +63,34 @@ def head_chunk_rows(vocab: int, max_rows: int = DEFAULT_CHUNK_ROWS) -> int:
     return max(1, min(max_rows, CHUNK_ELEMENTS // vocab))
 
 
-def _scaled_logits(hidden, weight, bias, temperature: float, compute_dtype: torch.dtype) -> torch.Tensor:
-    """``(hidden @ weight.T + bias) / temperature`` in float32 (or wider), the product in ``compute_dtype``."""
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()
+def _scaled_logits(hidden, weight, bias, temperature: float, compute_dtype: torch.dtype, out=None) -> torch.Tensor:
+    """``(hidden @ weight.T + bias) / temperature`` in float32 (or wider), the product in
+    ``compute_dtype``; written into ``out`` (a reused buffer) when the product is already wide."""
+    wide = _wide(compute_dtype)
+    if out is not None and compute_dtype == wide:
+        logits = torch.mm(hidden.to(compute_dtype), weight.to(compute_dtype).t(), out=out)
+    else:
+        logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).t()).to(wide)
     if bias is not None:
-        logits = logits + bias.to(compute_dtype)
-    return logits.to(_wide(compute_dtype)).div_(temperature)
+        logits += bias.to(wide)
+    return logits.div_(temperature)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+class _Buffer:
+    """One ``[rows, vocab]`` scratch tensor reused by every chunk: a fresh tensor of that size
+    per chunk costs a page fault per 4 KiB on CPU, which is as slow as the arithmetic."""
+
+    def __init__(self):
+        self.tensor = None
+
+    def rows(self, count: int, like: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.tensor is None or self.tensor.size(0) < count:
+            self.tensor = torch.empty(count, columns, dtype=dtype, device=like.device)
+        return self.tensor[:count]
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -81,28 +99,38 @@ class _HeadLogprobs(torch.autograd.Function):
     Forward and backward both walk the rows in chunks. The backward pass either reuses the
     chunks' probabilities (when all of them fit in ``KEEP_PROBS_BYTES``) or recomputes them
     from the saved hidden states: one extra output-layer matmul instead of holding the
-    ``[rows, vocab]`` logits. With ``d logp_y / d z = onehot(y) - p`` for logits ``z``.
+    ``[rows, vocab]`` logits. With ``d logp_y / d z = (onehot(y) - p) / tau`` for logits
+    ``z``, the probabilities enter both products unchanged and the one-hot part is a row
+    gather / scatter: no pass over ``[rows, vocab]`` beyond the matmuls.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, compute_dtype, with_entropy, keep_probs):
-        rows = hidden.size(0)
-        logprobs = torch.empty(rows, dtype=_wide(compute_dtype), device=hidden.device)
-        normalisers = torch.empty_like(logprobs)
+        rows, vocab = hidden.size(0), weight.size(0)
+        wide = _wide(compute_dtype)
+        logprobs = torch.empty(rows, dtype=wide, device=hidden.device)
+        tops, totals = torch.empty_like(logprobs), torch.empty_like(logprobs)  # softmax = exp(z - top) / total
         entropy = torch.empty_like(logprobs) if with_entropy else None
-        kept = []
+        kept, logits_buffer, probs_buffer = [], _Buffer(), _Buffer()
         for part in _chunks(rows, chunk_rows):
-            scaled = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype)
-            normaliser = torch.logsumexp(scaled, dim=-1)
-            normalisers[part] = normaliser
-            logprobs[part] = scaled.gather(1, tokens[part].unsqueeze(1)).squeeze(1) - normaliser
+            count = part.stop - part.start
+            out = logits_buffer.rows(count, hidden, vocab, wide)
+            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)  # [rows, V]
+            top = shifted.amax(-1, keepdim=True)
+            shifted -= top  # every exponent <= 0
+            chosen = shifted.gather(1, tokens[part].unsqueeze(1)).squeeze(1)
             if with_entropy or keep_probs:
-                probs = (scaled - normaliser.unsqueeze(1)).exp_()
-                if with_entropy:
-                    entropy[part] = normaliser - (probs * scaled).sum(-1)
+                weights = torch.exp(shifted) if keep_probs else torch.exp(shifted, out=probs_buffer.rows(count, hidden, vocab, wide))
+                total = weights.sum(-1)
+                if with_entropy:  # H = log S - sum(e^s * s) / S over the shifted logits s
+                    entropy[part] = total.log() - torch.einsum("rv,rv->r", weights, shifted) / total
                 if keep_probs:
-                    kept.append(probs)
-        ctx.save_for_backward(hidden, weight, bias, tokens, normalisers)
+                    kept.append(weights.div_(total.unsqueeze(1)))
+            else:
+                total = shifted.exp_().sum(-1)
+            logprobs[part] = chosen - total.log()
+            tops[part], totals[part] = top.squeeze(1), total
+        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals)
         ctx.kept = kept
         ctx.settings = (temperature, chunk_rows, compute_dtype)
         if entropy is None:
@@ -112,31 +140,43 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
-        hidden, weight, bias, tokens, normalisers = ctx.saved_tensors
+        hidden, weight, bias, tokens, tops, totals = ctx.saved_tensors
         temperature, chunk_rows, compute_dtype = ctx.settings
         kept, ctx.kept = ctx.kept, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
         wide = _wide(compute_dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=wide, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         cast_weight = weight.to(compute_dtype)
+        buffer = _Buffer()
         for index, part in enumerate(_chunks(hidden.size(0), chunk_rows)):
             if kept:
                 probs = kept[index]
             else:
-                scaled = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype)
-                probs = scaled.sub_(normalisers[part].unsqueeze(1)).exp_()
-            grad_out = grad_logprobs[part].to(probs.dtype)
-            grad_scaled = probs.mul_(-grad_out.unsqueeze(1))  # probs are not needed again
-            grad_scaled.scatter_add_(1, tokens[part].unsqueeze(1), grad_out.unsqueeze(1))
-            grad_scaled = grad_scaled.div_(temperature).to(compute_dtype)
+                out = buffer.rows(part.stop - part.start, hidden, weight.size(0), wide)
+                probs = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)
+                probs = probs.sub_(tops[part].unsqueeze(1)).exp_().div_(totals[part].unsqueeze(1))  # as the forward
+            # d loss / d z = g / tau * (onehot(y) - p), row by row
+            scale = (grad_logprobs[part].to(wide) / temperature).unsqueeze(1)  # [rows, 1]
+            chosen_tokens = tokens[part]
+            cast_probs = probs.to(compute_dtype)
             if need_hidden:
-                grad_hidden[part] = (grad_scaled @ cast_weight).to(hidden.dtype)
+                rows_grad = (cast_probs @ cast_weight).to(wide)  # [rows, H]
+                grad_hidden[part] = (weight[chosen_tokens].to(wide) - rows_grad) * scale
+            if need_weight or need_bias:
+                hidden_part = hidden[part].to(wide) * scale  # [rows, H]
             if need_weight:
-                grad_weight += grad_scaled.t() @ hidden[part].to(compute_dtype)
+                if compute_dtype == wide:  # in place: no [V, H] temporary per chunk
+                    grad_weight.addmm_(cast_probs.t(), hidden_part, alpha=-1)
+                else:
+                    grad_weight -= (cast_probs.t() @ hidden_part.to(compute_dtype)).to(wide)
+                grad_weight.index_add_(0, chosen_tokens, hidden_part)
             if need_bias:
-                grad_bias += grad_scaled.sum(0)
+                grad_bias -= (scale.t().to(compute_dtype) @ cast_probs).squeeze(0).to(wide)
+                grad_bias.index_add_(0, chosen_tokens, scale.squeeze(1))
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
