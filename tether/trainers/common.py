@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import random
 from collections.abc import Iterable
 
@@ -18,22 +17,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def return_large_frees_to_the_os(threshold_bytes: int = 1 << 20) -> None:
-    """Make glibc serve allocations of ``threshold_bytes`` or more with ``mmap``, always.
-
-    By default glibc raises that threshold every time a large block is freed, after which
-    blocks of the same size come from the heap, where freed space is seldom given back: a
-    decoding loop that allocates ``[batch, vocab]`` logits every step then grows the resident
-    memory by gigabytes (3.7 GB instead of 1 GB on a 128k-vocabulary rollout). A fixed
-    threshold keeps the peak at what is really in use. No effect outside glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold_bytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def cpu_has_native_bf16() -> bool:
@@ -51,11 +34,9 @@ def warn_if_bf16_is_slow(bf16: bool, device: torch.device, warn) -> None:
 
 
 def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
-    """The device a trainer runs on (the Accelerator's when there is one), prepared: on CPU the
-    allocator gives large freed blocks back, and bf16 without native support is flagged."""
+    """The device a trainer runs on (the Accelerator's when there is one); bf16 without native
+    support on a CPU is flagged."""
     device = parallel.device if parallel.accelerator else resolve_device(config.device)
-    if device.type == "cpu":
-        return_large_frees_to_the_os()
     warn_if_bf16_is_slow(config.bf16, device, warn)
     return device
 
