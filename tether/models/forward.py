@@ -25,7 +25,7 @@ def _concat(queries, query_mask, responses, response_mask):
     return input_ids, attention_mask.long(), position_ids_from_mask(attention_mask)
 
 
-def _accepts(model: nn.Module, argument: str) -> bool:
+def accepts_argument(model: nn.Module, argument: str) -> bool:
     """Whether the Hugging Face model under any wrapper takes ``argument`` (wrappers pass it on)."""
     forward = getattr(bare_model(model), "forward", model)
     try:
@@ -42,7 +42,7 @@ def response_logits(model, queries, query_mask, responses, response_mask) -> tor
     """
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
-    kwargs = {"logits_to_keep": width + 1} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": width + 1} if accepts_argument(model, "logits_to_keep") else {}
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     ).logits

@@ -16,14 +16,13 @@ Position ids skip left padding, as in every forward pass (ppo-details 4).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from tether.errors import ConfigError
-from tether.models.forward import output_layer_split
+from tether.models.forward import accepts_argument, output_layer_split
 from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
 
@@ -86,13 +85,6 @@ def generate_responses(
         logprobs=torch.cat([_pad_right(c.logprobs, width, 0.0) for c in chunks]),
         scores=torch.cat([_pad_right(c.scores, width, 0.0) for c in chunks]) if output_scores else None,
     )
-
-
-def _accepts(model, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 SAMPLING_BLOCK = 256
@@ -176,7 +168,7 @@ def _packed_for_onednn(weight: torch.Tensor, rows: int):
 def _next_token_logits(model, split, output_layer, **inputs) -> tuple[torch.Tensor, object]:
     """Logits ``[b, V]`` at the last position, and the cache."""
     if split is None:
-        keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        keep_last = {"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}
         output = model(**inputs, **keep_last)
         return output.logits[:, -1], _returned_cache(output)
     backbone, _ = split
@@ -207,7 +199,7 @@ def _sample_chunk(model, queries, query_mask, config: SamplingConfig, output_sco
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     split = output_layer_split(model)
     output_layer = _OutputLayer(split[1], rows) if split is not None else None
-    cache_argument = "cache" if _accepts(split[0] if split else model, "cache") else "past_key_values"
+    cache_argument = "cache" if accepts_argument(split[0] if split else model, "cache") else "past_key_values"
     cache = _kv_cache(model, queries.size(1) + config.max_new_tokens)
     attention_mask = query_mask.long()
     next_position = attention_mask.sum(1, keepdim=True)  # [b, 1] real tokens so far
