@@ -16,6 +16,7 @@ Position ids skip left padding, as in every forward pass (ppo-details 4).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,8 +76,13 @@ def generate_responses(
     LoRA layers are still in place.
     """
     model = bare_model(model)
+    split = output_layer_split(model)
+    output_layer = _OutputLayer(split[1], min(chunk_size, queries.size(0))) if split is not None else None
     chunks = [
-        _sample_chunk(model, queries[start : start + chunk_size], query_mask[start : start + chunk_size], config, output_scores)
+        _sample_chunk(
+            model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
+            config, output_scores,
+        )
         for start in range(0, queries.size(0), chunk_size)
     ]
     width = max(chunk.responses.size(1) for chunk in chunks)
@@ -117,11 +123,12 @@ def sample_tokens(weights: torch.Tensor) -> torch.Tensor:
 
 
 class _OutputLayer:
-    """The output layer at the last position, ``[b, H] -> [b, V]``, for one sampling loop.
+    """The output layer at the last position, ``[b, H] -> [b, V]``, built once per
+    ``generate_responses`` call and shared by its chunks.
 
     Decoding multiplies a few rows by the whole output matrix once per token. On CPU in fp32
-    the matrix is laid out once per loop for oneDNN's GEMM (``_packed_for_onednn``), which runs
-    these shapes about twice as fast as the default BLAS; otherwise the product is
+    the matrix is laid out once for oneDNN's GEMM (``_packed_for_onednn``), which runs these
+    shapes about twice as fast as the default BLAS; otherwise the product is
     ``(W @ h^T)^T``, which CPU GEMM kernels also run faster than ``h @ W^T`` (transposition
     included). Either way the numbers are the output layer's to fp32 rounding.
     """
@@ -137,13 +144,9 @@ class _OutputLayer:
         return logits + self.bias if self.bias is not None else logits
 
 
-_ONEDNN_CHECKED: dict[str, bool] = {}
-
-
 def _packed_for_onednn(weight: torch.Tensor, rows: int):
     """``weight`` reordered for oneDNN's linear kernel, or None where that does not apply: not
-    a CPU fp32 product, torch without oneDNN, or the kernel failing its one check (against a
-    plain matmul on random rows, once per process)."""
+    a CPU fp32 product, torch without oneDNN, or a kernel that fails ``_onednn_matches_matmul``."""
     usable = (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
@@ -151,18 +154,26 @@ def _packed_for_onednn(weight: torch.Tensor, rows: int):
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
-    if not usable or _ONEDNN_CHECKED.get("ok") is False:
+    if not usable or not _onednn_matches_matmul():
         return None
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        if "ok" not in _ONEDNN_CHECKED:
-            probe = torch.randn(rows, weight.size(1), generator=torch.Generator().manual_seed(0))
-            got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [None], "")
-            _ONEDNN_CHECKED["ok"] = bool(torch.allclose(got, probe @ weight.t(), rtol=1e-4, atol=1e-4))
-        return packed if _ONEDNN_CHECKED["ok"] else None
-    except (RuntimeError, AttributeError):
-        _ONEDNN_CHECKED["ok"] = False
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    except RuntimeError:  # a layout oneDNN refuses: the plain product
         return None
+
+
+@functools.cache
+def _onednn_matches_matmul() -> bool:
+    """Whether oneDNN's packed linear kernel gives a plain matmul's numbers (once per process,
+    on random numbers of its own generator: the global random stream is left alone)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, rows = torch.randn(96, 40, generator=generator), torch.randn(5, 40, generator=generator)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.size(0))
+        got = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [None], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.allclose(got, rows @ weight.t(), rtol=1e-4, atol=1e-4))
 
 
 def _next_token_logits(model, split, output_layer, **inputs) -> tuple[torch.Tensor, object]:
@@ -193,12 +204,10 @@ def _kv_cache(model, length: int):
         return None
 
 
-def _sample_chunk(model, queries, query_mask, config: SamplingConfig, output_scores: bool) -> Generation:
+def _sample_chunk(model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool) -> Generation:
     rows = queries.size(0)
     device = queries.device
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
-    split = output_layer_split(model)
-    output_layer = _OutputLayer(split[1], rows) if split is not None else None
     cache_argument = "cache" if accepts_argument(split[0] if split else model, "cache") else "past_key_values"
     cache = _kv_cache(model, queries.size(1) + config.max_new_tokens)
     attention_mask = query_mask.long()
