@@ -84,12 +84,14 @@ class _Buffer:
     """One ``[rows, vocab]`` scratch tensor reused by every chunk: a fresh tensor of that size
     per chunk costs a page fault per 4 KiB on CPU, which is as slow as the arithmetic."""
 
-    def __init__(self):
+    def __init__(self, columns: int, dtype: torch.dtype, device: torch.device):
+        self.columns, self.dtype, self.device = columns, dtype, device
         self.tensor = None
 
-    def rows(self, count: int, like: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    def rows(self, part: slice) -> torch.Tensor:
+        count = part.stop - part.start
         if self.tensor is None or self.tensor.size(0) < count:
-            self.tensor = torch.empty(count, columns, dtype=dtype, device=like.device)
+            self.tensor = torch.empty(count, self.columns, dtype=self.dtype, device=self.device)
         return self.tensor[:count]
 
 
@@ -111,16 +113,15 @@ class _HeadLogprobs(torch.autograd.Function):
         logprobs = torch.empty(rows, dtype=wide, device=hidden.device)
         tops, totals = torch.empty_like(logprobs), torch.empty_like(logprobs)  # softmax = exp(z - top) / total
         entropy = torch.empty_like(logprobs) if with_entropy else None
-        kept, logits_buffer, probs_buffer = [], _Buffer(), _Buffer()
+        kept = []
+        logits_buffer, probs_buffer = _Buffer(vocab, wide, hidden.device), _Buffer(vocab, wide, hidden.device)
         for part in _chunks(rows, chunk_rows):
-            count = part.stop - part.start
-            out = logits_buffer.rows(count, hidden, vocab, wide)
-            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)  # [rows, V]
+            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, logits_buffer.rows(part))  # [rows, V]
             top = shifted.amax(-1, keepdim=True)
             shifted -= top  # every exponent <= 0
             chosen = shifted.gather(1, tokens[part].unsqueeze(1)).squeeze(1)
             if with_entropy or keep_probs:
-                weights = torch.exp(shifted) if keep_probs else torch.exp(shifted, out=probs_buffer.rows(count, hidden, vocab, wide))
+                weights = torch.exp(shifted) if keep_probs else torch.exp(shifted, out=probs_buffer.rows(part))
                 total = weights.sum(-1)
                 if with_entropy:  # H = log S - sum(e^s * s) / S over the shifted logits s
                     entropy[part] = total.log() - torch.einsum("rv,rv->r", weights, shifted) / total
@@ -149,13 +150,12 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         cast_weight = weight.to(compute_dtype)
-        buffer = _Buffer()
+        buffer = _Buffer(weight.size(0), wide, hidden.device)
         for index, part in enumerate(_chunks(hidden.size(0), chunk_rows)):
             if kept:
                 probs = kept[index]
             else:
-                out = buffer.rows(part.stop - part.start, hidden, weight.size(0), wide)
-                probs = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)
+                probs = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, buffer.rows(part))
                 probs = probs.sub_(tops[part].unsqueeze(1)).exp_().div_(totals[part].unsqueeze(1))  # as the forward
             # d loss / d z = g / tau * (onehot(y) - p), row by row
             scale = (grad_logprobs[part].to(wide) / temperature).unsqueeze(1)  # [rows, 1]
