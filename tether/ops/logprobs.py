@@ -116,7 +116,8 @@ class _HeadLogprobs(torch.autograd.Function):
         kept = []
         logits_buffer, probs_buffer = _Buffer(vocab, wide, hidden.device), _Buffer(vocab, wide, hidden.device)
         for part in _chunks(rows, chunk_rows):
-            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, logits_buffer.rows(part))  # [rows, V]
+            out = logits_buffer.rows(part)
+            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)  # [rows, V]
             top = shifted.amax(-1, keepdim=True)
             shifted -= top  # every exponent <= 0
             chosen = shifted.gather(1, tokens[part].unsqueeze(1)).squeeze(1)

@@ -204,7 +204,9 @@ def _kv_cache(model, length: int):
         return None
 
 
-def _sample_chunk(model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool) -> Generation:
+def _sample_chunk(
+    model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool
+) -> Generation:
     rows = queries.size(0)
     device = queries.device
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
