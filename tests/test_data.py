@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import datasets
@@ -10,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tether.data import PromptSampler, encode_prompts, left_pad, load_table
+from tether.data import PromptSampler, encode_prompt_values, encode_prompts, left_pad, load_table
 from tether.errors import DataError
 from tether.tiny import numbered_words, word_tokenizer
 
@@ -222,6 +224,33 @@ def test_truncation_error_names_first_long_row(tokenizer):
     table = datasets.Dataset.from_dict({"input_ids": [[4], [5, 6, 7], [8, 9, 10, 11]]})
     with pytest.raises(DataError, match="row 1 .*has 3 tokens.*max_prompt_length=2"):
         encode_prompts(table, tokenizer, max_prompt_length=2, truncation="error")
+
+
+def test_a_plain_list_encodes_like_a_table(tokenizer):
+    """Prompts given as a Python list skip ``datasets`` and come out as from a one-column table
+    (text, chat or token ids, with the same truncation), and may mix kinds, which one table
+    column cannot; errors name the row."""
+    kinds = [["w1 w2 w3", "w4"], [[{"role": "user", "content": "w4"}]], [[5, 6, 7, 8], [9]]]
+    for length in (None, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per_kind = []
+            for values in kinds:
+                table = datasets.Dataset.from_list([{"prompt": value} for value in values])
+                per_kind += encode_prompts(table, tokenizer, max_prompt_length=length)
+            every = [value for values in kinds for value in values]
+            mixed = encode_prompt_values(every, tokenizer, max_prompt_length=length)
+        assert mixed == per_kind
+    assert mixed[3:] == [[7, 8], [9]]
+    with pytest.raises(DataError, match="row 1 .*empty prompt"):
+        encode_prompt_values(["w1", ""], tokenizer)
+
+
+def test_importing_tether_leaves_datasets_unloaded():
+    """``datasets`` (with pyarrow and pandas, ~85 MB resident) is imported only to read a table."""
+    code = "import sys, tether; from tether import PPOTrainer; print('datasets' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------- left_pad

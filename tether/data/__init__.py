@@ -3,10 +3,11 @@
 from tether.data.prompts import (
     PROMPT_COLUMNS,
     PromptSampler,
+    encode_prompt_values,
     encode_prompts,
     left_pad,
     load_table,
     load_test_split,
 )
 
-__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompts", "left_pad", "load_table", "load_test_split"]
+__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompt_values", "encode_prompts", "left_pad", "load_table", "load_test_split"]
