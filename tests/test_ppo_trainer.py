@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tether.config import PPOConfig
 from tether.errors import ConfigError, RewardError
 from tether.models.forward import critic_values, policy_logprobs
+from tether.ops import clipped_policy_loss, clipped_value_loss
 from tether.rollout.batch import Rollout
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
@@ -316,6 +317,42 @@ def test_update_does_not_depend_on_micro_batch_split(tmp_path, reward):
         if key.startswith("timing/"):
             continue
         assert whole_metrics[key] == pytest.approx(split_metrics[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_update_gradients_are_those_of_the_summed_loss(tmp_path, entropy_coef):
+    """The value loss goes back before the policy's forward pass (less memory at once); the
+    gradients of the step must still be those of one backward pass of the summed loss
+    ``sum(pg + vf_coef * vf - entropy_coef * entropy) / tokens``, computed here from the rollout."""
+    trainer = make_trainer(
+        tmp_path, reward="model", biases={EOS: 1.0}, num_mini_batches=1, num_ppo_epochs=1,
+        per_device_train_batch_size=8, gradient_accumulation_steps=1, entropy_coef=entropy_coef, vf_coef=0.3,
+    )
+    config = trainer.config
+    rollout = trainer.rollout(next_prompt_ids(trainer))
+    trainer.compute_advantages(rollout)
+    mask = rollout.response_mask.float()
+    chunk = (rollout.queries, rollout.query_mask, rollout.responses, rollout.response_mask)
+    trainer.policy.train()
+    trainer.value_model.train()
+    logprobs, entropy = policy_logprobs(
+        trainer.policy, *chunk, trainer.temperature, 1024, with_entropy=True, entropy_grad=True
+    )
+    values = critic_values(trainer.value_model, *chunk)
+    pg, _, _ = clipped_policy_loss(logprobs, rollout.logprobs, rollout.advantages, config.cliprange)
+    vf, _ = clipped_value_loss(values, rollout.values, rollout.returns, config.cliprange_value)
+    (((pg + 0.3 * vf - entropy_coef * entropy) * mask).sum() / mask.sum()).backward()
+    expected = {f"policy.{n}": p.grad.clone() for n, p in trainer.policy.named_parameters()}
+    expected.update({f"value.{n}": p.grad.clone() for n, p in trainer.value_model.named_parameters()})
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    steps = record_gradients(trainer)
+    trainer.optimise(rollout)
+    assert len(steps) == 1 and steps[0].keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    assert scale > 1e-3
+    for name, grad in expected.items():
+        torch.testing.assert_close(steps[0][name], grad, atol=1e-5 * scale, rtol=0, msg=name)
 
 
 # --------------------------------------------------------------------------- 3. left padding

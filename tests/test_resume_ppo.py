@@ -172,8 +172,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, mon
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch):
     trainer = make_trainer(tmp_path, max_nonfinite_steps=3)
-    real = trainer._micro_batch_loss
-    monkeypatch.setattr(trainer, "_micro_batch_loss", lambda *a: real(*a) * float("nan"))
+    real = trainer.parallel.backward
+    monkeypatch.setattr(trainer.parallel, "backward", lambda loss: real(loss * float("nan")))
     before = [p.clone() for p in trainer.policy.parameters()]
     with pytest.raises(TetherError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
         trainer.train()

@@ -17,8 +17,8 @@ The trainer's files:
                     checkpoints, saving
     ppo_rollout.py  RolloutMaker: sample, score, rollout, evaluate, decode (the trainer's
                     methods of those names hand over to it); resolve_stop_token_ids
-    ppo_update.py   ppo_loss (one micro-batch's loss from the new logprobs and values) and
-                    UpdateTotals (the update's token-weighted metrics)
+    ppo_update.py   value_loss and policy_loss (one micro-batch's losses from the new values,
+                    logprobs and entropy) and UpdateTotals (the update's token-weighted metrics)
 
 Several processes (``accelerate launch`` / ``torchrun``): every process rolls out its shard of
 one global batch, then the rollouts are gathered so that advantages, whitening and metrics
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_yaml
-from tether.data import PromptSampler, encode_prompts
+from tether.data import PromptSampler, encode_prompt_values, encode_prompts
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -84,15 +84,15 @@ from tether.trainers.common import (
 )
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
-from tether.trainers.ppo_update import UpdateTotals, ppo_loss
+from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
 
 
 def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
     """Token ids of every prompt from a ``datasets.Dataset`` or a plain Python list."""
     if isinstance(dataset, (list, tuple)):
-        import datasets
-
-        dataset = datasets.Dataset.from_dict({config.prompt_column or "prompt": list(dataset)})
+        return encode_prompt_values(
+            dataset, tokenizer, config.prompt_column or "prompt", config.max_prompt_length, config.prompt_truncation
+        )
     return encode_prompts(dataset, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
 
 
@@ -319,21 +319,34 @@ class PPOTrainer:
                 for micro_start in starts:
                     micro = rollout.select(mine[micro_start : micro_start + plan.micro_batch_size])
                     with parallel.no_sync(self._policy, self._critic, skip=micro_start != starts[-1]):
-                        loss = self._micro_batch_loss(micro, num_tokens, totals)
-                        parallel.backward(loss)
+                        self._micro_batch_backward(micro, num_tokens, totals)
                 self._optimizer_step(totals)
         return totals.metrics(parallel)
 
-    def _micro_batch_loss(self, micro: Rollout, minibatch_tokens: int, totals: UpdateTotals) -> torch.Tensor:
-        config = self.config
+    def _micro_batch_backward(self, micro: Rollout, minibatch_tokens: int, totals: UpdateTotals) -> None:
+        """The value model's forward and backward pass, then the policy's: the value model's
+        activations are gone before the policy's (and its output layer's) are made, which
+        lowers peak memory. Both losses add up to one sum per model, so the gradients are those
+        of their total. DeepSpeed's one engine for both models counts backward passes: there
+        the two losses go back together, after both forward passes."""
+        config, parallel = self.config, self.parallel
         chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
+        with self._autocast():
+            values = critic_values(self._critic, *chunk)
+        loss, value_numbers = value_loss(micro, values, config)
+        if parallel.engine != "deepspeed":
+            parallel.backward(self._per_minibatch_token(loss, minibatch_tokens))
+            loss = 0.0
         with self._autocast():
             logprobs, entropy = policy_logprobs(
                 self._policy, *chunk, self.temperature, config.logprob_chunk_size,
                 with_entropy=True, entropy_grad=config.entropy_coef != 0,
             )
-            values = critic_values(self._critic, *chunk)
-        loss = ppo_loss(micro, logprobs, entropy, values, config, totals)
+        policy, policy_numbers = policy_loss(micro, logprobs, entropy, config)
+        parallel.backward(self._per_minibatch_token(loss + policy, minibatch_tokens))
+        totals.add(micro.response_mask.float(), **value_numbers, **policy_numbers)
+
+    def _per_minibatch_token(self, loss: torch.Tensor, minibatch_tokens: int) -> torch.Tensor:
         # Processes average their gradients and Accelerate divides by the accumulation steps:
         # ``loss_scale`` undoes both, leaving the sum over the minibatch / its tokens.
         if self.parallel.loss_scale != 1:

@@ -1,9 +1,9 @@
 """The update half of a PPO step: the loss of one micro-batch and the update's metrics.
 
 ``PPOTrainer.optimise`` (in ``ppo.py``) runs the loop — epochs x minibatches x micro-batches,
-one optimizer step per minibatch — and the forward passes; ``ppo_loss`` turns a micro-batch's
-new logprobs, entropy and values into its loss (the maths is in ``ops/losses.py``), and
-``UpdateTotals`` adds up what the update reports.
+one optimizer step per minibatch — and the forward passes; ``value_loss`` and ``policy_loss``
+turn a micro-batch's new values, logprobs and entropy into its two losses (the maths is in
+``ops/losses.py``), and ``UpdateTotals`` adds up what the update reports.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ class UpdateTotals:
 
     def add(self, mask: torch.Tensor, **per_token: torch.Tensor) -> None:
         self.tokens = self.tokens + mask.sum()
-        for name, value in per_token.items():
-            self.sums[name] = self.sums.get(name, 0.0) + masked_sum(value.float(), mask)
+        with torch.no_grad():
+            for name, value in per_token.items():
+                self.sums[name] = self.sums.get(name, 0.0) + masked_sum(value.float(), mask)
 
     def metrics(self, parallel: Parallel) -> dict[str, float]:
         """Token-weighted means over every process's micro-batches (one all-reduce)."""
@@ -57,34 +58,33 @@ class UpdateTotals:
         }
 
 
-def ppo_loss(
-    micro: Rollout,
-    logprobs: torch.Tensor,
-    entropy: torch.Tensor,
-    values: torch.Tensor,
-    config: PPOConfig,
-    totals: UpdateTotals,
-) -> torch.Tensor:
-    """The loss of one micro-batch, summed over its kept tokens (the caller divides by the
-    minibatch's token count): clipped policy loss + ``vf_coef`` x clipped value loss, less
-    ``entropy_coef`` x entropy. ``logprobs``, ``entropy`` and ``values`` ``[B, T]`` are the
-    current models' on ``micro``; the per-token numbers go into ``totals``."""
+def value_loss(micro: Rollout, values: torch.Tensor, config: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """``vf_coef`` x the clipped value loss of one micro-batch, summed over its kept tokens (the
+    caller divides by the minibatch's token count), and its per-token numbers for ``totals``.
+    ``values`` ``[B, T]`` are the current value model's on ``micro``."""
+    vf_loss, vf_clipped = clipped_value_loss(values, micro.values, micro.returns, config.cliprange_value)
+    loss = config.vf_coef * masked_sum(vf_loss, micro.response_mask.float())
+    return loss, {"vf_loss": vf_loss.detach(), "vf_clipped": vf_clipped.float()}
+
+
+def policy_loss(
+    micro: Rollout, logprobs: torch.Tensor, entropy: torch.Tensor, config: PPOConfig
+) -> tuple[torch.Tensor, dict]:
+    """The clipped policy loss of one micro-batch less ``entropy_coef`` x entropy, summed over
+    its kept tokens, and its per-token numbers for ``totals``. ``logprobs`` and ``entropy``
+    ``[B, T]`` are the current policy's on ``micro``."""
     mask = micro.response_mask.float()
     pg_loss, pg_clipped, ratio = clipped_policy_loss(logprobs, micro.logprobs, micro.advantages, config.cliprange)
-    vf_loss, vf_clipped = clipped_value_loss(values, micro.values, micro.returns, config.cliprange_value)
-    loss = masked_sum(pg_loss, mask) + config.vf_coef * masked_sum(vf_loss, mask)
+    loss = masked_sum(pg_loss, mask)
     if config.entropy_coef:
         loss = loss - config.entropy_coef * masked_sum(entropy, mask)
     with torch.no_grad():
-        totals.add(
-            mask,
-            pg_loss=pg_loss,
-            vf_loss=vf_loss,
-            pg_clipped=pg_clipped.float(),
-            vf_clipped=vf_clipped.float(),
-            approxkl=0.5 * (logprobs - micro.logprobs) ** 2,
-            entropy=entropy,
-            ratio=ratio,
-            ratio_sq=ratio**2,
-        )
-    return loss
+        numbers = {
+            "pg_loss": pg_loss,
+            "pg_clipped": pg_clipped.float(),
+            "approxkl": 0.5 * (logprobs - micro.logprobs) ** 2,
+            "entropy": entropy,
+            "ratio": ratio,
+            "ratio_sq": ratio**2,
+        }
+    return loss, numbers
