@@ -324,6 +324,36 @@ def test_decoding_output_layer_equals_the_linear_layer_on_both_paths(monkeypatch
         torch.testing.assert_close(plain(hidden), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_decoding_cache_hands_attention_only_the_written_positions(policy):
+    """The preallocated cache returns the keys and values written so far (not its whole length),
+    and the next-token logits it gives equal those of a forward pass over the whole prefix."""
+    from tether.rollout.generate import _kv_cache
+
+    queries, query_mask = sample_queries(policy.config.vocab_size, rows=3, seed=2)
+    prefix = queries.size(1)
+    cache = _kv_cache(policy, prefix + 4)
+    assert len(cache.layers) == policy.config.num_hidden_layers
+    attention_mask = query_mask.long()
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        policy(input_ids=queries, attention_mask=attention_mask, position_ids=positions, use_cache=True, cache=cache)
+        assert [layer.filled for layer in cache.layers] == [prefix] * len(cache.layers)
+        token = torch.full((3, 1), 7)
+        attention_mask = torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+        step = policy(
+            input_ids=token, attention_mask=attention_mask, position_ids=positions[:, -1:] + 1,
+            use_cache=True, cache=cache,
+        ).logits[:, -1]
+        layer = cache.layers[0]
+        keys, _ = layer.update(torch.zeros_like(layer.keys[:, :, :1]), torch.zeros_like(layer.values[:, :, :1]))
+        assert keys.size(2) == prefix + 2  # the one written by the step above, and this one
+        whole = policy(
+            input_ids=torch.cat([queries, token], dim=1), attention_mask=attention_mask,
+            position_ids=torch.cat([positions, positions[:, -1:] + 1], dim=1),
+        ).logits[:, -1]
+    torch.testing.assert_close(step, whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [2, 6])
 def test_generation_is_deterministic_under_a_seed(tokenizer, policy, chunk):
     queries, query_mask = sample_queries(policy.config.vocab_size, rows=6, seed=5)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
 
 from tether.errors import ConfigError
 from tether.models.forward import accepts_argument, output_layer_split
@@ -193,15 +195,34 @@ def _returned_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+class _FilledStaticLayer(StaticLayer):
+    """A static cache layer that hands attention only the positions written so far. The rest
+    are zeros the mask would hide; reading them anyway costs as much as the attention itself
+    (a decoding step on CPU is bound by memory traffic)."""
+
+    def __init__(self, max_cache_len: int):
+        super().__init__(max_cache_len)
+        self.filled = 0  # a Python int: reading it never waits for the device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.filled += key_states.shape[-2]
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.filled + query_length, 0
+
+
 def _kv_cache(model, length: int):
     """A preallocated KV cache of ``length`` positions (no copy of the cache per token), or
     ``None`` where the architecture does not support one (the model then makes its own)."""
-    from transformers import StaticCache
-
     try:
-        return StaticCache(config=model.config, max_cache_len=length)
+        cache = StaticCache(config=model.config, max_cache_len=length)
     except Exception:  # an architecture without a static layout (e.g. sliding or state-space layers)
         return None
+    if all(type(layer) is StaticLayer for layer in cache.layers):  # full attention in every layer
+        cache.layers = [_FilledStaticLayer(length) for _ in cache.layers]
+    return cache
 
 
 def _sample_chunk(
