@@ -5,10 +5,15 @@
 * LoRA via ``peft_config``: only adapter weights train; the reference is the starting policy
   (the adapter switched off when it starts at zero, a frozen merged copy when it arrives
   trained: ppo-details fix 8); the value model may be a LoRA too; ``save_model`` writes a
-  plain merged model equal to the trained policy, or the adapter alone; checkpoints resume.
+  plain merged model equal to the trained policy, or the adapter alone; checkpoints resume;
+* on a CPU: slow bf16 is flagged, and freed memory is reused instead of faulted in afresh.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -279,3 +284,34 @@ def test_bf16_on_a_cpu_without_native_bf16_is_flagged(monkeypatch, native, bf16,
     assert bool(messages) == warned
     if warned:
         assert "drop bf16" in messages[0] and "\n" not in messages[0]
+
+
+FAULTS_OF_A_REUSED_BLOCK = """
+import resource, torch
+from tether.trainers.common import keep_freed_memory_for_reuse
+made = keep_freed_memory_for_reuse()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):  # 64 MiB, freed at once (twice: the first freed block is a little too small
+    torch.empty(1 << 24).fill_(1)  # for an aligned block of the same size)
+before = faults()
+torch.empty(1 << 24).fill_(1)  # the same size again
+print(made, faults() - before)
+"""
+
+
+@pytest.mark.parametrize("user_setting", [False, True])
+def test_cpu_training_reuses_freed_memory_unless_the_user_set_the_allocator(user_setting):
+    """A freed 64 MiB block comes back without touching 16384 fresh pages (glibc would map it
+    anew and fault on every page); a user's own glibc variables are left to stand."""
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "65536"} if user_setting else {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK], capture_output=True, text=True, check=True, env=env
+    )
+    made, faults = result.stdout.split()
+    if user_setting:
+        assert made == "False" and int(faults) >= 16384
+    else:
+        assert made == "True" and int(faults) < 1000
