@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -242,6 +243,8 @@ def test_a_plain_list_encodes_like_a_table(tokenizer):
             mixed = encode_prompt_values(every, tokenizer, max_prompt_length=length)
         assert mixed == per_kind
     assert mixed[3:] == [[7, 8], [9]]
+    arrays = [np.array([5, 6, 7]), torch.tensor([8, 9]), [np.int64(10)]]  # as a table would convert them
+    assert encode_prompt_values(arrays, tokenizer) == [[5, 6, 7], [8, 9], [10]]
     with pytest.raises(DataError, match="row 1 .*empty prompt"):
         encode_prompt_values(["w1", ""], tokenizer)
 

@@ -320,9 +320,11 @@ def test_update_does_not_depend_on_micro_batch_split(tmp_path, reward):
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
-def test_update_gradients_are_those_of_the_summed_loss(tmp_path, entropy_coef):
-    """The value loss goes back before the policy's forward pass (less memory at once); the
-    gradients of the step must still be those of one backward pass of the summed loss
+@pytest.mark.parametrize("engine", ["none", "deepspeed"])
+def test_update_gradients_are_those_of_the_summed_loss(tmp_path, monkeypatch, entropy_coef, engine):
+    """The value loss goes back before the policy's forward pass (less memory at once), or with
+    the policy's under DeepSpeed (one engine counts backward passes); the gradients of the step
+    must be those of one backward pass of the summed loss
     ``sum(pg + vf_coef * vf - entropy_coef * entropy) / tokens``, computed here from the rollout."""
     trainer = make_trainer(
         tmp_path, reward="model", biases={EOS: 1.0}, num_mini_batches=1, num_ppo_epochs=1,
@@ -347,7 +349,12 @@ def test_update_gradients_are_those_of_the_summed_loss(tmp_path, entropy_coef):
     trainer.optimizer.zero_grad(set_to_none=True)
 
     steps = record_gradients(trainer)
+    monkeypatch.setattr(type(trainer.parallel), "engine", property(lambda self: engine))
+    backward_passes = []
+    real_backward = trainer.parallel.backward
+    monkeypatch.setattr(trainer.parallel, "backward", lambda loss: backward_passes.append(real_backward(loss)))
     trainer.optimise(rollout)
+    assert len(backward_passes) == (1 if engine == "deepspeed" else 2)
     assert len(steps) == 1 and steps[0].keys() == expected.keys()
     scale = max(g.abs().max().item() for g in expected.values())
     assert scale > 1e-3

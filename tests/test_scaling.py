@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from tether.checkpoint import checkpoints
 from tether.errors import ConfigError
 from tether.models.forward import policy_logprobs
 from tether.models.lora import adapter_starts_at_zero, apply_lora
+from tether.trainers.parallel import Parallel
 from tests.test_ppo_trainer import (
     PROMPTS,
     make_config,
@@ -300,18 +302,34 @@ print(made, faults() - before)
 """
 
 
-@pytest.mark.parametrize("user_setting", [False, True])
-def test_cpu_training_reuses_freed_memory_unless_the_user_set_the_allocator(user_setting):
-    """A freed 64 MiB block comes back without touching 16384 fresh pages (glibc would map it
-    anew and fault on every page); a user's own glibc variables are left to stand."""
-    env = {**os.environ, "MALLOC_MMAP_MAX_": "65536"} if user_setting else {
-        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"
-    }
+def faults_of_a_reused_block(**variables) -> tuple[bool, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     result = subprocess.run(
-        [sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK], capture_output=True, text=True, check=True,
+        env={**env, **variables},
     )
     made, faults = result.stdout.split()
-    if user_setting:
-        assert made == "False" and int(faults) >= 16384
-    else:
-        assert made == "True" and int(faults) < 1000
+    return made == "True", int(faults)
+
+
+def test_cpu_training_reuses_freed_memory_unless_the_user_set_the_allocator():
+    """A freed 64 MiB block comes back without faulting its pages in again (glibc would map it
+    anew); a user's own glibc allocator settings are left to stand, other tunables are not."""
+    kept = faults_of_a_reused_block()
+    unrelated_tunable = faults_of_a_reused_block(GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    users = faults_of_a_reused_block(MALLOC_MMAP_MAX_="65536")
+    users_tunable = faults_of_a_reused_block(GLIBC_TUNABLES="glibc.malloc.mmap_max=65536")
+    assert kept[0] and unrelated_tunable[0] and not users[0] and not users_tunable[0]
+    assert users[1] > 10 * kept[1] + 10 and users_tunable[1] > 10 * unrelated_tunable[1] + 10
+
+
+@pytest.mark.parametrize("device, applied", [("cpu", True), ("meta", False)])
+def test_trainers_set_the_allocator_on_cpu_only(monkeypatch, device, applied):
+    import tether.trainers.common as common
+
+    calls = []
+    monkeypatch.setattr(common, "keep_freed_memory_for_reuse", lambda: calls.append(1))
+    monkeypatch.setattr(common, "resolve_device", lambda name: torch.device(name))
+    config = types.SimpleNamespace(device=device, bf16=False)
+    assert common.training_device(config, Parallel(None), lambda message: None) == torch.device(device)
+    assert bool(calls) == applied

@@ -12,6 +12,7 @@ Left out on purpose: packing, streaming datasets, and on-the-fly augmentation.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -182,7 +183,7 @@ def encode_prompts(
     _check_truncation(max_prompt_length, truncation)
     column = _prompt_column(dataset, column)
     values = dataset.with_format(None)[column][:]  # plain Python lists, fast, whatever the format
-    return encode_prompt_values(values, tokenizer, column, max_prompt_length, truncation)
+    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
 
 
 def encode_prompt_values(
@@ -192,9 +193,15 @@ def encode_prompt_values(
     max_prompt_length: int | None = None,
     truncation: str = "left",
 ) -> list[list[int]]:
-    """``encode_prompts`` of a plain list of prompts; ``column`` names them in error messages."""
+    """``encode_prompts`` of a plain list of prompts; ``column`` names them in error messages.
+    Token ids may come as numpy arrays or tensors, as a table would have converted them."""
     _check_truncation(max_prompt_length, truncation)
-    prompts = _encode_values(list(values), column, tokenizer)
+    values = [value.tolist() if hasattr(value, "tolist") else value for value in values]
+    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
+
+
+def _encode_checked(values: list, tokenizer, column: str, max_prompt_length: int | None, truncation: str):
+    prompts = _encode_values(values, column, tokenizer)
     _check_prompts(prompts, column, len(tokenizer))
     if max_prompt_length is None:
         return prompts
@@ -237,7 +244,7 @@ def _encode_values(values: list, column: str, tokenizer) -> list[list[int]]:
             case "chat":
                 chats.append(row)
             case "ids":
-                prompts[row] = list(value)
+                prompts[row] = [int(item) for item in value]
     if texts:
         encoded = tokenizer([values[row] for row in texts], add_special_tokens=True)["input_ids"]
         for row, ids in zip(texts, encoded):
@@ -262,8 +269,8 @@ def _kind(value, row: int, column: str) -> str:
                     "write chat prompts as [{'role': ..., 'content': ...}, ...]"
                 )
             return "chat"
-        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-            return "ids"
+        if all(isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in value):
+            return "ids"  # Python or numpy integers
     raise DataError(
         f"row {row} of column {column!r} is a {_describe(value)}; a prompt must be text, "
         "a list of {'role', 'content'} messages, or a list of token ids"

@@ -198,7 +198,11 @@ def _returned_cache(output):
 class _FilledStaticLayer(StaticLayer):
     """A static cache layer that hands attention only the positions written so far. The rest
     are zeros the mask would hide; reading them anyway costs as much as the attention itself
-    (a decoding step on CPU is bound by memory traffic)."""
+    (a decoding step on CPU is bound by memory traffic). Its shapes change every step, and it
+    cannot be cropped (only tether's loop uses it, once)."""
+
+    is_compileable = False
+    is_croppable = False
 
     def __init__(self, max_cache_len: int):
         super().__init__(max_cache_len)

@@ -45,23 +45,30 @@ def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
     return device
 
 
-GLIBC_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+GLIBC_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def user_set_the_allocator() -> bool:
+    """Whether glibc's allocator was configured through the environment."""
+    return any(name in os.environ for name in GLIBC_ALLOCATOR_VARIABLES) or (
+        "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    )
 
 
 def keep_freed_memory_for_reuse() -> bool:
     """Have glibc serve every allocation from its heap and never give freed heap back to the
-    system, unless the user set glibc's allocator variables (then theirs stand). Returns
-    whether the setting was made.
+    system, unless the user configured glibc's allocator (then theirs stands). Returns whether
+    the setting was made; it holds for the rest of the process.
 
-    By default glibc maps each large block (over 32 MiB at most) afresh and unmaps it when
-    freed, and trims the heap's free top: a training step that frees and re-allocates the
-    same activations every micro-batch then pays a page fault per 4 KiB on first touch, about
-    2 us each on the project's CPU machine and 50-70 thousand per PPO update on the benchmark
-    workloads (W1 update 4.3 -> 3.8 s without them). Reused in place, the same blocks peak no
-    higher (W1 0.85 -> 0.83 GB, W2 1.74 -> 1.72 GB). What is given up: the process keeps its
-    peak resident memory until it exits. No effect outside glibc.
+    By default glibc maps blocks above its mmap threshold (128 KiB at first, raised as blocks
+    are freed, to at most 32 MiB) afresh and unmaps them when freed, and trims the heap's free
+    top: a training step that frees and re-allocates the same activations every micro-batch
+    then pays a page fault per 4 KiB on first touch, about 2 us each on the project's CPU
+    machine and 50-70 thousand per PPO update on the benchmark workloads. Reused in place, the
+    same blocks peak no higher (W1 0.85 -> 0.83 GB, W2 1.74 -> 1.72 GB). What is given up: the
+    process keeps its peak resident memory until it exits. No effect outside glibc.
     """
-    if any(name in os.environ for name in GLIBC_ALLOCATOR_VARIABLES):
+    if user_set_the_allocator():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -333,17 +333,20 @@ class PPOTrainer:
         chunk = (micro.queries, micro.query_mask, micro.responses, micro.response_mask)
         with self._autocast():
             values = critic_values(self._critic, *chunk)
-        loss, value_numbers = value_loss(micro, values, config)
-        if parallel.engine != "deepspeed":
-            parallel.backward(self._per_minibatch_token(loss, minibatch_tokens))
-            loss = 0.0
+        value_part, value_numbers = value_loss(micro, values, config)
+        if parallel.engine == "deepspeed":
+            pending = value_part
+        else:
+            parallel.backward(self._per_minibatch_token(value_part, minibatch_tokens))
+            pending = None
         with self._autocast():
             logprobs, entropy = policy_logprobs(
                 self._policy, *chunk, self.temperature, config.logprob_chunk_size,
                 with_entropy=True, entropy_grad=config.entropy_coef != 0,
             )
-        policy, policy_numbers = policy_loss(micro, logprobs, entropy, config)
-        parallel.backward(self._per_minibatch_token(loss + policy, minibatch_tokens))
+        policy_part, policy_numbers = policy_loss(micro, logprobs, entropy, config)
+        loss = policy_part if pending is None else pending + policy_part
+        parallel.backward(self._per_minibatch_token(loss, minibatch_tokens))
         totals.add(micro.response_mask.float(), **value_numbers, **policy_numbers)
 
     def _per_minibatch_token(self, loss: torch.Tensor, minibatch_tokens: int) -> torch.Tensor:
