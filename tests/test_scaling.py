@@ -294,10 +294,10 @@ from tether.trainers.common import keep_freed_memory_for_reuse
 made = keep_freed_memory_for_reuse()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):  # 64 MiB, freed at once (twice: the first freed block is a little too small
-    torch.empty(1 << 24).fill_(1)  # for an aligned block of the same size)
+torch.empty(1 << 24).fill_(1)  # 64 MiB, freed at once
 before = faults()
-torch.empty(1 << 24).fill_(1)  # the same size again
+for _ in range(5):  # the same size again, five times: 5 x 16384 pages if each is mapped afresh
+    torch.empty(1 << 24).fill_(1)
 print(made, faults() - before)
 """
 
@@ -313,14 +313,17 @@ def faults_of_a_reused_block(**variables) -> tuple[bool, int]:
 
 
 def test_cpu_training_reuses_freed_memory_unless_the_user_set_the_allocator():
-    """A freed 64 MiB block comes back without faulting its pages in again (glibc would map it
-    anew); a user's own glibc allocator settings are left to stand, other tunables are not."""
+    """Freed 64 MiB blocks come back without faulting their pages in again (glibc would map each
+    anew; the heap may grow once, as a block of the same size but aligned can be a little too
+    big for the freed one); a user's own glibc allocator settings are left to stand, other
+    tunables are not."""
     kept = faults_of_a_reused_block()
     unrelated_tunable = faults_of_a_reused_block(GLIBC_TUNABLES="glibc.pthread.rseq=0")
     users = faults_of_a_reused_block(MALLOC_MMAP_MAX_="65536")
     users_tunable = faults_of_a_reused_block(GLIBC_TUNABLES="glibc.malloc.mmap_max=65536")
     assert kept[0] and unrelated_tunable[0] and not users[0] and not users_tunable[0]
-    assert users[1] > 10 * kept[1] + 10 and users_tunable[1] > 10 * unrelated_tunable[1] + 10
+    for ours, theirs in ((kept, users), (unrelated_tunable, users_tunable)):
+        assert ours[1] <= (1 << 24) * 4 // 4096 + 1000 < theirs[1]  # at most one growth of the heap
 
 
 @pytest.mark.parametrize("device, applied", [("cpu", True), ("meta", False)])
