@@ -319,6 +319,53 @@ def test_update_does_not_depend_on_micro_batch_split(tmp_path, reward):
         assert whole_metrics[key] == pytest.approx(split_metrics[key], abs=1e-5), key
 
 
+class OneProcessAccelerator:
+    """What the update asks of Accelerate in one process with no mixed precision; records, at
+    each backward pass, whether it was told the pass ends an accumulation (``sync_gradients``),
+    which is when Accelerate steps a DeepSpeed engine."""
+
+    mixed_precision = "no"
+    gradient_accumulation_steps = 1
+
+    def __init__(self):
+        self.sync_gradients = True
+        self.boundaries = []
+
+    def backward(self, loss):
+        self.boundaries.append(self.sync_gradients)
+        loss.backward()
+
+
+def pretend_engine(trainer, monkeypatch, engine: str) -> list:
+    """Run ``trainer``'s update as if under ``engine`` (``none`` or ``deepspeed``) in one
+    process; returns the list each backward pass is appended to (its ``sync_gradients`` flag
+    under DeepSpeed, None otherwise)."""
+    monkeypatch.setattr(type(trainer.parallel), "engine", property(lambda self: engine))
+    if engine == "deepspeed":
+        accelerator = OneProcessAccelerator()
+        monkeypatch.setattr(trainer.parallel, "accelerator", accelerator)
+        return accelerator.boundaries
+    backward_passes = []
+    real_backward = trainer.parallel.backward
+    monkeypatch.setattr(trainer.parallel, "backward", lambda loss: backward_passes.append(real_backward(loss)))
+    return backward_passes
+
+
+def test_deepspeed_engine_steps_only_after_a_minibatchs_last_micro_batch(tmp_path, monkeypatch):
+    """Accelerate steps a DeepSpeed engine after every backward pass it is told ends an
+    accumulation; the update must say so for the last micro-batch of each minibatch only (two
+    minibatches of two micro-batches here, two epochs), and leave the flag raised after."""
+    trainer = make_trainer(
+        tmp_path, num_mini_batches=2, num_ppo_epochs=2, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+    )
+    rollout = trainer.rollout(next_prompt_ids(trainer))
+    trainer.compute_advantages(rollout)
+    boundaries = pretend_engine(trainer, monkeypatch, "deepspeed")
+    trainer.optimise(rollout)
+    assert boundaries == [False, True] * 4
+    assert trainer.parallel.accelerator.sync_gradients is True
+
+
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
 @pytest.mark.parametrize("engine", ["none", "deepspeed"])
 def test_update_gradients_are_those_of_the_summed_loss(tmp_path, monkeypatch, entropy_coef, engine):
@@ -349,10 +396,7 @@ def test_update_gradients_are_those_of_the_summed_loss(tmp_path, monkeypatch, en
     trainer.optimizer.zero_grad(set_to_none=True)
 
     steps = record_gradients(trainer)
-    monkeypatch.setattr(type(trainer.parallel), "engine", property(lambda self: engine))
-    backward_passes = []
-    real_backward = trainer.parallel.backward
-    monkeypatch.setattr(trainer.parallel, "backward", lambda loss: backward_passes.append(real_backward(loss)))
+    backward_passes = pretend_engine(trainer, monkeypatch, engine)
     trainer.optimise(rollout)
     assert len(backward_passes) == (1 if engine == "deepspeed" else 2)
     assert len(steps) == 1 and steps[0].keys() == expected.keys()

@@ -196,13 +196,27 @@ class Parallel:
             self.accelerator.backward(loss)
 
     def no_sync(self, *models: nn.Module, skip: bool):
-        """With ``skip``, DDP keeps gradients local in this backward pass (a minibatch's earlier
-        micro-batches); they are averaged across processes with the last one."""
+        """With ``skip``, the backward passes inside belong to one of a minibatch's earlier
+        micro-batches: DDP keeps their gradients local (they are averaged across processes with
+        the last one) and DeepSpeed accumulates them without stepping its engine, which it does
+        only after the last micro-batch's backward."""
         stack = contextlib.ExitStack()
         if skip and self.engine == "ddp" and self.distributed:
             for model in models:
                 stack.enter_context(self.accelerator.no_sync(model))
+        if self.engine == "deepspeed":
+            # Accelerate steps the engine after every backward that it is told ends an
+            # accumulation, and it is told so unless sync_gradients is lowered.
+            stack.enter_context(self._deepspeed_boundary(not skip))
         return stack
+
+    @contextlib.contextmanager
+    def _deepspeed_boundary(self, is_boundary: bool):
+        self.accelerator.sync_gradients = is_boundary
+        try:
+            yield
+        finally:
+            self.accelerator.sync_gradients = True
 
     def same_permutation(self, rows: int, device) -> torch.Tensor:
         """``randperm(rows)`` from this process's generator, or process 0's for all processes."""
