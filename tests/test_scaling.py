@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from tether.checkpoint import checkpoints
 from tether.errors import ConfigError
-from tether.models.forward import policy_logprobs
+from tether.models.forward import last_hidden_state, policy_logprobs
 from tether.models.lora import adapter_starts_at_zero, apply_lora
 from tether.trainers.parallel import Parallel
 from tests.test_ppo_trainer import (
@@ -82,6 +82,12 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_update(tmp_path, reward
     assert torch.equal(rollouts[0].responses, rollouts[1].responses)
 
     before = params(plain.policy)
+    for trainer, rollout in zip((plain, checkpointed), rollouts):
+        # a model's first backbone pass checks once whether it may run packed; done here so
+        # that the counts below are the update's own
+        chunk = (rollout.queries, rollout.query_mask, rollout.responses, rollout.response_mask)
+        with torch.no_grad():
+            policy_logprobs(trainer.policy, *chunk, trainer.temperature, 64)
     plain_calls, checkpointed_calls = count_layer_calls(plain), count_layer_calls(checkpointed)
     for trainer, rollout in zip((plain, checkpointed), rollouts):
         torch.manual_seed(0)  # the same minibatch permutation
@@ -255,6 +261,10 @@ def test_gradient_checkpointing_in_sft_and_reward_training_keeps_the_step(tmp_pa
         rm = RewardTrainer(rm_config(tmp_path / f"rm{checkpointing}", gradient_checkpointing=checkpointing,
                                      per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_fraction=0.0,
                                      adam_epsilon=1e-4), tokenizer, rm_model, preference_table(4))
+        # a model's first backbone pass checks once whether it may run packed; done here so
+        # that the counts below are the step's own
+        with torch.no_grad():
+            last_hidden_state(rm_model, torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[0, 0, 1]]))
         calls = {"sft": 0, "rm": 0}
         for name, model in (("sft", sft_model), ("rm", rm_model)):
             model.model.layers[0].self_attn.register_forward_pre_hook(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tether.models.loading import bare_model, scalar_head
+from tether.models.packing import backbone_hidden_states
 from tether.ops import position_ids_from_mask, token_logprobs
 from tether.ops.logprobs import head_logprobs
 
@@ -74,9 +75,7 @@ def policy_logprobs(
     backbone, head = split
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, -(width + 1) : -1]
+    hidden = backbone_hidden_states(backbone, input_ids, attention_mask, position_ids)[:, -(width + 1) : -1]
     return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy)
 
 
@@ -119,12 +118,10 @@ def _split_matches(model, backbone, head) -> bool:
 
 
 def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """The backbone's final hidden states ``[B, L, H]`` of a sequence-classification model."""
+    """The backbone's final hidden states ``[B, L, H]`` of a sequence-classification model
+    (zeros at padded positions where the backbone runs packed)."""
     model = bare_model(model)
-    backbone = getattr(model, model.base_model_prefix)
-    return backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    return backbone_hidden_states(getattr(model, model.base_model_prefix), input_ids, attention_mask, position_ids)
 
 
 def reward_bias(model) -> float:

@@ -1,0 +1,180 @@
+"""Packed backbone passes (tether/models/packing.py): the real tokens of a padded batch run as
+one row, and the hidden states, logprobs and gradients at real positions are those of the
+padded pass; models it does not fit keep the padded pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tether.models import packing
+from tether.models.forward import last_hidden_state, policy_logprobs
+from tether.ops import position_ids_from_mask
+from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+
+VOCAB = 40
+
+
+def padded_batch(seed: int = 0):
+    """Three rows of width 12: left padding of 5 and 0 columns, right padding of 3 and 4."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (3, 12), generator=generator)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[0, :5] = 0
+    attention_mask[1, 9:] = 0
+    attention_mask[2, :2] = 0
+    attention_mask[2, 10:] = 0
+    input_ids = input_ids * attention_mask
+    return input_ids, attention_mask, position_ids_from_mask(attention_mask)
+
+
+def plain_hidden_states(backbone, input_ids, attention_mask, position_ids):
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
+def gqa_llama() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def tiny(arch: str) -> nn.Module:
+    if arch == "llama-gqa":
+        return gqa_llama().eval()
+    return tiny_causal_lm(word_tokenizer(numbered_words(VOCAB - 4)), seed=0, arch=arch).eval()
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """How many times the packed attention ran."""
+    calls = []
+    real = packing.packed_sdpa_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    packing._register()
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.PACKED_ATTENTION, counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
+def test_packed_hidden_states_are_the_padded_ones_at_real_positions(arch, packed_calls):
+    model = tiny(arch)
+    backbone = getattr(model, model.base_model_prefix)
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = plain_hidden_states(backbone, *batch)
+        got = packing.backbone_hidden_states(backbone, *batch)
+    real = batch[1].bool()
+    assert len(packed_calls) > 0  # the packed attention ran
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # padded positions: zeros
+
+
+def test_packed_logprobs_and_gradients_are_the_padded_ones(monkeypatch):
+    """The policy's response logprobs and the gradient of a loss on them, packed against padded."""
+    model = tiny("llama").train()
+    queries = torch.tensor([[0, 0, 0, 7, 8], [5, 6, 7, 8, 9]])
+    query_mask = (queries != 0).long()
+    responses = torch.tensor([[11, 12, 2, 0], [13, 14, 15, 16]])
+    response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    chunk = (queries, query_mask, responses, response_mask)
+
+    def logprobs_and_grads():
+        model.zero_grad(set_to_none=True)
+        logprobs, _ = policy_logprobs(model, *chunk, 0.7, 3)
+        (logprobs * response_mask).sum().backward()
+        return logprobs.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    packed_logprobs, packed_grads = logprobs_and_grads()
+    monkeypatch.setattr(packing, "MIN_PADDING", 2.0)  # never packed
+    padded_logprobs, padded_grads = logprobs_and_grads()
+    real = response_mask.bool()
+    torch.testing.assert_close(packed_logprobs[real], padded_logprobs[real], atol=1e-5, rtol=0)
+    scale = max(g.abs().max().item() for g in padded_grads.values())
+    assert scale > 1e-3
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def test_reward_model_hidden_states_pack(packed_calls):
+    model = tiny_reward_model(word_tokenizer(numbered_words(VOCAB - 4)), seed=1).eval()
+    batch = padded_batch(1)
+    with torch.no_grad():
+        got = last_hidden_state(model, *batch)
+        expected = plain_hidden_states(model.model, *batch)
+    real = batch[1].bool()
+    assert len(packed_calls) > 0
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_little_padding_keeps_the_padded_pass(packed_calls):
+    """Under ``MIN_PADDING`` of the positions padded, the copies in and out of attention would
+    cost more than the padding: the padded pass runs (its padded positions are not zeros)."""
+    backbone = tiny("llama").model
+    assert packing._packing_supported(backbone)  # its one-time check packs
+    packed_calls.clear()
+    input_ids, attention_mask, position_ids = padded_batch()
+    attention_mask = torch.ones_like(attention_mask)
+    attention_mask[0, 0] = 0  # 1 of 36 positions
+    position_ids = position_ids_from_mask(attention_mask)
+    with torch.no_grad():
+        got = packing.backbone_hidden_states(backbone, input_ids, attention_mask, position_ids)
+        expected = plain_hidden_states(backbone, input_ids, attention_mask, position_ids)
+    assert packed_calls == [] and torch.equal(got, expected)
+
+
+class LayoutDropping(nn.Module):
+    """A backbone that does not pass its keyword arguments on: its attention never sees the
+    layout, and the packed sequences would attend to each other."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.inner = backbone
+        self.config = backbone.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **ignored):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
+
+
+def test_models_that_packing_does_not_fit_keep_the_padded_pass():
+    """Found out by the one-time check (a model that drops the layout), or by its config
+    (sliding-window attention, eager attention); gradient checkpointing also keeps it."""
+    batch = padded_batch()
+
+    dropping = LayoutDropping(tiny("llama").model)
+    assert not packing._packing_supported(dropping)
+    with torch.no_grad():
+        got = packing.backbone_hidden_states(dropping, *batch)
+        assert torch.equal(got, plain_hidden_states(dropping.inner, *batch))
+
+    windowed = tiny("llama").model
+    windowed.config.sliding_window = 4
+    assert not packing._packing_supported(windowed)
+
+    eager = tiny("llama")
+    eager.set_attn_implementation("eager")
+    assert not packing._packing_supported(eager.model)
+
+    checkpointed = tiny("llama")
+    checkpointed.gradient_checkpointing_enable()
+    assert packing._packing_supported(checkpointed.model) and packing._checkpointed(checkpointed.model)
+    with torch.no_grad():
+        got = packing.backbone_hidden_states(checkpointed.model, *batch)
+        assert torch.equal(got, plain_hidden_states(checkpointed.model, *batch))
