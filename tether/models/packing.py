@@ -165,7 +165,7 @@ def _packing_matches(backbone: nn.Module) -> bool:
     training = backbone.training
     backbone.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             padded = backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
