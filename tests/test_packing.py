@@ -83,7 +83,7 @@ def test_packed_hidden_states_are_the_padded_ones_at_real_positions(arch, packed
     assert torch.equal(got[~real], torch.zeros_like(got[~real]))  # padded positions: zeros
 
 
-def test_packed_logprobs_and_gradients_are_the_padded_ones(monkeypatch):
+def test_packed_logprobs_and_gradients_are_the_padded_ones(monkeypatch, packed_calls):
     """The policy's response logprobs and the gradient of a loss on them, packed against padded."""
     model = tiny("llama").train()
     queries = torch.tensor([[0, 0, 0, 7, 8], [5, 6, 7, 8, 9]])
@@ -99,8 +99,11 @@ def test_packed_logprobs_and_gradients_are_the_padded_ones(monkeypatch):
         return logprobs.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     packed_logprobs, packed_grads = logprobs_and_grads()
+    assert len(packed_calls) > 0
     monkeypatch.setattr(packing, "MIN_PADDING", 2.0)  # never packed
+    packed_calls.clear()
     padded_logprobs, padded_grads = logprobs_and_grads()
+    assert packed_calls == []
     real = response_mask.bool()
     torch.testing.assert_close(packed_logprobs[real], padded_logprobs[real], atol=1e-5, rtol=0)
     scale = max(g.abs().max().item() for g in padded_grads.values())
@@ -178,3 +181,36 @@ def test_models_that_packing_does_not_fit_keep_the_padded_pass():
     with torch.no_grad():
         got = packing.backbone_hidden_states(checkpointed.model, *batch)
         assert torch.equal(got, plain_hidden_states(checkpointed.model, *batch))
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrapped = tiny("llama")  # torch's wrapper, as FSDP's activation checkpointing applies it
+    wrapped.model.layers[0] = checkpoint_wrapper(wrapped.model.layers[0])
+    assert not packing._checkpointed(tiny("llama").model) and packing._checkpointed(wrapped.model)
+
+
+def test_a_sliding_window_in_a_sub_config_keeps_the_padded_pass():
+    """A multimodal model keeps its text model's windows in a sub-config."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(text_config=dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8,
+    ))
+    config._attn_implementation = "sdpa"
+    assert not packing._full_sdpa_attention(config)
+    config.text_config.sliding_window = None
+    config.text_config.layer_types = ["full_attention", "full_attention"]
+    assert packing._full_sdpa_attention(config)
+
+
+def test_the_attention_switch_restores_every_sub_configs_own_setting():
+    from transformers import Gemma3Config
+
+    config = Gemma3Config()
+    config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "eager"
+    with packing._attention_implementation(config, packing.PACKED_ATTENTION):
+        assert config.text_config._attn_implementation == packing.PACKED_ATTENTION
+    assert config._attn_implementation == config.text_config._attn_implementation == "sdpa"
+    assert config.vision_config._attn_implementation == "eager"

@@ -110,14 +110,27 @@ def _no_mask(*args, **kwargs):
     return None
 
 
+def _configs(config) -> list:
+    """``config`` and its sub-configs (a multimodal model's text and vision parts), nested."""
+    found = [config]
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            found.extend(_configs(sub))
+    return found
+
+
 @contextlib.contextmanager
 def _attention_implementation(config, name: str):
-    previous = config._attn_implementation
+    """``name`` as the attention of ``config`` and its sub-configs, each one's own restored after."""
+    configs = _configs(config)
+    previous = [c._attn_implementation_internal for c in configs]
     config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        for c, value in zip(configs, previous):
+            c._attn_implementation_internal = value
 
 
 # --- which models can run packed -------------------------------------------------------
@@ -134,16 +147,25 @@ def _packing_supported(backbone: nn.Module) -> bool:
 
 
 def _checkpointed(backbone: nn.Module) -> bool:
-    """Gradient checkpointing recomputes the layers during the backward pass, after the packed
-    attention is switched off again; such a backbone keeps the padded pass."""
-    return any(getattr(module, "gradient_checkpointing", False) is True for module in backbone.modules())
+    """Activation checkpointing recomputes the layers during the backward pass, after the packed
+    attention is switched off again; such a backbone keeps the padded pass. Checked: the
+    transformers flag, and torch's ``checkpoint_wrapper`` (FSDP's activation checkpointing)."""
+    return any(
+        getattr(module, "gradient_checkpointing", False) is True or hasattr(module, "_checkpoint_wrapped_module")
+        for module in backbone.modules()
+    )
 
 
 def _full_sdpa_attention(config) -> bool:
-    """``sdpa`` attention over the whole sequence in every layer: a sliding window or chunked
-    attention lives in the mask this module replaces."""
+    """``sdpa`` attention over the whole sequence in every layer, in the config and every
+    sub-config: a sliding window or chunked attention lives in the mask this module replaces
+    (and the one-time check's few tokens fit in any window)."""
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
+    return all(_full_attention(c) for c in _configs(config))
+
+
+def _full_attention(config) -> bool:
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
     windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
