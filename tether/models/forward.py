@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from tether.models.loading import bare_model, scalar_head
+from tether.models.loading import bare_model, probing, scalar_head
 from tether.models.packing import backbone_hidden_states
 from tether.ops import position_ids_from_mask, token_logprobs
 from tether.ops.logprobs import head_logprobs
@@ -104,17 +104,13 @@ def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
 def _split_matches(model, backbone, head) -> bool:
     device = head.weight.device
     ids = torch.arange(4, device=device).remainder(head.weight.size(0)).unsqueeze(0)
-    training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        with probing(model, device):
             logits = model(input_ids=ids, use_cache=False).logits
             hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
             return bool(torch.allclose(head(hidden).float(), logits.float(), rtol=1e-4, atol=1e-5))
     except Exception:  # any model that does not take these arguments keeps its own forward pass
         return False
-    finally:
-        model.train(training)
 
 
 def last_hidden_state(model, input_ids, attention_mask, position_ids) -> torch.Tensor:

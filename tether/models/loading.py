@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -91,6 +92,19 @@ def bare_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module, device: torch.device):
+    """For a one-time check of what a model computes: eval mode, no gradients, no autocast;
+    the model's training mode is restored after."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        model.train(training)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

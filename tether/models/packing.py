@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tether.models.loading import probing
+from tether.ops import position_ids_from_mask
+
 PACKED_ATTENTION = "tether_packed_sdpa"
 MIN_PADDING = 0.05
 
@@ -44,6 +47,10 @@ def backbone_hidden_states(backbone: nn.Module, input_ids, attention_mask, posit
         and 1 - attention_mask.float().mean().item() >= MIN_PADDING
     ):
         return _packed_hidden_states(backbone, input_ids, attention_mask, position_ids)
+    return _padded_hidden_states(backbone, input_ids, attention_mask, position_ids)
+
+
+def _padded_hidden_states(backbone, input_ids, attention_mask, position_ids) -> torch.Tensor:
     return backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
@@ -174,8 +181,6 @@ def _full_attention(config) -> bool:
 
 def _packing_matches(backbone: nn.Module) -> bool:
     """A left-padded and a right-padded row give the same hidden states packed as padded."""
-    from tether.ops import position_ids_from_mask
-
     _register()
     embeddings = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
     if embeddings is None or not hasattr(embeddings, "num_embeddings"):
@@ -184,18 +189,12 @@ def _packing_matches(backbone: nn.Module) -> bool:
     input_ids = torch.arange(1, 13, device=device).remainder(embeddings.num_embeddings).view(2, 6)
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]], device=device)
     position_ids = position_ids_from_mask(attention_mask)
-    training = backbone.training
-    backbone.eval()
     try:
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            padded = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+        with probing(backbone, device):
+            padded = _padded_hidden_states(backbone, input_ids, attention_mask, position_ids)
             packed = _packed_hidden_states(backbone, input_ids, attention_mask, position_ids)
     except Exception:  # a model that does not take these arguments keeps the padded pass
         return False
-    finally:
-        backbone.train(training)
     real = attention_mask.bool()
     padded, packed = padded[real].float(), packed[real].float()
     tolerance = 1e-4 if embeddings.weight.dtype == torch.float32 else 2e-2
