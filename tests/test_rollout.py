@@ -412,6 +412,47 @@ def test_chunked_output_layer_path_equals_the_models_logits(tokenizer, arch):
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-4)
 
 
+def test_a_lora_policy_takes_the_chunked_path_with_its_adapter_on_and_off(tokenizer):
+    """A PEFT policy splits like the model inside it: its logprobs (adapter on, and off as the
+    reference) and its LoRA gradients equal those through its own logits. An adapter on the
+    output layer leaves no plain output layer: that policy keeps its own forward pass."""
+    from peft import LoraConfig, get_peft_model
+
+    from tether.models.forward import output_layer_split
+
+    def lora_policy(target_modules):
+        policy = get_peft_model(
+            tiny_causal_lm(tokenizer, seed=0, **TINY), LoraConfig(r=4, lora_alpha=8, target_modules=target_modules)
+        )
+        with torch.no_grad():  # a trained adapter: B away from its zero start
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+        return policy.eval()
+
+    policy = lora_policy(["q_proj", "v_proj"])
+    assert output_layer_split(policy) is not None
+    batch, mask = forward_batch(), forward_batch()[3]
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+    results = []
+    for split in (True, False):
+        policy.zero_grad()
+        logprobs = policy_logprobs(policy, *batch, 0.7, 2)[0] if split else _model_logprobs(policy, *batch, 0.7)
+        (logprobs * weights).sum().backward()
+        with torch.no_grad(), policy.disable_adapter():
+            reference = policy_logprobs(policy, *batch, 0.7, 2)[0] if split else _model_logprobs(policy, *batch, 0.7)
+        grads = [p.grad.clone() for p in policy.parameters() if p.requires_grad]
+        results.append((logprobs.detach(), reference, grads))
+    (split_lp, split_ref, split_grads), (plain_lp, plain_ref, plain_grads) = results
+    assert torch.allclose(split_lp[mask], plain_lp[mask], atol=1e-5, rtol=0)
+    assert torch.allclose(split_ref[mask], plain_ref[mask], atol=1e-5, rtol=0)
+    assert (split_lp[mask] - split_ref[mask]).abs().max() > 1e-3  # the adapter counts, and switches off
+    assert len(split_grads) == 8 and all(g.abs().max() > 0 for g in split_grads)
+    for split_grad, plain_grad in zip(split_grads, plain_grads):
+        torch.testing.assert_close(split_grad, plain_grad, atol=1e-5, rtol=1e-4)
+    assert output_layer_split(lora_policy(["q_proj", "lm_head"])) is None
+
+
 def test_models_that_rescale_their_logits_keep_their_own_forward(tokenizer):
     """A model whose logits are not just output_layer(hidden) (here: doubled, like a logit
     scale) fails the check, and its logprobs still come from its real logits."""

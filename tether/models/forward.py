@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from tether.models.loading import bare_model, probing, scalar_head
+from tether.models.loading import bare_model, is_peft_model, probing, scalar_head
 from tether.models.packing import backbone_hidden_states
 from tether.ops import position_ids_from_mask, token_logprobs
 from tether.ops.logprobs import head_logprobs
@@ -85,17 +85,22 @@ _SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyD
 def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
     """``(backbone, output layer)`` of a causal LM whose logits are ``output_layer(backbone(x))``.
 
-    Architectures that scale or soft-cap their logits, wrappers (PEFT) and custom heads fail the
-    check and get ``None``: they keep their own forward pass. The answer depends on the
-    architecture, not the weights, so it is computed once per model, on four tokens in fp32.
+    A PEFT model splits like the model inside it, whose LoRA layers stay in place (so the
+    adapter, and disabling it, still apply); an adapter on the output layer itself leaves it no
+    plain ``nn.Linear``. Architectures that scale or soft-cap their logits, adapters that add
+    virtual tokens, engine wrappers (DDP, FSDP, DeepSpeed: gradients must go through their own
+    forward) and custom heads fail the check and get ``None``: they keep their own forward pass.
+    The answer depends on the architecture, not the weights, so it is computed once per model,
+    on four tokens in fp32.
     """
     if model in _SPLITS:
         return _SPLITS[model]
     split = None
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inner = model.get_base_model() if is_peft_model(model) else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-    if isinstance(backbone, nn.Module) and backbone is not model and plain_head:
+    if isinstance(backbone, nn.Module) and backbone is not inner and plain_head:
         split = (backbone, head) if _split_matches(model, backbone, head) else None
     _SPLITS[model] = split
     return split

@@ -89,9 +89,13 @@ def bare_model(model: nn.Module) -> nn.Module:
     LoRA layers live inside it, so its forward still uses the adapter)."""
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+    if is_peft_model(model):
         model = model.get_base_model()
     return model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import copy
 from torch import nn
 
 from tether.errors import ConfigError
-from tether.models.loading import freeze
+from tether.models.loading import freeze, is_peft_model
 
 
 def _peft():
@@ -22,10 +22,6 @@ def _peft():
     except ImportError:
         raise ConfigError("peft_config needs the peft package: pip install 'tether[peft]'") from None
     return peft
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def apply_lora(model: nn.Module, peft_config: dict, task_type: str) -> nn.Module:
