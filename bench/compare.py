@@ -2,6 +2,7 @@
 
     python bench/compare.py                    # W1 W2 W3, fp32, 4 updates each, 2 rounds
     python bench/compare.py W1 --bf16 --updates 3 --rounds 1
+    python bench/compare.py W3 --lora --updates 3 --rounds 1    # a LoRA policy in both systems
 
 Needs the benchmark extra (`pip install -e ".[bench]"`: trl==1.12.0). Prints, per workload:
 seconds per update (median of the updates after the first, over all rounds), peak resident
@@ -20,11 +21,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(system: str, workload: str, updates: int, bf16: bool, threads: int) -> dict:
+def run(system: str, workload: str, updates: int, bf16: bool, lora: bool, threads: int) -> dict:
     command = [sys.executable, str(HERE / "run_one.py"), system, workload, "--updates", str(updates),
                "--threads", str(threads), "--cache", str(HERE / ".fixtures")]
     if bf16:
         command.append("--bf16")
+    if lora:
+        command.append("--lora")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{system} {workload} failed:\n{result.stderr[-3000:]}")
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     options = parser.parse_args()
     rows = []
@@ -44,18 +48,20 @@ def main() -> None:
         results: dict[str, list[dict]] = {"tether": [], "trl": []}
         for _ in range(options.rounds):
             for system in ("trl", "tether"):  # alternate, so drifts in machine speed hit both
-                results[system].append(run(system, workload, options.updates, options.bf16, options.threads))
+                results[system].append(run(system, workload, options.updates, options.bf16, options.lora, options.threads))
         summary = {}
         for system, runs in results.items():
             seconds = statistics.median(s for r in runs for s in r["seconds"][1:])
             summary[system] = {
                 "seconds": seconds,
                 "peak_gb": max(r["peak_rss"] for r in runs) / 1e9,
-                "roofline": statistics.median(r["update_flops"] / seconds / r["matmul_flops"] for r in runs),
+                "roofline": None if options.lora else statistics.median(
+                    r["update_flops"] / seconds / r["matmul_flops"] for r in runs
+                ),
             }
         rows.append((workload, summary))
-        print(json.dumps({"workload": workload, "bf16": options.bf16, **summary}), flush=True)
-    precision = "bf16" if options.bf16 else "fp32"
+        print(json.dumps({"workload": workload, "bf16": options.bf16, "lora": options.lora, **summary}), flush=True)
+    precision = ("bf16" if options.bf16 else "fp32") + (", LoRA" if options.lora else "")
     print("\n| workload | precision | tether s/update | TRL s/update | speed-up | tether peak GB | TRL peak GB "
           "| memory ratio | tether roofline | TRL roofline |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -63,7 +69,11 @@ def main() -> None:
         t, p = s["tether"], s["trl"]
         print(f"| {workload} | {precision} | {t['seconds']:.2f} | {p['seconds']:.2f} | {p['seconds'] / t['seconds']:.2f}x "
               f"| {t['peak_gb']:.2f} | {p['peak_gb']:.2f} | {t['peak_gb'] / p['peak_gb']:.2f} "
-              f"| {100 * t['roofline']:.1f}% | {100 * p['roofline']:.1f}% |")
+              f"| {_percent(t['roofline'])} | {_percent(p['roofline'])} |")
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 if __name__ == "__main__":

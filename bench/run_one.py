@@ -2,7 +2,11 @@
 
 Prints one JSON line: seconds of every update, peak resident memory, and the update's model
 FLOPs (2 x params x tokens per forward, 6 x params x tokens per forward+backward, tokens that
-were actually computed). ``bench/compare.py`` runs both systems alternately and makes the table.
+were actually computed; none with ``--lora``, whose frozen weights need no weight gradients).
+``bench/compare.py`` runs both systems alternately and makes the table.
+
+``--lora``: both systems train a LoRA adapter on the policy (``LORA``; the value model in full)
+and take the starting policy, adapter off, as the reference.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ def update_flops(policy_params: int, scalar_params: int, batch: int, query: floa
     return generate + score + train
 
 
-def run_tether(folder: Path, workload, updates: int, bf16: bool, texts: list[str]) -> list[float]:
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str]) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tether import PPOConfig, PPOTrainer
@@ -53,7 +60,7 @@ def run_tether(folder: Path, workload, updates: int, bf16: bool, texts: list[str
         num_mini_batches=workload.minibatches, num_ppo_epochs=workload.epochs,
         total_episodes=workload.batch * updates, local_rollout_forward_batch_size=workload.batch,
         response_length=workload.response, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0,
-        learning_rate=3e-6, num_sample_generations=0,
+        learning_rate=3e-6, num_sample_generations=0, peft_config=LORA if lora else None,
     )
     trainer = PPOTrainer(
         config, tokenizer, AutoModelForCausalLM.from_pretrained(folder / "policy"),
@@ -68,7 +75,7 @@ def run_tether(folder: Path, workload, updates: int, bf16: bool, texts: list[str
     return seconds
 
 
-def run_trl(folder: Path, workload, updates: int, bf16: bool, texts: list[str]) -> list[float]:
+def run_trl(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str]) -> list[float]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -100,13 +107,19 @@ def run_trl(folder: Path, workload, updates: int, bf16: bool, texts: list[str]) 
     policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=policy,
-        ref_model=AutoModelForCausalLM.from_pretrained(folder / "policy"),
+        ref_model=None if lora else AutoModelForCausalLM.from_pretrained(folder / "policy"),
         reward_model=AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
         value_model=AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
-        train_dataset=dataset, callbacks=[Clock()],
+        train_dataset=dataset, callbacks=[Clock()], peft_config=_peft_config() if lora else None,
     )
     trainer.train()
     return seconds
+
+
+def _peft_config():
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **LORA)
 
 
 def main() -> None:
@@ -115,6 +128,7 @@ def main() -> None:
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="bench/.fixtures")
     options = parser.parse_args()
@@ -123,7 +137,7 @@ def main() -> None:
     folder = build(workload, Path(options.cache))
     texts = prompts(vocab=workload.vocab)
     runner = run_tether if options.system == "tether" else run_trl
-    seconds = runner(folder, workload, options.updates, options.bf16, texts)
+    seconds = runner(folder, workload, options.updates, options.bf16, options.lora, texts)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,8 +147,8 @@ def main() -> None:
     query = sum(len(t.split()) for t in texts) / len(texts)
     flops = update_flops(params, scalar, workload.batch, query, workload.response, workload.epochs)
     print(json.dumps({
-        "system": options.system, "workload": options.workload, "bf16": options.bf16,
-        "seconds": seconds, "peak_rss": peak_rss_bytes(), "update_flops": flops, "matmul_flops": matmul_flops(),
+        "system": options.system, "workload": options.workload, "bf16": options.bf16, "lora": options.lora,
+        "seconds": seconds, "peak_rss": peak_rss_bytes(), "update_flops": None if options.lora else flops, "matmul_flops": matmul_flops(),
     }))
 
 
