@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tether.data import PromptSampler
+from tether.errors import ConfigError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tests.workers.ppo_update import build, update
 
@@ -51,7 +52,8 @@ def _one_thread():
 
 def test_update_is_the_same_for_every_split_into_processes(tmp_path):
     """One fixed global rollout of 8 rows (sampling differs per process, so it is given),
-    2 epochs x 2 minibatches: (8,1,1) and (1,8,1) in this process, (2,2,2) under torchrun."""
+    2 epochs x 2 minibatches: (8,1,1) and (1,8,1) in this process, (2,2,2) under torchrun,
+    where DDP wraps the policy's chunked-output-layer forward."""
     whole = build(tmp_path / "whole", 8, 1)
     torch.manual_seed(5)
     rollout = whole.rollout([whole.prompts[i] for i in range(8)])
@@ -67,6 +69,8 @@ def test_update_is_the_same_for_every_split_into_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
     assert two["world_size"] == 2
+    # Under DDP the policy is wrapped as an Actor: the chunked output layer, never the logits
+    assert two["policy_wrapper"] == "DistributedDataParallel" and two["full_logits_passes"] == 0
 
     assert max((whole_params[k] - start[k]).abs().max().item() for k in start) > 1e-3  # the update moved
     for other in (split_params, two["params"]):
@@ -250,3 +254,31 @@ def test_accelerate_launch_with_the_ddp_example_trains_a_lora_policy(workspace: 
     start = AutoModelForCausalLM.from_pretrained(workspace / "policy")
     assert max((a - b).abs().max().item() for a, b in zip(policy.parameters(), start.parameters())) > 1e-4
     assert (out / "checkpoint-2" / "policy" / "adapter_model.safetensors").is_file()
+
+
+def test_deepspeed_clips_to_max_grad_norm_or_refuses_a_config_that_differs():
+    """DeepSpeed clips by its own config, which Accelerate would fill with 1.0: tether writes
+    ``max_grad_norm`` there (None: 0, no clipping) and refuses a config set to another value."""
+    from tether.trainers.parallel import set_deepspeed_clipping
+
+    for given, max_grad_norm, expected in [("auto", None, 0.0), ("auto", 0.5, 0.5), (None, 1.0, 1.0), (0.5, 0.5, 0.5)]:
+        config = {"zero_optimization": {"stage": 2}} if given is None else {"gradient_clipping": given}
+        set_deepspeed_clipping(config, max_grad_norm)
+        assert config["gradient_clipping"] == expected
+    with pytest.raises(ConfigError, match="gradient_clipping is 1.0 but max_grad_norm is None"):
+        set_deepspeed_clipping({"gradient_clipping": 1.0}, None)
+
+
+def test_a_model_saved_from_inside_its_wrapper_keeps_its_own_keys():
+    """Under ZeRO-3 / FSDP the saved weights come from the engine's module, which for a reward
+    or value model is its ``Critic``: the keys lose the wrapper's prefix and load as the model's."""
+    from tether.models.forward import Critic
+    from tether.trainers.parallel import keys_inside
+
+    tokenizer = word_tokenizer(numbered_words(10))
+    model = tiny_reward_model(tokenizer)
+    critic = Critic(model)
+    own = keys_inside(critic.state_dict(), critic, model)
+    assert own.keys() == model.state_dict().keys()
+    assert all(torch.equal(own[key], value) for key, value in model.state_dict().items())
+    assert keys_inside(model.state_dict(), model, model).keys() == model.state_dict().keys()

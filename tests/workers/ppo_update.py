@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.test_ppo_trainer import PROMPTS, make_config, make_policy, make_tokenizer, w5_fraction  # noqa: E402
+from tether.models import forward  # noqa: E402
 from tether.trainers.ppo import PPOTrainer  # noqa: E402
 
 # adam_epsilon 1e-4: Adam's first steps move an element by ~lr * g / (|g| + eps), so an element
@@ -38,13 +39,27 @@ def main() -> None:
     # Every process samples responses to the same prompts with its own generator, as set up
     # by the trainer: the gathered rows must differ.
     samples = trainer.gather(trainer.rollout([trainer.prompts[i] for i in range(8)]))
+    full_logits = count_calls(forward, "response_logits")  # the model's own [B, T, V] logits
     params, metrics = update(trainer, torch.load(args.rollout, weights_only=False))
     shards = trainer.parallel.gather_objects(trainer.next_prompt_indices())
     if trainer.parallel.is_main:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = {"params": params, "metrics": metrics, "world_size": trainer.parallel.world_size,
-                  "responses": samples.responses, "shards": shards}
+                  "responses": samples.responses, "shards": shards, "full_logits_passes": len(full_logits),
+                  "policy_wrapper": type(trainer._policy).__name__}
         torch.save(result, Path(args.out) / "result.pt")
+
+
+def count_calls(module, name: str) -> list:
+    """Replace ``module.name`` by a function that records each call, then calls the original."""
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return calls
 
 
 def build(out: Path, per_device: int, accumulation: int, gradient_checkpointing: bool = False) -> PPOTrainer:

@@ -67,7 +67,12 @@ def policy_logprobs(
     states (checked once per model, see ``output_layer_split``), the output layer runs in row
     chunks and the ``[B, T, V]`` logits never exist; otherwise the model's own forward pass
     gives the logits (``logits_to_keep`` trims them to the response).
+
+    An ``Actor``, bare or inside an engine's wrapper, is called instead: the wrapper's own
+    forward is what DDP / FSDP / DeepSpeed must see, and the policy inside takes the path above.
     """
+    if isinstance(bare_model(model), Actor):
+        return model(queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad)
     split = None if entropy_grad else output_layer_split(model)
     if split is None:
         logits = response_logits(model, queries, query_mask, responses, response_mask)
@@ -149,6 +154,23 @@ def critic_values(model, queries, query_mask, responses, response_mask) -> torch
     else:
         outputs = scalar_outputs(model, last_hidden_state(model, input_ids, attention_mask, position_ids))
     return outputs[:, -(width + 1) : -1].squeeze(-1).float()
+
+
+class Actor(nn.Module):
+    """A policy whose ``forward`` gives ``policy_logprobs``. DDP synchronises gradients only
+    for what runs through its wrapper's forward; wrapped around this module instead of the bare
+    policy, it lets the update keep the chunked output layer and the packed backbone, where a
+    wrapped bare policy has to run its own forward and make the ``[B, T, V]`` logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's per-layer wrapping reads it
+
+    def forward(self, queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad):
+        return policy_logprobs(
+            self.model, queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad
+        )
 
 
 class Critic(nn.Module):

@@ -7,8 +7,8 @@ starts one process per device; each builds the same trainer. What a trainer need
   (that path never touches ``torch.distributed`` and stays exactly as before);
 * ``sum_over_processes`` / ``gather_rows``: global statistics and the global rollout;
 * ``prepare_frozen``: reference and reward models as each engine needs them for inference;
-* ``unwrapped_for_generation``: the bare model for ``generate``, with ZeRO-3 / FSDP parameters
-  gathered once around the whole rollout instead of once per generated token;
+* ``gathered_for_generation``: ZeRO-3 / FSDP parameters gathered once around a rollout's
+  sampling (with the bare policy) instead of once per generated token;
 * ``main_first`` / ``share``: work only the main process may do (output folder, files).
 
 DeepSpeed and FSDP paths need CUDA and were not run in tether's tests (CPU only); they are kept
@@ -60,6 +60,30 @@ def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) ->
     return Rollout(**gathered)
 
 
+def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) -> None:
+    """DeepSpeed clips gradients itself, to its config's ``gradient_clipping``, which Accelerate
+    fills with 1.0 where it says "auto" or nothing: make it ``max_grad_norm`` (0: no clipping,
+    like one process with ``max_grad_norm: null``), and refuse a config that sets another value."""
+    wanted = float(max_grad_norm or 0.0)
+    given = deepspeed_config.get("gradient_clipping", "auto")
+    if given in ("auto", None):
+        deepspeed_config["gradient_clipping"] = wanted
+    elif float(given) != wanted:
+        raise ConfigError(
+            f"the DeepSpeed config's gradient_clipping is {given} but max_grad_norm is {max_grad_norm}; "
+            f"set max_grad_norm: {given}, or take gradient_clipping out of the DeepSpeed / Accelerate config"
+        )
+
+
+def keys_inside(state_dict: dict, outer: nn.Module, model: nn.Module) -> dict:
+    """``outer``'s ``state_dict`` as ``model``'s own, where ``model`` sits inside ``outer`` (a
+    reward model inside its ``Critic``: ``model.`` comes off every key); unchanged otherwise."""
+    prefix = next((f"{name}." for name, module in outer.named_modules() if module is model and name), None)
+    if prefix is None:
+        return state_dict
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
 def launched_processes() -> int:
     """Processes of this launch, from the environment torchrun / accelerate set (1 if neither)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,6 +114,9 @@ class Parallel:
         accelerator = Accelerator(
             mixed_precision=precision, cpu=config.device == "cpu", gradient_accumulation_steps=accumulation_steps
         )
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
         atexit.register(_close_process_group)
         return cls(accelerator, accelerator.process_index, accelerator.num_processes)
 
@@ -184,6 +211,8 @@ class Parallel:
                 state_dict = {k: v.detach().cpu().clone() for k, v in self.unwrap(wrapped).state_dict().items()}
         elif self.engine == "fsdp":
             state_dict = self.accelerator.get_state_dict(wrapped)
+        if state_dict is not None:
+            state_dict = keys_inside(state_dict, self.unwrap(wrapped), model)
         if self.is_main:
             save_pretrained_atomic(target, [model, tokenizer], state_dict=state_dict)
         self.barrier()
@@ -308,23 +337,23 @@ class Parallel:
         return self.accelerator.unwrap_model(model)
 
     @contextlib.contextmanager
-    def unwrapped_for_generation(self, model: nn.Module):
-        """The bare model for ``generate``. ZeRO-3 and FSDP shard parameters, and a sharded
-        model's ``generate`` would gather every layer for every new token; the parameters are
-        gathered once here, for the whole rollout."""
+    def gathered_for_generation(self, model: nn.Module):
+        """Around a rollout's sampling with the bare policy inside ``model``. ZeRO-3 and FSDP
+        shard parameters, and a sharded model would gather every layer for every new token;
+        the parameters are gathered once here, for the whole rollout."""
         match self.engine:
             case "deepspeed" if self.zero_stage == 3:
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                    yield self.unwrap(model)
+                    yield
             case "fsdp" if not self.accelerator.is_fsdp2:
                 from torch.distributed.fsdp import FullyShardedDataParallel
 
                 with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-                    yield self.unwrap(model)
+                    yield
             case _:
-                yield self.unwrap(model)
+                yield
 
     @property
     def checkpoints_supported(self) -> bool:

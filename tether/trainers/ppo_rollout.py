@@ -109,9 +109,9 @@ class RolloutMaker:
         queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         self.policy.eval()
-        with self._autocast(), self.parallel.unwrapped_for_generation(self.policy_forward) as model:
+        with self._autocast(), self.parallel.gathered_for_generation(self.policy_forward):
             responses, logprobs, _ = generate_responses(
-                model, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
+                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
         return {
@@ -209,7 +209,7 @@ class RolloutMaker:
         adapter disabled."""
         if self.reference is not None:
             return policy_logprobs(self.reference, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
-        with self.parallel.unwrap(self.policy_forward).disable_adapter():
+        with self.policy.disable_adapter():
             return policy_logprobs(self.policy_forward, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
 
     def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
