@@ -152,6 +152,37 @@ def test_loss_equals_cross_entropy_by_hand(completion_only_loss):
     torch.testing.assert_close(loss, nll / count, atol=1e-5, rtol=1e-5)
 
 
+def test_loss_gradients_equal_those_through_the_models_own_logits():
+    """The loss runs the output layer itself, in chunks, on the packed backbone's hidden
+    states (the model's own forward never runs); its gradients equal those of cross-entropy
+    on the model's logits."""
+    from tether.models.forward import output_layer_split
+
+    tokenizer = make_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
+    rows = [Sequence([5, 6], [7, EOS]), Sequence([8], [9, 10, 11, 12, 13, 14, EOS]), Sequence([12, 13, 14], [EOS])]
+    batch = collate(rows, PAD, True)
+    assert output_layer_split(model) is not None
+    gradients = []
+    for chunked in (True, False):
+        model.zero_grad()
+        if chunked:
+            calls = []
+            hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+            loss = summed_nll(model, batch)
+            hook.remove()
+            assert calls == []
+        else:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits[:, :-1]
+            loss = F.cross_entropy(logits[batch.loss_mask], batch.input_ids[:, 1:][batch.loss_mask], reduction="sum")
+        loss.backward()
+        gradients.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (chunked_loss, chunked_grads), (plain_loss, plain_grads) = gradients
+    torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # --------------------------------------------------------------------------- one step
 
 

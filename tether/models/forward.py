@@ -111,6 +111,29 @@ def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
     return split
 
 
+def next_token_nll(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Negative log-likelihood (scalar, fp32) of each token that follows a ``loss_mask``
+    position: ``loss_mask`` is ``[B, L - 1]``, True where position ``j``'s prediction of token
+    ``j + 1`` counts. Only those positions reach the output layer; where the model splits
+    (``output_layer_split``) it runs in row chunks on the packed backbone's hidden states, so
+    no ``[B, L, V]`` logits exist. A ``NextTokenLoss`` (bare or wrapped) is called instead.
+    """
+    if isinstance(bare_model(model), NextTokenLoss):
+        return model(input_ids, attention_mask, loss_mask)
+    labels = input_ids[:, 1:][loss_mask]  # [N]
+    position_ids = position_ids_from_mask(attention_mask)
+    split = output_layer_split(model)
+    if split is None:
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False
+        ).logits[:, :-1]  # [B, L - 1, V]: position j predicts token j + 1
+        return torch.nn.functional.cross_entropy(logits[loss_mask].float(), labels, reduction="sum")
+    backbone, head = split
+    hidden = backbone_hidden_states(backbone, input_ids, attention_mask.long(), position_ids)[:, :-1][loss_mask]
+    logprobs, _ = head_logprobs(hidden.unsqueeze(0), head.weight, head.bias, labels.unsqueeze(0))
+    return -logprobs.sum()
+
+
 def _split_matches(model, backbone, head) -> bool:
     device = head.weight.device
     ids = torch.arange(4, device=device).remainder(head.weight.size(0)).unsqueeze(0)
@@ -171,6 +194,19 @@ class Actor(nn.Module):
         return policy_logprobs(
             self.model, queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad
         )
+
+
+class NextTokenLoss(nn.Module):
+    """A causal LM whose ``forward`` gives ``next_token_nll``: what DDP wraps in ``sft``, for
+    the reason given at ``Actor``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        return next_token_nll(self.model, input_ids, attention_mask, loss_mask)
 
 
 class Critic(nn.Module):

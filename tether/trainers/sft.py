@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tether.checkpoint import check_output_dir_early
@@ -39,8 +38,8 @@ from tether.config import SFTConfig
 from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
+from tether.models.forward import NextTokenLoss, next_token_nll
 from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
-from tether.ops.masks import position_ids_from_mask
 from tether.trainers.common import (
     autocast,
     make_optimizer,
@@ -98,19 +97,11 @@ def summed_nll(model: nn.Module, batch: SFTBatch) -> torch.Tensor:
     """Next-token negative log-likelihood summed over the batch's loss-masked labels (scalar).
 
     Dividing by the token count of the whole optimizer batch (not of this micro-batch) makes
-    the update the same however the batch is split into micro-batches.
+    the update the same however the batch is split into micro-batches. Only the counted
+    positions reach the output layer: less memory, and padding cannot contribute anything, not
+    even a NaN times zero.
     """
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask.long(),
-        position_ids=position_ids_from_mask(batch.attention_mask),
-        use_cache=False,
-    ).logits[:, :-1]  # [B, L - 1, V]: position j predicts token j + 1
-    labels = batch.input_ids[:, 1:]  # [B, L - 1]
-    # Only the counted positions reach the log-softmax: less memory, and padding cannot
-    # contribute anything, not even a NaN times zero.
-    picked = logits[batch.loss_mask].float()  # [N, V]
-    return F.cross_entropy(picked, labels[batch.loss_mask], reduction="sum")
+    return next_token_nll(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
 
 def split_held_out(num_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -164,8 +155,11 @@ class SFTTrainer:
         self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
         self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
-        # ``_model`` is what forward passes run through: the model itself, or the engine's wrapper.
-        self._model, self.optimizer = self.parallel.prepare_trained(model, make_optimizer(model.parameters(), config))
+        # ``_model`` is what forward passes run through: the model itself, or the engine's wrapper
+        # (around the loss pass under DDP, so the output layer runs chunked there too; DeepSpeed
+        # and FSDP, never run here, wrap the bare model).
+        scored = NextTokenLoss(model) if self.parallel.engine in ("none", "ddp") else model
+        self._model, self.optimizer = self.parallel.prepare_trained(scored, make_optimizer(model.parameters(), config))
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
         self.step_count = 0
         self._epoch_order: tuple[int, list[int]] | None = None
