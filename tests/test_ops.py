@@ -931,6 +931,47 @@ def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows):
     assert not results[0][1].requires_grad
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])
+def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs):
+    """With ``entropy_grad`` a loss of logprobs and entropy gets the analytical gradient in
+    both backward modes, for h, W and b."""
+    import tether.ops.logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "KEEP_PROBS_BYTES", 1 << 40 if keep_probs else 0)
+    hidden, weight, bias, tokens = _head_inputs()
+    mix = torch.randn(tokens.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def loss(h, w, b):
+        logp, entropy = head_logprobs(h, w, b, tokens, 0.7, max_chunk_rows=4, with_entropy=True, entropy_grad=True)
+        return logp + mix * entropy
+
+    assert torch.autograd.gradcheck(loss, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 1000])
+def test_head_logprobs_entropy_bonus_equals_token_logprobs(chunk_rows):
+    """An entropy bonus through the chunked output layer: the gradients of materialising the
+    logits (fp32, 1e-5)."""
+    hidden, weight, bias, tokens = (t.detach().float() if t.is_floating_point() else t for t in _head_inputs(4))
+    upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fused in (True, False):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        if fused:
+            logp, entropy = head_logprobs(
+                h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True, entropy_grad=True
+            )
+        else:
+            logp, entropy = token_logprobs(
+                h @ w.t() + b, tokens, 0.8, chunk_size=chunk_rows, with_entropy=True, entropy_grad=True
+            )
+        (logp * upstream - 0.3 * entropy).sum().backward()
+        results.append((logp, entropy, h.grad, w.grad, b.grad))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert results[0][1].requires_grad
+
+
 def test_head_logprobs_without_bias_and_without_gradients():
     hidden, weight, _, tokens = (t.detach() for t in _head_inputs(5))
     with torch.no_grad():

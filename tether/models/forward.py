@@ -73,7 +73,7 @@ def policy_logprobs(
     """
     if isinstance(bare_model(model), Actor):
         return model(queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad)
-    split = None if entropy_grad else output_layer_split(model)
+    split = output_layer_split(model)
     if split is None:
         logits = response_logits(model, queries, query_mask, responses, response_mask)
         return token_logprobs(logits, responses, temperature, chunk_size, with_entropy, entropy_grad)
@@ -81,7 +81,7 @@ def policy_logprobs(
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
     hidden = backbone_hidden_states(backbone, input_ids, attention_mask, position_ids)[:, -(width + 1) : -1]
-    return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy)
+    return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy, entropy_grad)
 
 
 _SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()

@@ -103,11 +103,14 @@ class _HeadLogprobs(torch.autograd.Function):
     from the saved hidden states: one extra output-layer matmul instead of holding the
     ``[rows, vocab]`` logits. With ``d logp_y / d z = (onehot(y) - p) / tau`` for logits
     ``z``, the probabilities enter both products unchanged and the one-hot part is a row
-    gather / scatter: no pass over ``[rows, vocab]`` beyond the matmuls.
+    gather / scatter: no pass over ``[rows, vocab]`` beyond the matmuls. With
+    ``entropy_grad`` the entropy is differentiable too: ``d H / d z = -p (log p + H) / tau``
+    joins the probabilities' part, which then takes one pass to combine.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, compute_dtype, with_entropy, keep_probs):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, compute_dtype, with_entropy, keep_probs,
+                entropy_grad):
         rows, vocab = hidden.size(0), weight.size(0)
         wide = _wide(compute_dtype)
         logprobs = torch.empty(rows, dtype=wide, device=hidden.device)
@@ -132,17 +135,18 @@ class _HeadLogprobs(torch.autograd.Function):
                 total = shifted.exp_().sum(-1)
             logprobs[part] = chosen - total.log()
             tops[part], totals[part] = top.squeeze(1), total
-        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals)
+        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals, entropy if entropy_grad else None)
         ctx.kept = kept
         ctx.settings = (temperature, chunk_rows, compute_dtype)
         if entropy is None:
             return logprobs, None
-        ctx.mark_non_differentiable(entropy)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy):
-        hidden, weight, bias, tokens, tops, totals = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, tokens, tops, totals, entropy = ctx.saved_tensors
         temperature, chunk_rows, compute_dtype = ctx.settings
         kept, ctx.kept = ctx.kept, None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -158,23 +162,33 @@ class _HeadLogprobs(torch.autograd.Function):
             else:
                 probs = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, buffer.rows(part))
                 probs = probs.sub_(tops[part].unsqueeze(1)).exp_().div_(totals[part].unsqueeze(1))  # as the forward
-            # d loss / d z = g / tau * (onehot(y) - p), row by row
+            # d loss / d z = g / tau * (onehot(y) - p), row by row: the one-hot part is ``scale``
+            # at the chosen token, the rest ``-p * p_scale`` (``p_scale`` 1 once folded into p)
             scale = (grad_logprobs[part].to(wide) / temperature).unsqueeze(1)  # [rows, 1]
+            p_scale = scale
+            if entropy is not None:  # and - g_H / tau * p (log p + H)
+                entropy_scale = (grad_entropy[part].to(wide) / temperature).unsqueeze(1)
+                probs = _fold_entropy_gradient(probs, scale, entropy_scale, entropy[part].unsqueeze(1))
+                p_scale = None
             chosen_tokens = tokens[part]
             cast_probs = probs.to(compute_dtype)
             if need_hidden:
                 rows_grad = (cast_probs @ cast_weight).to(wide)  # [rows, H]
-                grad_hidden[part] = (weight[chosen_tokens].to(wide) - rows_grad) * scale
+                if p_scale is not None:
+                    rows_grad *= p_scale
+                grad_hidden[part] = weight[chosen_tokens].to(wide) * scale - rows_grad
             if need_weight or need_bias:
-                hidden_part = hidden[part].to(wide) * scale  # [rows, H]
+                hidden_part = hidden[part].to(wide)  # [rows, H]
             if need_weight:
+                p_hidden = hidden_part * p_scale if p_scale is not None else hidden_part
                 if compute_dtype == wide:  # in place: no [V, H] temporary per chunk
-                    grad_weight.addmm_(cast_probs.t(), hidden_part, alpha=-1)
+                    grad_weight.addmm_(cast_probs.t(), p_hidden, alpha=-1)
                 else:
-                    grad_weight -= (cast_probs.t() @ hidden_part.to(compute_dtype)).to(wide)
-                grad_weight.index_add_(0, chosen_tokens, hidden_part)
+                    grad_weight -= (cast_probs.t() @ p_hidden.to(compute_dtype)).to(wide)
+                grad_weight.index_add_(0, chosen_tokens, hidden_part * scale)
             if need_bias:
-                grad_bias -= (scale.t().to(compute_dtype) @ cast_probs).squeeze(0).to(wide)
+                p_rows = p_scale if p_scale is not None else torch.ones_like(scale)
+                grad_bias -= (p_rows.t().to(compute_dtype) @ cast_probs).squeeze(0).to(wide)
                 grad_bias.index_add_(0, chosen_tokens, scale.squeeze(1))
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
@@ -182,7 +196,14 @@ class _HeadLogprobs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _fold_entropy_gradient(probs, scale, entropy_scale, entropy) -> torch.Tensor:
+    """``p * scale + p * (log p + H) * entropy_scale`` in place of ``probs`` ``[rows, V]``:
+    the whole non-one-hot part of ``-d loss / d z`` (``xlogy``: 0 where p underflowed to 0)."""
+    surprise = torch.special.xlogy(probs, probs).mul_(entropy_scale)
+    return probs.mul_(scale + entropy_scale * entropy).add_(surprise)
 
 
 def head_logprobs(
@@ -193,12 +214,13 @@ def head_logprobs(
     temperature: float = 1.0,
     max_chunk_rows: int = DEFAULT_CHUNK_ROWS,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``token_logprobs`` of the output layer ``hidden @ weight.T + bias`` without its logits.
 
     ``hidden`` is ``[B, T, H]`` (the positions that predict each token), ``tokens`` ``[B, T]``.
     Under autocast the products run in the autocast dtype, as the output layer itself would.
-    The entropy carries no gradient (use ``token_logprobs`` for an entropy bonus).
+    The entropy carries a gradient only with ``entropy_grad`` (an entropy bonus).
     """
     batch, width, size = hidden.shape
     device_type = hidden.device.type
@@ -209,6 +231,6 @@ def head_logprobs(
     with torch.autocast(device_type=device_type, enabled=False):
         logprobs, entropy = _HeadLogprobs.apply(
             hidden.reshape(-1, size), weight, bias, tokens.reshape(-1), temperature, chunk_rows, compute_dtype,
-            with_entropy, keep_probs,
+            with_entropy, keep_probs, with_entropy and entropy_grad and differentiable,
         )
     return logprobs.view(batch, width), entropy.view(batch, width) if entropy is not None else None
