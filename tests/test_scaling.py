@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from tether.checkpoint import checkpoints
 from tether.errors import ConfigError
-from tether.models.forward import last_hidden_state, policy_logprobs
+from tether.models.forward import last_hidden_state, output_layer_split, policy_logprobs
 from tether.models.lora import adapter_starts_at_zero, apply_lora
 from tether.trainers.parallel import Parallel
 from tests.test_ppo_trainer import (
@@ -261,10 +261,13 @@ def test_gradient_checkpointing_in_sft_and_reward_training_keeps_the_step(tmp_pa
         rm = RewardTrainer(rm_config(tmp_path / f"rm{checkpointing}", gradient_checkpointing=checkpointing,
                                      per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_fraction=0.0,
                                      adam_epsilon=1e-4), tokenizer, rm_model, preference_table(4))
-        # a model's first backbone pass checks once whether it may run packed; done here so
-        # that the counts below are the step's own
+        # a model's first backbone pass checks once whether it may run packed, and a causal
+        # LM's first loss whether its output layer splits off; done here so that the counts
+        # below are the step's own
         with torch.no_grad():
-            last_hidden_state(rm_model, torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[0, 0, 1]]))
+            for model in (rm_model, sft_model):
+                last_hidden_state(model, torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[0, 0, 1]]))
+            assert output_layer_split(sft_model) is not None
         calls = {"sft": 0, "rm": 0}
         for name, model in (("sft", sft_model), ("rm", rm_model)):
             model.model.layers[0].self_attn.register_forward_pre_hook(
