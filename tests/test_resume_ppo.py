@@ -212,3 +212,84 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path: Pat
     assert resumed.update == 4
     assert [p.name for p in checkpoints(tmp_path / "two")] == ["checkpoint-4"]
     assert len(lines(tmp_path / "two" / "metrics.jsonl")) == 4
+
+
+class FakeTrackers:
+    """Stand-ins for tensorboard, wandb and trackio that record how tether starts and feeds them."""
+
+    def __init__(self, monkeypatch):
+        import importlib.machinery
+        import types
+
+        self.started, self.logged = [], []
+        fake = self
+
+        class Writer:
+            def __init__(self, log_dir, purge_step=None):
+                fake.started.append(("tensorboard", purge_step))
+
+            def add_scalar(self, key, value, step):
+                fake.logged.append(("tensorboard", key, step))
+
+            def flush(self):
+                pass
+
+            def close(self):
+                pass
+
+        class Run:
+            def __init__(self, tracker):
+                self.tracker = tracker
+
+            def log(self, metrics, step):
+                fake.logged.append((self.tracker, "objective/scores", step))
+
+            def finish(self):
+                pass
+
+        def module(name, **attributes):
+            made = types.ModuleType(name)
+            made.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            made.__dict__.update(attributes)
+            monkeypatch.setitem(sys.modules, name, made)
+
+        ids = iter(range(100))
+        module("tensorboard")
+        module("torch.utils.tensorboard", SummaryWriter=Writer)
+        module("wandb", util=types.SimpleNamespace(generate_id=lambda: f"id{next(ids)}"),
+               init=lambda **kw: fake.started.append(("wandb", kw["id"], kw["resume"])) or Run("wandb"))
+        module("trackio", init=lambda **kw: fake.started.append(("trackio", kw["name"], kw["resume"])) or Run("trackio"))
+
+    def steps(self, tracker: str) -> list[int]:
+        return [step for name, key, step in self.logged if name == tracker and key == "objective/scores"]
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
+    """``report_to`` tensorboard, wandb and trackio: every update is logged to each; a run
+    resumed from update 1 continues the same W&B and trackio runs (ids kept in trackers.json),
+    TensorBoard drops its events past the checkpoint (purge_step 2), and update 2 is logged again.
+    A fresh run over the folder (--overwrite) starts new runs."""
+    trackers = FakeTrackers(monkeypatch)
+    out = tmp_path / "run"
+    report = ["tensorboard", "wandb", "trackio"]
+    make_trainer(out, total_episodes=16, save_steps=1, report_to=report).train()
+    assert trackers.steps("tensorboard") == trackers.steps("wandb") == trackers.steps("trackio") == [1, 2]
+    first = list(trackers.started)
+    assert first[0] == ("tensorboard", None)
+    (wandb_id,) = [entry[1] for entry in first if entry[0] == "wandb"]
+    (trackio_name,) = [entry[1] for entry in first if entry[0] == "trackio"]
+    assert json.loads((out / "trackers.json").read_text()) == {"wandb": wandb_id, "trackio": trackio_name}
+
+    trackers.started.clear()
+    trackers.logged.clear()
+    make_trainer(out, total_episodes=16, save_steps=1, report_to=report).train(
+        resume_from_checkpoint=str(out / "checkpoint-1")
+    )
+    assert sorted(trackers.started) == sorted(
+        [("tensorboard", 2), ("wandb", wandb_id, "allow"), ("trackio", trackio_name, "allow")]
+    )
+    assert trackers.steps("wandb") == [2]
+
+    trackers.started.clear()
+    make_trainer(out, total_episodes=8, report_to=report, overwrite_output_dir=True).train()
+    assert ("wandb", wandb_id, "allow") not in trackers.started and ("tensorboard", None) in trackers.started

@@ -29,7 +29,7 @@ from tether.errors import ConfigError, TetherError
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 STATE_FILE = "trainer_state.json"
-RUN_LOGS = ("metrics.jsonl", "samples.jsonl")
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "trackers.json")
 
 
 # --- stopping on a signal ----------------------------------------------------------------------

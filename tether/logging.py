@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from tether.saving import write_text_atomic
 
 console = Console(stderr=True)
 
@@ -29,10 +32,16 @@ class MetricsFile:
             os.fsync(handle.fileno())
 
 
+TRACKER_RUNS = "trackers.json"  # the W&B / trackio runs an output_dir logs to, for resuming
+
+
 class Reporters:
     """Optional experiment trackers named by ``report_to``: tensorboard, wandb, trackio.
 
-    Checked when the run is set up, so a missing package fails before any training.
+    Checked when the run is set up, so a missing package fails before any training. A resumed
+    run (``resume_after``) continues the trackers' runs of its output_dir: W&B and trackio the
+    same run (its id is kept in ``trackers.json``), TensorBoard with the events past the
+    checkpoint dropped, since the resumed run logs those steps again.
     """
 
     KNOWN = ("none", "tensorboard", "wandb", "trackio")
@@ -49,8 +58,13 @@ class Reporters:
         self.output_dir = Path(output_dir)
         self.config = config
         self._writers: dict[str, object] = {}
+        self.resumed_at: int | None = None
         for name in names:
             self._require(name)
+
+    def resume_after(self, step: int) -> None:
+        """The run continues from a checkpoint taken at ``step``."""
+        self.resumed_at = step
 
     @staticmethod
     def _require(name: str) -> None:
@@ -67,16 +81,30 @@ class Reporters:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writers[name] = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+                purge_step = None if self.resumed_at is None else self.resumed_at + 1
+                self._writers[name] = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
             elif name == "wandb":
                 import wandb
 
-                self._writers[name] = wandb.init(config=self.config, dir=str(self.output_dir))
+                run_id = self._run_id(name, lambda: wandb.util.generate_id())
+                self._writers[name] = wandb.init(
+                    config=self.config, dir=str(self.output_dir), id=run_id, resume="allow"
+                )
             elif name == "trackio":
                 import trackio
 
-                self._writers[name] = trackio.init(project="tether", config=self.config)
+                run_name = self._run_id(name, lambda: f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}")
+                self._writers[name] = trackio.init(project="tether", name=run_name, config=self.config, resume="allow")
         return self._writers[name]
+
+    def _run_id(self, tracker: str, new) -> str:
+        """The run a resumed run continues, else ``new()``; kept in ``trackers.json``."""
+        path = self.output_dir / TRACKER_RUNS
+        runs = json.loads(path.read_text()) if path.is_file() else {}
+        if self.resumed_at is None or tracker not in runs:
+            runs[tracker] = new()
+            write_text_atomic(path, json.dumps(runs, indent=1))
+        return runs[tracker]
 
     def log(self, metrics: dict, step: int) -> None:
         for name in self.names:

@@ -95,6 +95,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
         save_config(config, trainer.output_dir / "config.yaml")
     if checkpoint is not None:
         resume(trainer, checkpoint)
+        trainer.reporters.resume_after(trainer.step_count)
         parallel.barrier()  # every process has read the checkpoint before the logs change
         if parallel.is_main:
             truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again

@@ -429,6 +429,7 @@ class PPOTrainer:
             write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
         if checkpoint is not None:
             self._resume(checkpoint)
+            self.reporters.resume_after(self.update)
         self.parallel.barrier()  # every process has read the logs before the main one truncates them
         if checkpoint is not None and main:
             for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
