@@ -368,6 +368,62 @@ def test_save_model_is_loadable(tmp_path):
     assert AutoTokenizer.from_pretrained(target).convert_tokens_to_ids("w3") == 7
 
 
+def test_lora_trains_the_adapter_and_saves_merged_or_the_adapter_alone(tmp_path):
+    """With ``peft_config`` only the LoRA matrices train; ``save_model`` writes a plain model
+    with the adapter merged in (same logits, loads with ``from_pretrained``), or with
+    ``save_merged: false`` the adapter alone, which loads back onto the base model."""
+    from peft import PeftModel
+
+    tokenizer = make_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    start = parameters(model)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    trainer = SFTTrainer(make_config(tmp_path, peft_config=lora, learning_rate=1e-2), tokenizer, model, copy_task(8))
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    trainer.train()
+    moved = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    assert max(p.abs().max().item() for p in moved.values()) > 1e-3  # B left zero: the adapter trained
+    state = trainer.model.get_base_model().state_dict()
+    for name, value in start.items():  # the base weights did not move (LoRA's wrapped layers hold them as base_layer)
+        key = name if name in state else name.replace(".weight", ".base_layer.weight")
+        torch.testing.assert_close(state[key], value, atol=0, rtol=0)
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(trainer.save_model(tmp_path / "merged")).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    trainer.config.save_merged = False
+    adapter = trainer.save_model(tmp_path / "adapter")
+    assert (adapter / "adapter_config.json").is_file()
+    reloaded = PeftModel.from_pretrained(tiny_causal_lm(tokenizer, seed=0, **TINY), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_run_resumed_from_a_checkpoint_ends_with_the_same_adapter(tmp_path):
+    tokenizer = make_tokenizer()
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    values = dict(peft_config=lora, learning_rate=1e-2, per_device_train_batch_size=4, save_steps=1)
+    straight = SFTTrainer(make_config(tmp_path, **values), tokenizer, tiny_causal_lm(tokenizer, seed=0, **TINY),
+                          copy_task(8))
+    assert len(straight.train()) == 2
+    resumed = SFTTrainer(
+        make_config(tmp_path, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"), **values),
+        tokenizer, tiny_causal_lm(tokenizer, seed=0, **TINY), copy_task(8),
+    )
+    assert len(resumed.train()) == 1
+    expected = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
 # --------------------------------------------------------------------------- the command
 
 

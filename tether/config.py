@@ -134,7 +134,20 @@ class TrainingConfig:
 
 
 @dataclass
-class PPOConfig(TrainingConfig):
+class LoraFields:
+    """The LoRA fields of the commands that train a causal LM (``ppo``, ``sft``)."""
+
+    peft_config: dict[str, Any] | None = None
+    """Train the model (in ``ppo`` the policy) as a LoRA adapter: ``peft.LoraConfig`` fields,
+    e.g. ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}``. In ``ppo`` the
+    reference is the starting policy (ppo-details fix 8)."""
+    save_merged: bool = True
+    """With ``peft_config``: ``save_model`` writes the model with the adapter merged in (a plain
+    model); false: the adapter alone, in PEFT's format."""
+
+
+@dataclass
+class PPOConfig(LoraFields, TrainingConfig):
     """Everything a PPO run needs. Defaults are TRL 1.12's where TRL had the field."""
 
     # --- models ---------------------------------------------------------------------------
@@ -146,15 +159,8 @@ class PPOConfig(TrainingConfig):
     value_model_path: str | None = None
     """Value model; defaults to the reward model, or to the policy with a zero scalar head
     when the reward is a function."""
-    peft_config: dict[str, Any] | None = None
-    """Train the policy as a LoRA adapter: ``peft.LoraConfig`` fields, e.g. ``{r: 16,
-    lora_alpha: 32, target_modules: [q_proj, v_proj]}``. The reference is the starting
-    policy (ppo-details fix 8)."""
     value_model_peft: bool = False
     """With ``peft_config``: train the value model as a LoRA adapter too (its scalar head in full)."""
-    save_merged: bool = True
-    """With ``peft_config``: ``save_model`` writes the policy with the adapter merged in (a plain
-    model); false: the adapter alone, in PEFT's format."""
     metric_function: str | None = None
     """``module:function`` / ``file.py:function`` computing extra metrics of each rollout,
     ``fn(prompts, responses) -> dict[str, float]`` (e.g. a held-out "gold" judge)."""
@@ -266,7 +272,7 @@ class PPOConfig(TrainingConfig):
 
 
 @dataclass
-class SFTConfig(TrainingConfig):
+class SFTConfig(LoraFields, TrainingConfig):
     """Supervised fine-tuning: next-token loss on prompt + completion data."""
 
     max_length: int | None = 1024

@@ -40,6 +40,7 @@ from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.forward import NextTokenLoss, next_token_nll
 from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
+from tether.models.lora import apply_lora, is_peft_model, merged_copy
 from tether.trainers.common import (
     autocast,
     make_optimizer,
@@ -147,6 +148,8 @@ class SFTTrainer:
         check_vocabulary(tokenizer, model, "model")
         self._check_ids(model)
 
+        if config.peft_config and not is_peft_model(model):
+            model = apply_lora(model, config.peft_config, "CAUSAL_LM")
         self.model = model
         disable_dropout(model)
         model.to(self.device)
@@ -322,9 +325,14 @@ class SFTTrainer:
         return run_steps(self, "SFT", resume_from_checkpoint)
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
-        """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder."""
+        """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder.
+        A LoRA model is saved merged into a plain model, or as its adapter alone when
+        ``save_merged`` is false."""
+        model = self.model
+        if is_peft_model(model) and self.config.save_merged:
+            model = merged_copy(model)  # a plain model; the trained adapter stays as it is
         target = Path(output_dir or self.config.output_dir)
-        return self.parallel.save_model(self.model, self._model, self.tokenizer, target)
+        return self.parallel.save_model(model, self._model, self.tokenizer, target)
 
 
 def _grad_norm(model: nn.Module) -> float:
