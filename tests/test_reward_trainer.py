@@ -247,6 +247,37 @@ def test_normalize_centres_the_reference_set_and_survives_saving(tokenizer, tmp_
     torch.testing.assert_close(reloaded, centred, atol=1e-6, rtol=0)
 
 
+def test_lora_reward_model_trains_adapter_and_head_and_saves_a_plain_normalised_model(tokenizer, tmp_path):
+    """With ``peft_config`` the LoRA matrices and the scalar head train, nothing else; the
+    merged save (``reward_bias`` included) scores like the adapter model."""
+    model = tiny_reward_model(tokenizer, seed=2, **TINY)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    trainer = RewardTrainer(rm_config(tmp_path, peft_config=lora, learning_rate=1e-2), tokenizer, model,
+                            preference_table(8))
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trained) and any("score" in n for n in trained)
+    assert all("lora_" in n or "score" in n for n in trained)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and moved <= set(trained)
+    reference = encode_sequences(
+        datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(6, 3)]),
+        tokenizer,
+    )
+    ids = [s.ids for s in reference]
+    bias = trainer.normalize(reference)["reward_bias"]
+    centred, _ = scores_alone(trainer.model, ids)
+    assert abs(bias) > 0 and abs(centred.double().mean().item()) < 1e-5
+
+    target = trainer.save_model(tmp_path / "saved")
+    assert json.loads((target / "config.json").read_text())["reward_bias"] == pytest.approx(bias)
+    loaded = AutoModelForSequenceClassification.from_pretrained(target).eval()
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    reloaded, _ = scores_alone(loaded, ids)
+    torch.testing.assert_close(reloaded, centred, atol=1e-5, rtol=0)
+
+
 # --- the head -------------------------------------------------------------------------------
 
 def test_fresh_head_from_a_causal_lm_checkpoint(tokenizer, tmp_path):

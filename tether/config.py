@@ -135,12 +135,13 @@ class TrainingConfig:
 
 @dataclass
 class LoraFields:
-    """The LoRA fields of the commands that train a causal LM (``ppo``, ``sft``)."""
+    """The LoRA fields of ``ppo``, ``sft`` and ``rm``."""
 
     peft_config: dict[str, Any] | None = None
     """Train the model (in ``ppo`` the policy) as a LoRA adapter: ``peft.LoraConfig`` fields,
     e.g. ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}``. In ``ppo`` the
-    reference is the starting policy (ppo-details fix 8)."""
+    reference is the starting policy (ppo-details fix 8); in ``rm`` the scalar head trains in
+    full."""
     save_merged: bool = True
     """With ``peft_config``: ``save_model`` writes the model with the adapter merged in (a plain
     model); false: the adapter alone, in PEFT's format."""
@@ -292,7 +293,7 @@ class SFTConfig(LoraFields, TrainingConfig):
 
 
 @dataclass
-class RewardConfig(TrainingConfig):
+class RewardConfig(LoraFields, TrainingConfig):
     """Reward-model training: Bradley-Terry loss on chosen / rejected pairs."""
 
     max_length: int | None = 1024

@@ -69,3 +69,9 @@ def policy_and_reference(
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain model equal to ``model`` with its adapter merged in; ``model`` is untouched."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+def model_to_save(model: nn.Module, save_merged: bool) -> nn.Module:
+    """What ``save_model`` writes: a LoRA model merged into a plain model when ``save_merged``
+    (``model`` keeps its adapter), else ``model`` itself (a LoRA model: its adapter alone)."""
+    return merged_copy(model) if is_peft_model(model) and save_merged else model

@@ -56,6 +56,7 @@ from tether.models.loading import (
 )
 from tether.ops.losses import bradley_terry_loss
 from tether.models.forward import Critic
+from tether.models.lora import apply_lora, is_peft_model, model_to_save
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
     autocast,
@@ -176,6 +177,8 @@ class RewardTrainer:
         check_vocabulary(tokenizer, model, "reward model")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
+        if config.peft_config and not is_peft_model(model):  # the scalar head trains in full
+            model = apply_lora(model, config.peft_config, "SEQ_CLS")
         disable_dropout(model)
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
@@ -381,7 +384,8 @@ class RewardTrainer:
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
         ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
         target = Path(output_dir or self.config.output_dir)
-        return self.parallel.save_model(self.model, self._scorer, self.tokenizer, target)
+        model = model_to_save(self.model, self.config.save_merged)
+        return self.parallel.save_model(model, self._scorer, self.tokenizer, target)
 
 
 def split_pairs(

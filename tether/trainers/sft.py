@@ -40,7 +40,7 @@ from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.forward import NextTokenLoss, next_token_nll
 from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
-from tether.models.lora import apply_lora, is_peft_model, merged_copy
+from tether.models.lora import apply_lora, is_peft_model, model_to_save
 from tether.trainers.common import (
     autocast,
     make_optimizer,
@@ -328,9 +328,7 @@ class SFTTrainer:
         """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder.
         A LoRA model is saved merged into a plain model, or as its adapter alone when
         ``save_merged`` is false."""
-        model = self.model
-        if is_peft_model(model) and self.config.save_merged:
-            model = merged_copy(model)  # a plain model; the trained adapter stays as it is
+        model = model_to_save(self.model, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
         return self.parallel.save_model(model, self._model, self.tokenizer, target)
 
