@@ -9,6 +9,7 @@ arrives already trained is part of the starting policy; its reference is a froze
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import nn
 
@@ -31,7 +32,9 @@ def apply_lora(model: nn.Module, peft_config: dict, task_type: str) -> nn.Module
     options = {key: value for key, value in peft_config.items() if key != "task_type"}
     try:
         lora = peft.LoraConfig(task_type=task_type, **options)
-        return peft.get_peft_model(model, lora)
+        with warnings.catch_warnings():  # PEFT reads a transformers property deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return peft.get_peft_model(model, lora)
     except (TypeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"config field peft_config: {reason}") from None
