@@ -6,7 +6,8 @@
 
 Needs the benchmark extra (`pip install -e ".[bench]"`: trl==1.12.0). Prints, per workload:
 seconds per update (median of the updates after the first, over all rounds), peak resident
-memory, the tether/TRL ratios and the fraction of the matmul roofline.
+memory, the tether/TRL ratios (also each round's, to show the machine's drift) and the fraction
+of the matmul roofline.
 """
 
 from __future__ import annotations
@@ -59,15 +60,23 @@ def main() -> None:
                     r["update_flops"] / seconds / r["matmul_flops"] for r in runs
                 ),
             }
+        # each round's TRL run next to the tether run right after it: how much the machine's
+        # drift moves the ratio
+        summary["per_round"] = [
+            statistics.median(p["seconds"][1:]) / statistics.median(t["seconds"][1:])
+            for p, t in zip(results["trl"], results["tether"])
+        ]
         rows.append((workload, summary))
         print(json.dumps({"workload": workload, "bf16": options.bf16, "lora": options.lora, **summary}), flush=True)
     precision = ("bf16" if options.bf16 else "fp32") + (", LoRA" if options.lora else "")
-    print("\n| workload | precision | tether s/update | TRL s/update | speed-up | tether peak GB | TRL peak GB "
-          "| memory ratio | tether roofline | TRL roofline |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| workload | precision | tether s/update | TRL s/update | speed-up | per round | tether peak GB "
+          "| TRL peak GB | memory ratio | tether roofline | TRL roofline |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for workload, s in rows:
         t, p = s["tether"], s["trl"]
+        per_round = ", ".join(f"{ratio:.2f}x" for ratio in s["per_round"])
         print(f"| {workload} | {precision} | {t['seconds']:.2f} | {p['seconds']:.2f} | {p['seconds'] / t['seconds']:.2f}x "
+              f"| {per_round} "
               f"| {t['peak_gb']:.2f} | {p['peak_gb']:.2f} | {t['peak_gb'] / p['peak_gb']:.2f} "
               f"| {_percent(t['roofline'])} | {_percent(p['roofline'])} |")
 
