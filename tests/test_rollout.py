@@ -477,6 +477,11 @@ def test_models_that_rescale_their_logits_keep_their_own_forward(tokenizer):
     hooked = tiny_causal_lm(tokenizer, seed=0, **TINY)
     hooked.lm_head.register_forward_hook(lambda module, inputs, output: output * 2)
     assert output_layer_split(hooked) is None
+    # a ZeRO-3 partitioned model (DeepSpeed marks its parameters with ds_id): the output
+    # layer's weight is whole only inside the layer's own forward
+    partitioned = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    partitioned.lm_head.weight.ds_id = 7
+    assert output_layer_split(partitioned) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

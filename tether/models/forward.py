@@ -94,6 +94,7 @@ def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
     adapter, and disabling it, still apply); an adapter on the output layer itself leaves it no
     plain ``nn.Linear``. Architectures that scale or soft-cap their logits, adapters that add
     virtual tokens, engine wrappers (DDP, FSDP, DeepSpeed: gradients must go through their own
+    forward), sharded models (ZeRO-3, FSDP: a weight is whole only inside its own module's
     forward) and custom heads fail the check and get ``None``: they keep their own forward pass.
     The answer depends on the architecture, not the weights, so it is computed once per model,
     on four tokens in fp32.
@@ -105,7 +106,7 @@ def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-    if isinstance(backbone, nn.Module) and backbone is not inner and plain_head:
+    if isinstance(backbone, nn.Module) and backbone is not inner and plain_head and not _sharded(inner):
         split = (backbone, head) if _split_matches(model, backbone, head) else None
     _SPLITS[model] = split
     return split
@@ -132,6 +133,14 @@ def next_token_nll(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
     hidden = backbone_hidden_states(backbone, input_ids, attention_mask.long(), position_ids)[:, :-1][loss_mask]
     logprobs, _ = head_logprobs(hidden.unsqueeze(0), head.weight, head.bias, labels.unsqueeze(0))
     return -logprobs.sum()
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether an engine shards ``model``'s parameters: DeepSpeed ZeRO-3 marks them with
+    ``ds_id``, FSDP makes them ``DTensor`` (FSDP2) or wraps modules (FSDP1)."""
+    if any(hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor" for parameter in model.parameters()):
+        return True
+    return any(type(module).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for module in model.modules())
 
 
 def _split_matches(model, backbone, head) -> bool:
