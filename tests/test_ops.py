@@ -912,25 +912,6 @@ def test_head_logprobs_gradients_pass_gradcheck(monkeypatch, keep_probs):
     )
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
-def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows):
-    """Same logprobs, entropy and gradients as materialising the logits (fp32, 1e-5)."""
-    hidden, weight, bias, tokens = (t.detach().float() if t.is_floating_point() else t for t in _head_inputs(4))
-    upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
-    results = []
-    for fused in (True, False):
-        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-        if fused:
-            logp, entropy = head_logprobs(h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True)
-        else:
-            logp, entropy = token_logprobs(h @ w.t() + b, tokens, 0.8, chunk_size=chunk_rows, with_entropy=True)
-        (logp * upstream).sum().backward()
-        results.append((logp, entropy, h.grad, w.grad, b.grad))
-    for fused, plain in zip(*results):
-        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
-    assert not results[0][1].requires_grad
-
-
 @pytest.mark.parametrize("keep_probs", [True, False])
 def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs):
     """With ``entropy_grad`` a loss of logprobs and entropy gets the analytical gradient in
@@ -948,28 +929,31 @@ def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs
     assert torch.autograd.gradcheck(loss, (hidden, weight, bias))
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 1000])
-def test_head_logprobs_entropy_bonus_equals_token_logprobs(chunk_rows):
-    """An entropy bonus through the chunked output layer: the gradients of materialising the
-    logits (fp32, 1e-5)."""
+@pytest.mark.parametrize("entropy_bonus", [0.0, 0.3])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows, entropy_bonus):
+    """Same logprobs, entropy and gradients as materialising the logits (fp32, 1e-5); with an
+    entropy bonus the entropy's gradient too, without one the entropy carries no graph."""
     hidden, weight, bias, tokens = (t.detach().float() if t.is_floating_point() else t for t in _head_inputs(4))
     upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
+    entropy_grad = entropy_bonus != 0
     results = []
     for fused in (True, False):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         if fused:
             logp, entropy = head_logprobs(
-                h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True, entropy_grad=True
+                h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True, entropy_grad=entropy_grad
             )
         else:
             logp, entropy = token_logprobs(
-                h @ w.t() + b, tokens, 0.8, chunk_size=chunk_rows, with_entropy=True, entropy_grad=True
+                h @ w.t() + b, tokens, 0.8, chunk_size=chunk_rows, with_entropy=True, entropy_grad=entropy_grad
             )
-        (logp * upstream - 0.3 * entropy).sum().backward()
+        loss = logp * upstream - entropy_bonus * entropy if entropy_grad else logp * upstream
+        loss.sum().backward()
         results.append((logp, entropy, h.grad, w.grad, b.grad))
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
-    assert results[0][1].requires_grad
+    assert results[0][1].requires_grad == entropy_grad
 
 
 def test_head_logprobs_without_bias_and_without_gradients():
