@@ -188,16 +188,21 @@ def critic_values(model, queries, query_mask, responses, response_mask) -> torch
     return outputs[:, -(width + 1) : -1].squeeze(-1).float()
 
 
-class Actor(nn.Module):
-    """A policy whose ``forward`` gives ``policy_logprobs``. DDP synchronises gradients only
-    for what runs through its wrapper's forward; wrapped around this module instead of the bare
-    policy, it lets the update keep the chunked output layer and the packed backbone, where a
-    wrapped bare policy has to run its own forward and make the ``[B, T, V]`` logits."""
+class _ModelPass(nn.Module):
+    """One model and a forward pass of tether's over it, as one module for an engine to wrap: a
+    DDP or FSDP wrapper synchronises gradients only for what runs through its own ``forward``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's per-layer wrapping reads it
+
+
+class Actor(_ModelPass):
+    """A policy whose ``forward`` gives ``policy_logprobs``. Wrapped around this module instead
+    of the bare policy, DDP lets the update keep the chunked output layer and the packed
+    backbone, where a wrapped bare policy has to run its own forward and make the ``[B, T, V]``
+    logits."""
 
     def forward(self, queries, query_mask, responses, response_mask, temperature, chunk_size, with_entropy, entropy_grad):
         return policy_logprobs(
@@ -205,31 +210,21 @@ class Actor(nn.Module):
         )
 
 
-class NextTokenLoss(nn.Module):
+class NextTokenLoss(_ModelPass):
     """A causal LM whose ``forward`` gives ``next_token_nll``: what DDP wraps in ``sft``, for
     the reason given at ``Actor``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
         return next_token_nll(self.model, input_ids, attention_mask, loss_mask)
 
 
-class Critic(nn.Module):
+class Critic(_ModelPass):
     """A value model's backbone and scalar head as one module, ``forward`` -> ``[B, L, 1]``.
 
     The values come from the backbone's hidden states, not the model's own forward (which
-    scores the last token only). A DDP or FSDP wrapper synchronises gradients only for what
-    runs through its own ``forward``, so the trainer wraps this module, never the bare model.
+    scores the last token only). The trainer has the engine wrap this module, never the bare
+    model (see ``_ModelPass``).
     """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP's per-layer wrapping reads it
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = last_hidden_state(self.model, input_ids, attention_mask, position_ids)

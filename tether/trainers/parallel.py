@@ -305,6 +305,12 @@ class Parallel:
             return (*engine.module, optimizer)
         return self.accelerator.prepare(*models, optimizer)
 
+    def pass_module(self, make, model: nn.Module) -> nn.Module:
+        """``make(model)`` (a module whose forward is one of tether's passes over ``model``, such
+        as ``Actor``) for ``prepare_trained`` in one process and under DDP; the bare ``model``
+        under DeepSpeed and FSDP, never run here, where it then runs its own forward pass."""
+        return make(model) if self.engine in ("none", "ddp") else model
+
     def prepare_frozen(self, model: nn.Module, micro_batch_size: int) -> nn.Module:
         """A frozen model (reference, reward) ready for inference on this engine.
 

@@ -166,11 +166,8 @@ class PPOTrainer:
         optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
         # What forward passes run through: the models themselves in one process, the engine's
         # wrappers (DDP, DeepSpeed, FSDP) in several. Saving and tests use the bare models.
-        # The policy goes in as an Actor in one process and under DDP; DeepSpeed and FSDP,
-        # never run here, still wrap the bare policy (its own forward pass gives the logits).
-        actor = Actor(self.policy) if self.parallel.engine in ("none", "ddp") else self.policy
         self._policy, self._critic, self.optimizer = self.parallel.prepare_trained(
-            actor, Critic(self.value_model), optimizer
+            self.parallel.pass_module(Actor, self.policy), Critic(self.value_model), optimizer
         )
         frozen_rows = config.local_rollout_forward_batch_size
         self._ref = self.parallel.prepare_frozen(self.ref_policy, frozen_rows) if self.ref_policy is not None else None

@@ -158,11 +158,11 @@ class SFTTrainer:
         self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
         self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
-        # ``_model`` is what forward passes run through: the model itself, or the engine's wrapper
-        # (around the loss pass under DDP, so the output layer runs chunked there too; DeepSpeed
-        # and FSDP, never run here, wrap the bare model).
-        scored = NextTokenLoss(model) if self.parallel.engine in ("none", "ddp") else model
-        self._model, self.optimizer = self.parallel.prepare_trained(scored, make_optimizer(model.parameters(), config))
+        # ``_model`` is what forward passes run through: the loss pass itself, or the engine's
+        # wrapper around it (around the bare model under DeepSpeed and FSDP).
+        self._model, self.optimizer = self.parallel.prepare_trained(
+            self.parallel.pass_module(NextTokenLoss, model), make_optimizer(model.parameters(), config)
+        )
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)  # stepped per optimizer step
         self.step_count = 0
         self._epoch_order: tuple[int, list[int]] | None = None
