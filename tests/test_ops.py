@@ -886,7 +886,7 @@ def test_adaptive_kl_state_dict_round_trip():
 
 
 # ---------------------------------------------------------------------------------------------
-# head_logprobs: the output layer in row chunks, with its own backward pass
+# head_logprobs: the output layer in blocks of rows and vocabulary, with its own backward pass
 # ---------------------------------------------------------------------------------------------
 
 
@@ -899,23 +899,27 @@ def _head_inputs(seed: int = 3, dtype=torch.float64):
     return hidden, weight, bias, tokens
 
 
+@pytest.mark.parametrize("block_columns", [None, 4])
 @pytest.mark.parametrize("keep_probs", [True, False])
-def test_head_logprobs_gradients_pass_gradcheck(monkeypatch, keep_probs):
-    """Both backward modes (reuse the forward's probabilities / recompute them per chunk) give
-    the analytical gradient of log softmax(h W^T + b)/tau at the tokens, for h, W and b."""
+def test_head_logprobs_gradients_pass_gradcheck(monkeypatch, keep_probs, block_columns):
+    """Both backward modes (reuse the forward's probabilities / recompute them per block) give
+    the analytical gradient of log softmax(h W^T + b)/tau at the tokens, for h, W and b, with
+    whole rows or three blocks across the 11-entry vocabulary."""
     import tether.ops.logprobs as logprobs_module
 
     monkeypatch.setattr(logprobs_module, "KEEP_PROBS_BYTES", 1 << 40 if keep_probs else 0)
     hidden, weight, bias, tokens = _head_inputs()
     assert torch.autograd.gradcheck(
-        lambda h, w, b: head_logprobs(h, w, b, tokens, 0.7, max_chunk_rows=4)[0], (hidden, weight, bias)
+        lambda h, w, b: head_logprobs(h, w, b, tokens, 0.7, max_chunk_rows=4, block_columns=block_columns)[0],
+        (hidden, weight, bias),
     )
 
 
+@pytest.mark.parametrize("block_columns", [None, 4])
 @pytest.mark.parametrize("keep_probs", [True, False])
-def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs):
+def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs, block_columns):
     """With ``entropy_grad`` a loss of logprobs and entropy gets the analytical gradient in
-    both backward modes, for h, W and b."""
+    both backward modes, for h, W and b, with whole rows or vocabulary blocks."""
     import tether.ops.logprobs as logprobs_module
 
     monkeypatch.setattr(logprobs_module, "KEEP_PROBS_BYTES", 1 << 40 if keep_probs else 0)
@@ -923,18 +927,24 @@ def test_head_logprobs_entropy_gradient_passes_gradcheck(monkeypatch, keep_probs
     mix = torch.randn(tokens.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
     def loss(h, w, b):
-        logp, entropy = head_logprobs(h, w, b, tokens, 0.7, max_chunk_rows=4, with_entropy=True, entropy_grad=True)
+        logp, entropy = head_logprobs(
+            h, w, b, tokens, 0.7, max_chunk_rows=4, with_entropy=True, entropy_grad=True, block_columns=block_columns
+        )
         return logp + mix * entropy
 
     assert torch.autograd.gradcheck(loss, (hidden, weight, bias))
 
 
 @pytest.mark.parametrize("entropy_bonus", [0.0, 0.3])
-@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
-def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows, entropy_bonus):
+@pytest.mark.parametrize("chunk_rows, block_columns", [(1, None), (4, None), (1000, None), (4, 3), (1000, 5)])
+@pytest.mark.parametrize("bias_shift", [0.0, 40.0, -40.0])
+def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows, block_columns, entropy_bonus, bias_shift):
     """Same logprobs, entropy and gradients as materialising the logits (fp32, 1e-5); with an
-    entropy bonus the entropy's gradient too, without one the entropy carries no graph."""
+    entropy bonus the entropy's gradient too, without one the entropy carries no graph. A bias
+    that climbs (or falls) by 40 across the vocabulary makes every later block raise the
+    running max (or none do): the softmax must be rebased exactly either way."""
     hidden, weight, bias, tokens = (t.detach().float() if t.is_floating_point() else t for t in _head_inputs(4))
+    bias = bias + torch.linspace(0, bias_shift, bias.numel())
     upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))
     entropy_grad = entropy_bonus != 0
     results = []
@@ -942,7 +952,8 @@ def test_head_logprobs_equals_token_logprobs_with_gradients(chunk_rows, entropy_
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         if fused:
             logp, entropy = head_logprobs(
-                h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True, entropy_grad=entropy_grad
+                h, w, b, tokens, 0.8, max_chunk_rows=chunk_rows, with_entropy=True, entropy_grad=entropy_grad,
+                block_columns=block_columns,
             )
         else:
             logp, entropy = token_logprobs(
@@ -980,3 +991,40 @@ def test_head_logprobs_under_bf16_autocast_runs_the_product_in_bf16():
     exact, _ = token_logprobs(hidden @ weight.t(), tokens, 0.7)
     torch.testing.assert_close(logp, expected, atol=1e-5, rtol=0)
     assert (logp - exact).abs().max() > 1e-3
+
+
+def test_head_blocks_split_the_vocabulary_on_cpu_only():
+    """On CPU a block is 512 vocabulary entries wide (its logits stay in cache); on an
+    accelerator it is whole rows, at most CHUNK_ELEMENTS logits and the given rows."""
+    from tether.ops.logprobs import CHUNK_ELEMENTS, head_blocks
+
+    assert head_blocks(1300, torch.device("cpu"), 1024) == (1024, 512)
+    assert head_blocks(300, torch.device("cpu"), 64) == (64, 300)
+    assert head_blocks(128000, torch.device("cuda"), 1024) == (CHUNK_ELEMENTS // 128000, 128000)
+    assert head_blocks(8192, torch.device("cuda"), 1024) == (1024, 8192)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_head_logprobs_default_blocks_equal_materialised_logits(autocast):
+    """A 1300-entry vocabulary on CPU runs as blocks of 512, 512 and 276 entries: logprobs,
+    entropy and the gradients of h and W equal those through the materialised logits, in fp32
+    (1e-5) and under bf16 autocast (the products in bf16 both ways, so to bf16's precision)."""
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, 9, 32, generator=gen)
+    weight = torch.randn(1300, 32, generator=gen) / 4
+    tokens = torch.randint(0, 1300, (2, 9), generator=gen)
+    tokens[0, :3] = torch.tensor([0, 511, 1299])  # first and last entries of the blocks
+    upstream = torch.randn(2, 9, generator=gen)
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                logp, entropy = head_logprobs(h, w, None, tokens, 0.7, with_entropy=True)
+            else:
+                logp, entropy = token_logprobs(torch.nn.functional.linear(h, w), tokens, 0.7, with_entropy=True)
+        (logp * upstream).sum().backward()
+        results.append((logp, entropy, h.grad, w.grad))
+    tolerance = 2e-2 if autocast else 1e-5
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain.to(fused.dtype), atol=tolerance, rtol=tolerance)

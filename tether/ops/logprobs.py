@@ -1,4 +1,4 @@
-"""Log-probabilities and entropies of chosen tokens, computed in row chunks.
+"""Log-probabilities and entropies of chosen tokens, computed in row chunks (or blocks).
 
 Without gradients the ``[rows, vocab]`` log-softmax never exists for more than ``chunk_size``
 rows at a time: for a 128k vocabulary it dwarfs the model. With gradients autograd keeps each
@@ -52,15 +52,26 @@ def token_logprobs(
     return logprobs, entropy
 
 
-# --- from hidden states: the [rows, vocab] logits never exist beyond one chunk ----------------
+# --- from hidden states: the [rows, vocab] logits never exist beyond one block ----------------
 
-CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per chunk
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per block
+CPU_BLOCK_COLUMNS = 512  # vocabulary entries per block on CPU
 KEEP_PROBS_BYTES = 1 << 28  # below 256 MiB of probabilities the backward pass reuses them
 
 
-def head_chunk_rows(vocab: int, max_rows: int = DEFAULT_CHUNK_ROWS) -> int:
-    """Rows per chunk: at most ``max_rows``, and at most ``CHUNK_ELEMENTS`` logits."""
-    return max(1, min(max_rows, CHUNK_ELEMENTS // vocab))
+def head_blocks(vocab: int, device: torch.device, max_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[int, int]:
+    """``(rows, columns)`` of one block of the output layer's logits.
+
+    On CPU a block is ``CPU_BLOCK_COLUMNS`` vocabulary entries wide, so that its logits stay in
+    cache from the matmul that writes them through the max, exp and sum that read them; with
+    whole rows each of those streams the ``[rows, vocab]`` slab through memory, and the output
+    layer ran at half the speed of the model's other matmuls. The softmax is then combined
+    across a row's blocks as they come (a running max and sum). On an accelerator each block
+    costs kernel launches instead, so a block is whole rows. Either way a block holds at most
+    ``CHUNK_ELEMENTS`` logits and ``max_rows`` rows.
+    """
+    columns = min(vocab, CPU_BLOCK_COLUMNS) if device.type == "cpu" else vocab
+    return max(1, min(max_rows, CHUNK_ELEMENTS // columns)), columns
 
 
 def _scaled_logits(hidden, weight, bias, temperature: float, compute_dtype: torch.dtype, out=None) -> torch.Tensor:
@@ -76,68 +87,111 @@ def _scaled_logits(hidden, weight, bias, temperature: float, compute_dtype: torc
     return logits.div_(temperature)
 
 
+def _block_logits(hidden, weight, bias, part: slice, columns: slice, temperature, compute_dtype, buffer) -> torch.Tensor:
+    """Scaled logits of rows ``part`` for vocabulary entries ``columns``, in ``buffer``'s block."""
+    block_bias = bias[columns] if bias is not None else None
+    out = buffer.block(part.stop - part.start, columns.stop - columns.start)
+    return _scaled_logits(hidden[part], weight[columns], block_bias, temperature, compute_dtype, out)
+
+
 def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
 class _Buffer:
-    """One ``[rows, vocab]`` scratch tensor reused by every chunk: a fresh tensor of that size
-    per chunk costs a page fault per 4 KiB on CPU, which is as slow as the arithmetic."""
+    """One scratch block reused by every block of logits: a fresh tensor per block costs a page
+    fault per 4 KiB on CPU, which is as slow as the arithmetic."""
 
-    def __init__(self, columns: int, dtype: torch.dtype, device: torch.device):
-        self.columns, self.dtype, self.device = columns, dtype, device
-        self.tensor = None
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.storage = torch.empty(0, dtype=dtype, device=device)
 
-    def rows(self, part: slice) -> torch.Tensor:
-        count = part.stop - part.start
-        if self.tensor is None or self.tensor.size(0) < count:
-            self.tensor = torch.empty(count, self.columns, dtype=self.dtype, device=self.device)
-        return self.tensor[:count]
+    def block(self, rows: int, columns: int) -> torch.Tensor:
+        if self.storage.numel() < rows * columns:
+            self.storage = torch.empty(rows * columns, dtype=self.dtype, device=self.device)
+        return self.storage[: rows * columns].view(rows, columns)
+
+
+class _RunningSoftmax:
+    """The softmax of a block of rows over a vocabulary seen one block of columns at a time.
+
+    It keeps the running max ``top`` of the scaled logits ``z``, ``total = sum exp(z - top)``
+    and, for the entropy, ``spread = sum exp(z - top) * (z - top)``. When a block raises the
+    max from ``t`` to ``t'`` the sums so far are rebased: ``total *= e^(t - t')`` and
+    ``spread = e^(t - t') * (spread + (t - t') * total)``. At the end ``log softmax(z) =
+    z - top - log total`` and the entropy is ``log total - spread / total``.
+    """
+
+    def __init__(self, with_entropy: bool):
+        self.with_entropy = with_entropy
+        self.top = self.total = self.spread = None
+
+    def add(self, logits: torch.Tensor, weights_out: torch.Tensor | None) -> torch.Tensor:
+        """Take one block ``[rows, columns]`` of scaled logits, which is left shifted by the new
+        running max; returns their ``exp`` (in ``weights_out``, or in place without one)."""
+        block_top = logits.amax(-1)
+        top = block_top if self.top is None else torch.maximum(self.top, block_top)
+        logits -= top.unsqueeze(1)  # every exponent <= 0
+        weights = torch.exp(logits, out=weights_out) if weights_out is not None else logits.exp_()
+        block_total = weights.sum(-1)
+        block_spread = torch.einsum("rv,rv->r", weights, logits) if self.with_entropy else None
+        if self.top is None:
+            self.total, self.spread = block_total, block_spread
+        else:
+            drop = self.top - top  # <= 0
+            shrink = drop.exp()
+            if self.with_entropy:
+                self.spread = shrink * (self.spread + drop * self.total) + block_spread
+            self.total = self.total * shrink + block_total
+        self.top = top
+        return weights
 
 
 class _HeadLogprobs(torch.autograd.Function):
     """Logprobs of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
-    Forward and backward both walk the rows in chunks. The backward pass either reuses the
-    chunks' probabilities (when all of them fit in ``KEEP_PROBS_BYTES``) or recomputes them
-    from the saved hidden states: one extra output-layer matmul instead of holding the
-    ``[rows, vocab]`` logits. With ``d logp_y / d z = (onehot(y) - p) / tau`` for logits
-    ``z``, the probabilities enter both products unchanged and the one-hot part is a row
-    gather / scatter: no pass over ``[rows, vocab]`` beyond the matmuls. With
-    ``entropy_grad`` the entropy is differentiable too: ``d H / d z = -p (log p + H) / tau``
-    joins the probabilities' part, which then takes one pass to combine.
+    Forward and backward both walk the logits in blocks (``head_blocks``). The backward pass
+    either reuses the blocks' exponentials (when all of them fit in ``KEEP_PROBS_BYTES``) or
+    recomputes them from the saved hidden states: one extra output-layer matmul instead of
+    holding the ``[rows, vocab]`` logits. With ``d logp_y / d z = (onehot(y) - p) / tau`` for
+    logits ``z``, the probabilities enter both products and the one-hot part is a row gather /
+    scatter. With ``entropy_grad`` the entropy is differentiable too: ``d H / d z =
+    -p (log p + H) / tau`` joins the probabilities' part.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows, compute_dtype, with_entropy, keep_probs,
+    def forward(ctx, hidden, weight, bias, tokens, temperature, blocks, compute_dtype, with_entropy, keep_probs,
                 entropy_grad):
-        rows, vocab = hidden.size(0), weight.size(0)
+        (rows, vocab), (block_rows, block_columns) = (hidden.size(0), weight.size(0)), blocks
         wide = _wide(compute_dtype)
         logprobs = torch.empty(rows, dtype=wide, device=hidden.device)
         tops, totals = torch.empty_like(logprobs), torch.empty_like(logprobs)  # softmax = exp(z - top) / total
         entropy = torch.empty_like(logprobs) if with_entropy else None
-        kept = []
-        logits_buffer, probs_buffer = _Buffer(vocab, wide, hidden.device), _Buffer(vocab, wide, hidden.device)
-        for part in _chunks(rows, chunk_rows):
-            out = logits_buffer.rows(part)
-            shifted = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, out)  # [rows, V]
-            top = shifted.amax(-1, keepdim=True)
-            shifted -= top  # every exponent <= 0
-            chosen = shifted.gather(1, tokens[part].unsqueeze(1)).squeeze(1)
-            if with_entropy or keep_probs:
-                weights = torch.exp(shifted) if keep_probs else torch.exp(shifted, out=probs_buffer.rows(part))
-                total = weights.sum(-1)
-                if with_entropy:  # H = log S - sum(e^s * s) / S over the shifted logits s
-                    entropy[part] = total.log() - torch.einsum("rv,rv->r", weights, shifted) / total
+        column_blocks = list(_chunks(vocab, block_columns))
+        block_tops = logprobs.new_empty(len(column_blocks), rows)  # the running top each block was shifted by
+        kept = []  # per block: exp(z - its running top)
+        logits_buffer, weights_buffer = _Buffer(wide, hidden.device), _Buffer(wide, hidden.device)
+        cast_weight = weight.to(compute_dtype)
+        for part in _chunks(rows, block_rows):
+            softmax, chosen = _RunningSoftmax(with_entropy), torch.zeros_like(logprobs[part])
+            for index_column, columns in enumerate(column_blocks):
+                width = columns.stop - columns.start
+                logits = _block_logits(hidden, cast_weight, bias, part, columns, temperature, compute_dtype, logits_buffer)
+                index = tokens[part] - columns.start
+                inside = (index >= 0) & (index < width)
+                chosen = torch.where(inside, logits.gather(1, index.clamp(0, width - 1).unsqueeze(1)).squeeze(1), chosen)
                 if keep_probs:
-                    kept.append(weights.div_(total.unsqueeze(1)))
-            else:
-                total = shifted.exp_().sum(-1)
-            logprobs[part] = chosen - total.log()
-            tops[part], totals[part] = top.squeeze(1), total
-        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals, entropy if entropy_grad else None)
+                    kept.append(softmax.add(logits, torch.empty_like(logits)))
+                else:
+                    softmax.add(logits, weights_buffer.block(*logits.shape) if with_entropy else None)
+                block_tops[index_column, part] = softmax.top
+            logprobs[part] = chosen - softmax.top - softmax.total.log()
+            tops[part], totals[part] = softmax.top, softmax.total
+            if with_entropy:
+                entropy[part] = softmax.total.log() - softmax.spread / softmax.total
+        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals, block_tops, entropy if entropy_grad else None)
         ctx.kept = kept
-        ctx.settings = (temperature, chunk_rows, compute_dtype)
+        ctx.settings = (temperature, blocks, compute_dtype)
         if entropy is None:
             return logprobs, None
         if not entropy_grad:
@@ -146,49 +200,48 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, tokens, tops, totals, entropy = ctx.saved_tensors
-        temperature, chunk_rows, compute_dtype = ctx.settings
-        kept, ctx.kept = ctx.kept, None
+        hidden, weight, bias, tokens, tops, totals, block_tops, entropy = ctx.saved_tensors
+        temperature, (block_rows, block_columns), compute_dtype = ctx.settings
+        kept, ctx.kept = iter(ctx.kept or ()), None  # used up: its blocks are overwritten below
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         wide = _wide(compute_dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=wide, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         cast_weight = weight.to(compute_dtype)
-        buffer = _Buffer(weight.size(0), wide, hidden.device)
-        for index, part in enumerate(_chunks(hidden.size(0), chunk_rows)):
-            if kept:
-                probs = kept[index]
-            else:
-                probs = _scaled_logits(hidden[part], weight, bias, temperature, compute_dtype, buffer.rows(part))
-                probs = probs.sub_(tops[part].unsqueeze(1)).exp_().div_(totals[part].unsqueeze(1))  # as the forward
-            # d loss / d z = g / tau * (onehot(y) - p), row by row: the one-hot part is ``scale``
-            # at the chosen token, the rest ``-p * p_scale`` (``p_scale`` 1 once folded into p)
+        buffer = _Buffer(wide, hidden.device)
+        for part in _chunks(hidden.size(0), block_rows):
+            chosen_tokens, top, total = tokens[part], tops[part].unsqueeze(1), totals[part].unsqueeze(1)
+            # d loss / d z = g / tau * (onehot(y) - p) row by row: ``scale`` at the chosen token
+            # (added after the blocks), and ``-p * scale`` everywhere, built block by block
             scale = (grad_logprobs[part].to(wide) / temperature).unsqueeze(1)  # [rows, 1]
-            p_scale = scale
             if entropy is not None:  # and - g_H / tau * p (log p + H)
                 entropy_scale = (grad_entropy[part].to(wide) / temperature).unsqueeze(1)
-                probs = _fold_entropy_gradient(probs, scale, entropy_scale, entropy[part].unsqueeze(1))
-                p_scale = None
-            chosen_tokens = tokens[part]
-            cast_probs = probs.to(compute_dtype)
+                row_factor = 1 / total  # the plain probabilities first, for the fold below
+            else:
+                row_factor = scale / total
+            hidden_part = hidden[part].to(compute_dtype)
             if need_hidden:
-                rows_grad = (cast_probs @ cast_weight).to(wide)  # [rows, H]
-                if p_scale is not None:
-                    rows_grad *= p_scale
-                grad_hidden[part] = weight[chosen_tokens].to(wide) * scale - rows_grad
-            if need_weight or need_bias:
-                hidden_part = hidden[part].to(wide)  # [rows, H]
+                grad_hidden[part] = weight[chosen_tokens].to(wide) * scale
+            for index_column, columns in enumerate(_chunks(weight.size(0), block_columns)):
+                block_top = block_tops[index_column, part].unsqueeze(1)
+                weights = next(kept, None)  # exp(z - block_top), kept or made again as the forward did
+                if weights is None:
+                    logits = _block_logits(hidden, cast_weight, bias, part, columns, temperature, compute_dtype, buffer)
+                    weights = logits.sub_(block_top).exp_()
+                probs = weights.mul_((block_top - top).exp_().mul_(row_factor))  # rebased to the row's top, normalised
+                if entropy is not None:
+                    probs = _fold_entropy_gradient(probs, scale, entropy_scale, entropy[part].unsqueeze(1))
+                cast_probs = probs.to(compute_dtype)
+                if need_hidden:
+                    _subtract_product(grad_hidden[part], cast_probs, cast_weight[columns])
+                if need_weight:
+                    _subtract_product(grad_weight[columns], cast_probs.t(), hidden_part)
+                if need_bias:
+                    grad_bias[columns] -= probs.sum(0)
             if need_weight:
-                p_hidden = hidden_part * p_scale if p_scale is not None else hidden_part
-                if compute_dtype == wide:  # in place: no [V, H] temporary per chunk
-                    grad_weight.addmm_(cast_probs.t(), p_hidden, alpha=-1)
-                else:
-                    grad_weight -= (cast_probs.t() @ p_hidden.to(compute_dtype)).to(wide)
-                grad_weight.index_add_(0, chosen_tokens, hidden_part * scale)
+                grad_weight.index_add_(0, chosen_tokens, hidden[part].to(wide) * scale)
             if need_bias:
-                p_rows = p_scale if p_scale is not None else torch.ones_like(scale)
-                grad_bias -= (p_rows.t().to(compute_dtype) @ cast_probs).squeeze(0).to(wide)
                 grad_bias.index_add_(0, chosen_tokens, scale.squeeze(1))
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
@@ -197,6 +250,14 @@ class _HeadLogprobs(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _subtract_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``target -= left @ right``, in place (no temporary) when the product is as wide as ``target``."""
+    if left.dtype == right.dtype == target.dtype:
+        target.addmm_(left, right, alpha=-1)
+    else:
+        target -= (left @ right).to(target.dtype)
 
 
 def _fold_entropy_gradient(probs, scale, entropy_scale, entropy) -> torch.Tensor:
@@ -215,22 +276,25 @@ def head_logprobs(
     max_chunk_rows: int = DEFAULT_CHUNK_ROWS,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    block_columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``token_logprobs`` of the output layer ``hidden @ weight.T + bias`` without its logits.
 
     ``hidden`` is ``[B, T, H]`` (the positions that predict each token), ``tokens`` ``[B, T]``.
     Under autocast the products run in the autocast dtype, as the output layer itself would.
     The entropy carries a gradient only with ``entropy_grad`` (an entropy bonus).
+    ``block_columns`` overrides the vocabulary entries per block (``head_blocks``).
     """
     batch, width, size = hidden.shape
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    chunk_rows = head_chunk_rows(weight.size(0), max_chunk_rows)
+    block_rows, columns = head_blocks(weight.size(0), hidden.device, max_chunk_rows)
+    blocks = (block_rows, block_columns or columns)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     keep_probs = differentiable and hidden.numel() // size * weight.size(0) * 4 <= KEEP_PROBS_BYTES
     with torch.autocast(device_type=device_type, enabled=False):
         logprobs, entropy = _HeadLogprobs.apply(
-            hidden.reshape(-1, size), weight, bias, tokens.reshape(-1), temperature, chunk_rows, compute_dtype,
+            hidden.reshape(-1, size), weight, bias, tokens.reshape(-1), temperature, blocks, compute_dtype,
             with_entropy, keep_probs, with_entropy and entropy_grad and differentiable,
         )
     return logprobs.view(batch, width), entropy.view(batch, width) if entropy is not None else None
