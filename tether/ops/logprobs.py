@@ -59,7 +59,9 @@ CPU_BLOCK_COLUMNS = 512  # vocabulary entries per block on CPU
 KEEP_PROBS_BYTES = 1 << 28  # below 256 MiB of probabilities the backward pass reuses them
 
 
-def head_blocks(vocab: int, device: torch.device, max_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[int, int]:
+def head_blocks(
+    vocab: int, device: torch.device, max_rows: int = DEFAULT_CHUNK_ROWS, columns: int | None = None
+) -> tuple[int, int]:
     """``(rows, columns)`` of one block of the output layer's logits.
 
     On CPU a block is ``CPU_BLOCK_COLUMNS`` vocabulary entries wide, so that its logits stay in
@@ -68,9 +70,11 @@ def head_blocks(vocab: int, device: torch.device, max_rows: int = DEFAULT_CHUNK_
     layer ran at half the speed of the model's other matmuls. The softmax is then combined
     across a row's blocks as they come (a running max and sum). On an accelerator each block
     costs kernel launches instead, so a block is whole rows. Either way a block holds at most
-    ``CHUNK_ELEMENTS`` logits and ``max_rows`` rows.
+    ``CHUNK_ELEMENTS`` logits and ``max_rows`` rows. ``columns`` overrides the width.
     """
-    columns = min(vocab, CPU_BLOCK_COLUMNS) if device.type == "cpu" else vocab
+    if columns is None:
+        columns = CPU_BLOCK_COLUMNS if device.type == "cpu" else vocab
+    columns = max(1, min(vocab, columns))
     return max(1, min(max_rows, CHUNK_ELEMENTS // columns)), columns
 
 
@@ -288,8 +292,7 @@ def head_logprobs(
     batch, width, size = hidden.shape
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    block_rows, columns = head_blocks(weight.size(0), hidden.device, max_chunk_rows)
-    blocks = (block_rows, block_columns or columns)
+    blocks = head_blocks(weight.size(0), hidden.device, max_chunk_rows, block_columns)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     keep_probs = differentiable and hidden.numel() // size * weight.size(0) * 4 <= KEEP_PROBS_BYTES
     with torch.autocast(device_type=device_type, enabled=False):
