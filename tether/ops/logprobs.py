@@ -98,6 +98,13 @@ def _block_logits(hidden, weight, bias, part: slice, columns: slice, temperature
     return _scaled_logits(hidden[part], weight[columns], block_bias, temperature, compute_dtype, out)
 
 
+def _take_chosen(logits: torch.Tensor, index: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``chosen`` with each row's logit at ``index`` taken from this block ``[rows, columns]``
+    where the index falls inside it (the row's token is one of the block's entries)."""
+    inside = (index >= 0) & (index < logits.size(1))
+    return torch.where(inside, logits.gather(1, index.clamp(0, logits.size(1) - 1).unsqueeze(1)).squeeze(1), chosen)
+
+
 def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -179,11 +186,8 @@ class _HeadLogprobs(torch.autograd.Function):
         for part in _chunks(rows, block_rows):
             softmax, chosen = _RunningSoftmax(with_entropy), torch.zeros_like(logprobs[part])
             for index_column, columns in enumerate(column_blocks):
-                width = columns.stop - columns.start
                 logits = _block_logits(hidden, cast_weight, bias, part, columns, temperature, compute_dtype, logits_buffer)
-                index = tokens[part] - columns.start
-                inside = (index >= 0) & (index < width)
-                chosen = torch.where(inside, logits.gather(1, index.clamp(0, width - 1).unsqueeze(1)).squeeze(1), chosen)
+                chosen = _take_chosen(logits, tokens[part] - columns.start, chosen)
                 if keep_probs:
                     kept.append(softmax.add(logits, torch.empty_like(logits)))
                 else:
