@@ -176,7 +176,7 @@ class _HeadLogprobs(torch.autograd.Function):
         (rows, vocab), (block_rows, block_columns) = (hidden.size(0), weight.size(0)), blocks
         wide = _wide(compute_dtype)
         logprobs = torch.empty(rows, dtype=wide, device=hidden.device)
-        tops, totals = torch.empty_like(logprobs), torch.empty_like(logprobs)  # softmax = exp(z - top) / total
+        totals = torch.empty_like(logprobs)  # softmax = exp(z - top) / total, ``top`` the last block's
         entropy = torch.empty_like(logprobs) if with_entropy else None
         column_blocks = list(_chunks(vocab, block_columns))
         block_tops = logprobs.new_empty(len(column_blocks), rows)  # the running top each block was shifted by
@@ -194,10 +194,10 @@ class _HeadLogprobs(torch.autograd.Function):
                     softmax.add(logits, weights_buffer.block(*logits.shape) if with_entropy else None)
                 block_tops[index_column, part] = softmax.top
             logprobs[part] = chosen - softmax.top - softmax.total.log()
-            tops[part], totals[part] = softmax.top, softmax.total
+            totals[part] = softmax.total
             if with_entropy:
                 entropy[part] = softmax.total.log() - softmax.spread / softmax.total
-        ctx.save_for_backward(hidden, weight, bias, tokens, tops, totals, block_tops, entropy if entropy_grad else None)
+        ctx.save_for_backward(hidden, weight, bias, tokens, totals, block_tops, entropy if entropy_grad else None)
         ctx.kept = kept
         ctx.settings = (temperature, blocks, compute_dtype)
         if entropy is None:
@@ -208,7 +208,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, tokens, tops, totals, block_tops, entropy = ctx.saved_tensors
+        hidden, weight, bias, tokens, totals, block_tops, entropy = ctx.saved_tensors
         temperature, (block_rows, block_columns), compute_dtype = ctx.settings
         kept, ctx.kept = iter(ctx.kept or ()), None  # used up: its blocks are overwritten below
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -219,7 +219,7 @@ class _HeadLogprobs(torch.autograd.Function):
         cast_weight = weight.to(compute_dtype)
         buffer = _Buffer(wide, hidden.device)
         for part in _chunks(hidden.size(0), block_rows):
-            chosen_tokens, top, total = tokens[part], tops[part].unsqueeze(1), totals[part].unsqueeze(1)
+            chosen_tokens, top, total = tokens[part], block_tops[-1, part].unsqueeze(1), totals[part].unsqueeze(1)
             # d loss / d z = g / tau * (onehot(y) - p) row by row: ``scale`` at the chosen token
             # (added after the blocks), and ``-p * scale`` everywhere, built block by block
             scale = (grad_logprobs[part].to(wide) / temperature).unsqueeze(1)  # [rows, 1]
