@@ -54,14 +54,21 @@ def adapter_starts_at_zero(model: nn.Module) -> bool:
     return True
 
 
+def with_lora(model: nn.Module, peft_config: dict | None, task_type: str) -> nn.Module:
+    """``model`` with a fresh LoRA adapter for ``peft_config``; unchanged without one, or when
+    it already is a LoRA model (the adapter it arrived with is the one trained)."""
+    if peft_config and not is_peft_model(model):
+        return apply_lora(model, peft_config, task_type)
+    return model
+
+
 def policy_and_reference(
     policy: nn.Module, ref_policy: nn.Module | None, peft_config: dict | None
 ) -> tuple[nn.Module, nn.Module | None]:
     """The trained policy (given a fresh LoRA adapter for ``peft_config``) and its frozen
     reference, the starting policy (fix 8): ``ref_policy`` when given, else a frozen copy, or
     ``None`` for "the policy with its adapter switched off" when the adapter starts at zero."""
-    if peft_config and not is_peft_model(policy):
-        policy = apply_lora(policy, peft_config, "CAUSAL_LM")
+    policy = with_lora(policy, peft_config, "CAUSAL_LM")
     if ref_policy is not None:
         return policy, freeze(ref_policy)
     if is_peft_model(policy):

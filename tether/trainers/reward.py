@@ -56,7 +56,7 @@ from tether.models.loading import (
 )
 from tether.ops.losses import bradley_terry_loss
 from tether.models.forward import Critic
-from tether.models.lora import apply_lora, is_peft_model, model_to_save
+from tether.models.lora import model_to_save, with_lora
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
     autocast,
@@ -177,8 +177,7 @@ class RewardTrainer:
         check_vocabulary(tokenizer, model, "reward model")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
-        if config.peft_config and not is_peft_model(model):  # the scalar head trains in full
-            model = apply_lora(model, config.peft_config, "SEQ_CLS")
+        model = with_lora(model, config.peft_config, "SEQ_CLS")  # the scalar head trains in full
         disable_dropout(model)
         self.model = model.to(self.device)
         if config.gradient_checkpointing:

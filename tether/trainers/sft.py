@@ -40,7 +40,7 @@ from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.forward import NextTokenLoss, next_token_nll
 from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
-from tether.models.lora import apply_lora, is_peft_model, model_to_save
+from tether.models.lora import model_to_save, with_lora
 from tether.trainers.common import (
     autocast,
     make_optimizer,
@@ -148,8 +148,7 @@ class SFTTrainer:
         check_vocabulary(tokenizer, model, "model")
         self._check_ids(model)
 
-        if config.peft_config and not is_peft_model(model):
-            model = apply_lora(model, config.peft_config, "CAUSAL_LM")
+        model = with_lora(model, config.peft_config, "CAUSAL_LM")
         self.model = model
         disable_dropout(model)
         model.to(self.device)
