@@ -47,6 +47,7 @@ from tether.ops import clipped_policy_loss, clipped_value_loss
 from tether.rollout.batch import Rollout
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
+from tests.device import DEVICE
 
 NUM_WORDS = 16
 EOS = 2
@@ -102,7 +103,8 @@ def w5_fraction(prompts, responses):
 def make_config(tmp_path, **overrides) -> PPOConfig:
     values = dict(
         output_dir=str(tmp_path),
-        device="cpu",
+        device=DEVICE,
+        full_determinism=DEVICE != "cpu",
         seed=7,
         response_length=6,
         per_device_train_batch_size=8,
@@ -413,8 +415,8 @@ def with_more_left_padding(rollout: Rollout, extra: int, fill: int) -> Rollout:
     """The same rollout with ``extra`` more left-pad columns on every query (id ``fill``,
     masked out)."""
     rows = rollout.queries.size(0)
-    ids = torch.full((rows, extra), fill, dtype=rollout.queries.dtype)
-    mask = torch.zeros((rows, extra), dtype=torch.bool)
+    ids = torch.full((rows, extra), fill, dtype=rollout.queries.dtype, device=rollout.queries.device)
+    mask = torch.zeros((rows, extra), dtype=torch.bool, device=rollout.queries.device)
     return dataclasses.replace(
         rollout,
         queries=torch.cat([ids, rollout.queries], dim=1),
@@ -565,7 +567,7 @@ def test_reference_policy_stays_frozen(tmp_path, given_ref):
     assert max_change(trainer.value_model, value_before) > 1e-4
     # the reference still gives the starting policy's logprobs
     rollout = trainer.last_rollout
-    fresh = make_policy(tokenizer)
+    fresh = make_policy(tokenizer).to(trainer.device)
     chunk = (rollout.queries, rollout.query_mask, rollout.responses, rollout.response_mask)
     with torch.no_grad():
         expected, _ = policy_logprobs(fresh, *chunk, trainer.temperature, 1024)
@@ -604,7 +606,7 @@ def score_at_last_token(reward_model, ids: list[int]) -> float:
     library's own pooling would look for the pad id, which is EOS here)."""
     backbone = getattr(reward_model, reward_model.base_model_prefix)
     with torch.no_grad():
-        hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]
+        hidden = backbone(input_ids=torch.tensor([ids], device=reward_model.device)).last_hidden_state[:, -1]
         return reward_model.score(hidden).item()
 
 
@@ -646,7 +648,7 @@ def test_pad_equal_to_eos(tmp_path, reward):
         assert seen_prompts == expected_prompts
         assert seen_responses == expected_responses
         assert all("<eos>" not in text for text in seen_responses)
-        torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32))
+        torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32, device=trainer.device))
     else:
         for row in range(8):
             ids = rollout.queries[row][rollout.query_mask[row]].tolist()
@@ -705,7 +707,7 @@ def test_reward_function_sees_decoded_prompts_and_responses(tmp_path):
     assert set(seen_prompts) <= set(PROMPTS)
     assert seen_responses == expected_responses
     assert rollout.terminated.any() and not rollout.terminated.all()
-    torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32))
+    torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32, device=trainer.device))
 
 
 @pytest.mark.parametrize(
@@ -843,7 +845,7 @@ def test_missing_eos_penalty_subtracts_from_unterminated_rows(tmp_path):
     )
     metrics = trainer.step()
     rollout = trainer.last_rollout
-    raw = torch.tensor(recorder.calls[-1][2], dtype=torch.float32)
+    raw = torch.tensor(recorder.calls[-1][2], dtype=torch.float32, device=trainer.device)
     terminated = rollout.terminated
     assert terminated.any() and not terminated.all()
     last_tokens = rollout.responses.gather(1, (rollout.lengths - 1).unsqueeze(1)).squeeze(1)
@@ -884,7 +886,7 @@ def test_save_model_writes_the_policy_with_its_own_generation_config(tmp_path):
     assert stored == set(trainer.policy.state_dict())
     assert not any(key.startswith(("score", "v_head", "value")) for key in stored)
 
-    trainer.policy.eval()
+    trainer.policy.eval().cpu()  # compared on CPU with the saved copy
     ids = torch.tensor([[4, 9, 11, 5, 6, 2, 7]])
     with torch.no_grad():
         expected = trainer.policy(input_ids=ids).logits
@@ -1183,7 +1185,7 @@ def emptied(rollout: Rollout, rows) -> Rollout:
     """The rollout with the responses of ``rows`` made empty (length 0, nothing kept)."""
     lengths = rollout.lengths.clone()
     lengths[rows] = 0
-    mask = torch.arange(rollout.responses.size(1)).unsqueeze(0) < lengths.unsqueeze(1)
+    mask = torch.arange(rollout.responses.size(1), device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
     terminated = rollout.terminated.clone()
     terminated[rows] = False
     zero = lambda t: torch.where(mask, t, torch.zeros_like(t))  # noqa: E731

@@ -18,6 +18,7 @@ from tether.checkpoint import Interrupted, checkpoints
 from tether.cli import main
 from tether.errors import ConfigError, TetherError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+from tests.device import DEVICE
 
 PROMPTS = [" ".join(f"w{(5 * i + j) % 20}" for j in range(1 + i % 4)) for i in range(24)]
 # Sends SIGTERM to its own process the second time it is called (during update 2), as a
@@ -46,7 +47,7 @@ def one_thread():
 def make_trainer(out: Path, metric_file: Path | None = None, **overrides) -> PPOTrainer:
     tokenizer = word_tokenizer(numbered_words(20))
     values = dict(
-        output_dir=str(out), device="cpu", seed=11, total_episodes=32, per_device_train_batch_size=4,
+        output_dir=str(out), device=DEVICE, full_determinism=DEVICE != "cpu", seed=11, total_episodes=32, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2, response_length=5,
         learning_rate=1e-3, num_sample_generations=2, missing_eos_penalty=0.5,
         metric_function=f"{metric_file}:metrics" if metric_file else None,
@@ -102,7 +103,7 @@ def test_cli_resume_after_sigterm_matches_a_straight_run(tmp_path: Path):
     (tmp_path / "kill.py").write_text(KILLER.replace('{"custom/calls": float(calls)}', "{}"))
     base = dict(
         model_name_or_path=str(tmp_path / "policy"), reward_model_path=str(tmp_path / "reward"),
-        dataset_name=str(tmp_path / "prompts.jsonl"), device="cpu", seed=5, total_episodes=32,
+        dataset_name=str(tmp_path / "prompts.jsonl"), device=DEVICE, full_determinism=DEVICE != "cpu", seed=5, total_episodes=32,
         per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=2, num_ppo_epochs=2,
         response_length=5, learning_rate=1e-3,
     )

@@ -38,6 +38,7 @@ from tether.errors import ConfigError, TetherError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.reward import RewardTrainer
 from tether.trainers.sft import SFTTrainer
+from tests.device import DEVICE
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 WORDS = numbered_words(20)
@@ -100,7 +101,7 @@ def preference_rows(count: int = 10, seed: int = 0) -> list[dict]:
 
 def run_settings(output_dir: Path, **overrides) -> dict:
     values = dict(
-        output_dir=str(output_dir), device="cpu", seed=0, learning_rate=1e-2, per_device_train_batch_size=2,
+        output_dir=str(output_dir), device=DEVICE, full_determinism=DEVICE != "cpu", seed=0, learning_rate=1e-2, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_train_epochs=2.0, eval_fraction=0.2, eval_steps=2, save_steps=3,
         max_grad_norm=1.0,
     )
@@ -152,7 +153,7 @@ def hidden(output_dir: Path) -> list[str]:
 def assert_same_weights(model, other) -> None:
     others = dict(other.named_parameters())
     for name, value in model.named_parameters():
-        assert torch.equal(value, others[name]), name
+        assert torch.equal(value.cpu(), others[name].cpu()), name
 
 
 # --- stop and resume --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tether.data.sequences import encode_pairs, encode_sequences, right_pad
 from tether.scoring.reward import get_reward
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.reward import RewardTrainer, load_reward_backbone, split_pairs
+from tests.device import DEVICE
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 WORDS = numbered_words(20)
@@ -63,7 +64,7 @@ def preference_table(count: int, seed: int = 0) -> datasets.Dataset:
 def rm_config(tmp_path, **overrides) -> RewardConfig:
     values = dict(
         output_dir=str(tmp_path / "rm"),
-        device="cpu",
+        device=DEVICE,
         seed=0,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
@@ -79,11 +80,11 @@ def scores_alone(model, sequences: list[list[int]]) -> tuple[torch.Tensor, torch
     scores, at_end = [], []
     with torch.no_grad():
         for ids in sequences:
-            row = torch.tensor([ids])
+            row = torch.tensor([ids], device=model.device)
             per_token, score, _ = get_reward(model, row, 0, 0, torch.ones_like(row, dtype=torch.bool))
             scores.append(score[0])
             at_end.append(per_token[0, len(ids) - 1, 0])
-    return torch.stack(scores), torch.stack(at_end)
+    return torch.stack(scores).cpu(), torch.stack(at_end).cpu()
 
 
 # --- the loss -------------------------------------------------------------------------------
@@ -127,14 +128,15 @@ def test_score_is_read_where_get_reward_reads_it(tmp_path, pad_token):
     assert all(ids[-1] == EOS for ids in sequences)
     assert len({len(ids) for ids in sequences}) > 1  # the batch really is padded
     alone, at_eos = scores_alone(trainer.model, sequences)
-    batched = torch.cat([chosen_scores, rejected_scores])
+    batched = torch.cat([chosen_scores, rejected_scores]).cpu()
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(batched, at_eos, atol=1e-5, rtol=0)
 
     # the position before the EOS gives other numbers, so reading one too early would show
     ids, mask = right_pad(sequences, tokenizer.pad_token_id)
     with torch.no_grad():
-        per_token, _, lengths = get_reward(trainer.model, ids, tokenizer.pad_token_id, 0, mask)
+        per_token, _, lengths = get_reward(trainer.model, ids.to(trainer.device), tokenizer.pad_token_id, 0, mask.to(trainer.device))
+    per_token = per_token.cpu()
     assert lengths.tolist() == [len(ids) - 1 for ids in sequences]
     before_eos = torch.stack([per_token[row, len(ids) - 2, 0] for row, ids in enumerate(sequences)])
     assert (before_eos - batched).abs().min() > 1e-4
@@ -154,7 +156,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tokenizer, tmp_path):
         )
         trainer = RewardTrainer(config, tokenizer, model, table)
         trainer.step()
-        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        weights.append({name: p.detach().cpu().clone() for name, p in model.named_parameters()})
     moved = max((weights[0][n] - p).abs().max().item() for n, p in start.named_parameters())
     assert moved > 1e-4  # the step did something
     for other in weights[1:]:

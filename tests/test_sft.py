@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import datasets
@@ -37,6 +38,7 @@ from tether.errors import DataError
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.data.prompts import load_test_split
 from tether.trainers.sft import SFTTrainer, collate, sft_loss_mask, split_held_out, summed_nll
+from tests.device import DEVICE
 
 NUM_WORDS = 16
 PAD, EOS = 0, 2
@@ -61,7 +63,7 @@ def make_tokenizer(pad_token: str | None = "<pad>", extra: tuple[str, ...] = ())
 
 
 def make_config(tmp_path, **overrides) -> SFTConfig:
-    values = dict(output_dir=str(tmp_path / "out"), device="cpu", seed=0, learning_rate=1e-3, num_train_epochs=1.0)
+    values = dict(output_dir=str(tmp_path / "out"), device=DEVICE, seed=0, learning_rate=1e-3, num_train_epochs=1.0)
     values.update(overrides)
     return SFTConfig(**values)
 
@@ -77,7 +79,7 @@ def copy_task(count: int, seed: int = 0) -> list[dict]:
 
 
 def parameters(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------- the loss mask
@@ -219,6 +221,22 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path):
             torch.testing.assert_close(other[name], weights[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_full_determinism_switches_torch_to_deterministic_kernels(tmp_path, monkeypatch, on):
+    """``full_determinism`` turns on torch's deterministic algorithms, cuBLAS's fixed workspace
+    and deterministic cuDNN when the trainer is built; off, none of them is touched."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    tokenizer = make_tokenizer()
+    SFTTrainer(make_config(tmp_path, full_determinism=on), tokenizer, tiny_causal_lm(tokenizer, **TINY), copy_task(4))
+    assert calls == ([True] if on else [])
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if on else None)
+    assert torch.backends.cudnn.deterministic is on and torch.backends.cudnn.benchmark is not on
+
+
 def test_step_changes_weights_and_stays_finite(tmp_path):
     tokenizer = make_tokenizer()
     model = tiny_causal_lm(tokenizer, seed=0, **TINY)
@@ -229,7 +247,7 @@ def test_step_changes_weights_and_stays_finite(tmp_path):
     for metrics in history:
         assert {"loss", "lr", "epoch", "step", "tokens", "grad_norm"} <= set(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
-    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p.cpu(), before[name])]
     assert len(changed) == len(before)
 
 
@@ -286,7 +304,7 @@ def test_chat_rows_train_on_the_assistant_turn(tmp_path):
     assert len(sequence.completion_ids) == 2 and sequence.completion_ids[-1] == EOS  # the reply and EOS
     history = trainer.train()
     assert len(history) == 2 and all(m["tokens"] == 8 for m in history)  # 4 rows x (reply + EOS)
-    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(not torch.equal(p.cpu(), before[n]) for n, p in model.named_parameters())
 
 
 def test_text_rows_train_on_every_token_after_the_first(tmp_path):
@@ -364,7 +382,7 @@ def test_save_model_is_loadable(tmp_path):
     target = trainer.save_model(tmp_path / "saved")
     loaded = AutoModelForCausalLM.from_pretrained(target)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(loaded.state_dict()[name], p.detach())
+        torch.testing.assert_close(loaded.state_dict()[name], p.detach().cpu())
     assert AutoTokenizer.from_pretrained(target).convert_tokens_to_ids("w3") == 7
 
 
@@ -387,11 +405,11 @@ def test_lora_trains_the_adapter_and_saves_merged_or_the_adapter_alone(tmp_path)
     state = trainer.model.get_base_model().state_dict()
     for name, value in start.items():  # the base weights did not move (LoRA's wrapped layers hold them as base_layer)
         key = name if name in state else name.replace(".weight", ".base_layer.weight")
-        torch.testing.assert_close(state[key], value, atol=0, rtol=0)
+        torch.testing.assert_close(state[key].cpu(), value, atol=0, rtol=0)
 
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
-        expected = trainer.model.eval()(input_ids=ids).logits
+        expected = trainer.model.eval()(input_ids=ids.to(trainer.device)).logits.cpu()
     merged = AutoModelForCausalLM.from_pretrained(trainer.save_model(tmp_path / "merged")).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():

@@ -86,6 +86,9 @@ class TrainingConfig:
     # --- run ------------------------------------------------------------------------------
     output_dir: str = "runs/tether"
     seed: int = 42
+    full_determinism: bool = False
+    """Deterministic CUDA kernels, so that a GPU run repeats bit for bit and a resumed run
+    matches a straight one; somewhat slower. CPU runs repeat without it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = False
     """Autocast forwards (and generation) to bfloat16; weights stay fp32."""

@@ -21,6 +21,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_kernels() -> None:
+    """``full_determinism``: CUDA kernels that give the same bits on every run (cuBLAS with a
+    fixed workspace, no atomics in scatter and embedding gradients, no cuDNN autotuning).
+    Process-wide, as torch's switch is."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -37,9 +47,12 @@ def warn_if_bf16_is_slow(bf16: bool, device: torch.device, warn) -> None:
 
 def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
     """The device a trainer runs on (the Accelerator's when there is one); bf16 without native
-    support on a CPU is flagged, and on a CPU freed memory is kept for reuse."""
+    support on a CPU is flagged, ``full_determinism`` switches to deterministic kernels, and on
+    a CPU freed memory is kept for reuse."""
     device = parallel.device if parallel.accelerator else resolve_device(config.device)
     warn_if_bf16_is_slow(config.bf16, device, warn)
+    if config.full_determinism:
+        use_deterministic_kernels()
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     return device
