@@ -331,7 +331,8 @@ def test_decoding_cache_hands_attention_only_the_written_positions(policy):
 
     queries, query_mask = sample_queries(policy.config.vocab_size, rows=3, seed=2)
     prefix = queries.size(1)
-    cache = _kv_cache(policy, prefix + 4)
+    cache, whole = _kv_cache(policy, prefix + 4, whole=False)
+    assert not whole
     assert len(cache.layers) == policy.config.num_hidden_layers
     attention_mask = query_mask.long()
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -364,6 +365,28 @@ def test_generation_is_deterministic_under_a_seed(tokenizer, policy, chunk):
         outputs.append(generate_responses(policy, queries, query_mask, config, chunk, output_scores=True))
     for first, second in zip(outputs[0], outputs[1]):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_whole_length_cache_layout_samples_the_same_tokens(tokenizer, arch):
+    """The layout a CUDA graph decodes with (attention over the whole preallocated cache, the
+    unwritten positions masked) samples the same tokens under a seed as the default layout
+    (attention over the written positions only), with the same logprobs to fp32 rounding."""
+    from tether.rollout.generate import _kv_cache
+
+    model = tiny_causal_lm(tokenizer, seed=0, arch=arch, **TINY).eval()
+    assert _kv_cache(model, 8, whole=True)[1]  # this architecture takes the whole-length layout
+    queries, query_mask = sample_queries(model.config.vocab_size, rows=6, seed=8)
+    config = sampling_config(10, 1.0, [EOS], PAD)
+    outputs = []
+    for whole in (False, True):
+        torch.manual_seed(99)
+        outputs.append(generate_responses(model, queries, query_mask, config, 4, output_scores=True, whole_cache=whole))
+    (tokens, logprobs, scores), (tokens_whole, logprobs_whole, scores_whole) = outputs
+    assert torch.equal(tokens, tokens_whole)
+    assert (tokens[:, 0] != PAD).all() and tokens.size(1) > 1
+    torch.testing.assert_close(logprobs_whole, logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores_whole, scores, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- forward passes

@@ -196,6 +196,9 @@ class PPOConfig(LoraFields, TrainingConfig):
     """One or several stop ids; a response ends at the first of any of them."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that did not end on a stop token."""
+    cuda_graphs: bool = True
+    """On a GPU, decode by replaying a CUDA graph of one step (falls back to eager steps, with a
+    warning, where a model cannot be captured); off: eager steps always."""
 
     # --- objective ------------------------------------------------------------------------
     kl_coef: float = 0.05

@@ -106,7 +106,7 @@ def output_layer_split(model) -> tuple[nn.Module, nn.Linear] | None:
     backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     plain_head = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
-    if isinstance(backbone, nn.Module) and backbone is not inner and plain_head and not _sharded(inner):
+    if isinstance(backbone, nn.Module) and backbone is not inner and plain_head and not sharded(inner):
         split = (backbone, head) if _split_matches(model, backbone, head) else None
     _SPLITS[model] = split
     return split
@@ -135,7 +135,7 @@ def next_token_nll(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
     return -logprobs.sum()
 
 
-def _sharded(model: nn.Module) -> bool:
+def sharded(model: nn.Module) -> bool:
     """Whether an engine shards ``model``'s parameters: DeepSpeed ZeRO-3 marks them with
     ``ds_id``, FSDP makes them ``DTensor`` (FSDP2) or wraps modules (FSDP1)."""
     if any(hasattr(parameter, "ds_id") or type(parameter).__name__ == "DTensor" for parameter in model.parameters()):

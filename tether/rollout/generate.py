@@ -9,7 +9,10 @@ KV cache instead of ``generate``:
 * the log-probability of every sampled token is kept, which makes the rollout's separate
   policy forward pass unnecessary in full precision (ppo-details 10);
 * the output layer runs on the last position only, and the loop stops as soon as every row
-  has produced a stop token.
+  has produced a stop token;
+* on a GPU one decoding step (backbone and output layer) is captured once as a CUDA graph and
+  replayed for every later token (``_GraphedStep``): an eager step of a small or mid-size model
+  is bound by the host launching a few hundred kernels, not by the GPU.
 
 Position ids skip left padding, as in every forward pass (ppo-details 4).
 """
@@ -17,6 +20,7 @@ Position ids skip left padding, as in every forward pass (ppo-details 4).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +29,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from tether.errors import ConfigError
-from tether.models.forward import accepts_argument, output_layer_split
+from tether.models.forward import accepts_argument, output_layer_split, sharded
 from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
 
@@ -70,20 +74,30 @@ def generate_responses(
     config: SamplingConfig,
     chunk_size: int,
     output_scores: bool = False,
+    cuda_graphs: bool = True,
+    whole_cache: bool = False,
 ) -> Generation:
     """Sample one response per query, ``chunk_size`` rows at a time.
 
     Chunks that stop early are padded on the right (pad id, logprob 0, score 0) to the widest.
     A wrapped model (DDP, FSDP, PEFT) samples through the Hugging Face model inside it, whose
     LoRA layers are still in place.
+
+    On CUDA, unless ``cuda_graphs`` is off, decoding replays a CUDA graph of one step where the
+    model allows (a static KV cache in every layer, parameters not sharded). On CUDA attention
+    always reads the whole preallocated cache, the fixed shapes a graph needs: eager bf16
+    decoding over a length that grows every step ran 3-12x slower on an H100
+    (``bench/cuda_check.py``), likely a new attention kernel plan per length. ``whole_cache`` selects that layout elsewhere (tests compare the
+    two layouts on CPU).
     """
     model = bare_model(model)
     split = output_layer_split(model)
     output_layer = _OutputLayer(split[1], min(chunk_size, queries.size(0))) if split is not None else None
+    graphs = cuda_graphs and queries.device.type == "cuda" and not sharded(model)
     chunks = [
         _sample_chunk(
             model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
-            config, output_scores,
+            config, output_scores, graphs, whole_cache or queries.device.type == "cuda",
         )
         for start in range(0, queries.size(0), chunk_size)
     ]
@@ -217,32 +231,108 @@ class _FilledStaticLayer(StaticLayer):
         return self.filled + query_length, 0
 
 
-def _kv_cache(model, length: int):
+def _kv_cache(model, length: int, whole: bool):
     """A preallocated KV cache of ``length`` positions (no copy of the cache per token), or
-    ``None`` where the architecture does not support one (the model then makes its own)."""
+    ``None`` where the architecture does not support one (the model then makes its own).
+
+    Where every layer has full attention, attention reads only the positions written so far,
+    unless ``whole``: then it reads all ``length`` positions (the mask hides the rest), the fixed
+    shapes a CUDA graph needs. ``whole`` is None where the architecture has other layers.
+    """
     try:
         cache = StaticCache(config=model.config, max_cache_len=length)
     except Exception:  # an architecture without a static layout (e.g. sliding or state-space layers)
-        return None
-    if all(type(layer) is StaticLayer for layer in cache.layers):  # full attention in every layer
+        return None, False
+    full_attention = all(type(layer) is StaticLayer for layer in cache.layers)
+    if full_attention and not whole:
         cache.layers = [_FilledStaticLayer(length) for _ in cache.layers]
-    return cache
+    return cache, full_attention and whole
+
+
+class _GraphedStep:
+    """A decoding step, ``step(ids [b, 1], positions [b, 1]) -> logits [b, V]``, run eagerly
+    once and then captured as a CUDA graph that every later call replays.
+
+    The step reads its inputs from fixed buffers and writes the KV cache and its logits in
+    place, so a replay is the whole step: the cache's write position is a device tensor that
+    the graph itself advances, and the attention mask is a whole-length buffer the caller fills
+    in before each call. The logits are the graph's own buffer, overwritten by the next call.
+
+    Autocast's cache of weights cast to bf16 is off while capturing: the graph casts them
+    itself on every replay instead of reading copies that autocast may free. If capture fails
+    (a model that reads device values on the host mid-forward), the step stays eager, with a
+    warning.
+    """
+
+    def __init__(self, step, rows: int, device: torch.device):
+        self.step = step
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if self.eager:
+            return self.step(self.ids, self.positions)
+        return self._run_then_capture()
+
+    def _run_then_capture(self) -> torch.Tensor:
+        # the eager run warms up on a side stream (allocator, cuBLAS handles), as capture requires
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self._autocast_uncached():
+            logits = self.step(self.ids, self.positions).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with self._autocast_uncached(), torch.cuda.graph(graph):
+                self.logits = self.step(self.ids, self.positions)
+        except RuntimeError as error:
+            warnings.warn(f"decoding without a CUDA graph: capturing a step failed ({error})", stacklevel=2)
+            self.eager = True
+        else:
+            self.graph = graph
+        return logits
+
+    @staticmethod
+    def _autocast_uncached():
+        enabled = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
 def _sample_chunk(
-    model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool
+    model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool,
+    graphs: bool, whole_cache: bool,
 ) -> Generation:
-    rows = queries.size(0)
+    rows, width = queries.shape
     device = queries.device
     stops = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     cache_argument = "cache" if accepts_argument(split[0] if split else model, "cache") else "past_key_values"
-    cache = _kv_cache(model, queries.size(1) + config.max_new_tokens)
-    attention_mask = query_mask.long()
-    next_position = attention_mask.sum(1, keepdim=True)  # [b, 1] real tokens so far
+    cache, whole = _kv_cache(model, width + config.max_new_tokens, whole_cache)
+    if whole:  # the mask covers the whole cache; each step's column is set before the step
+        attention_mask = torch.zeros(rows, width + config.max_new_tokens, dtype=torch.long, device=device)
+        attention_mask[:, :width] = query_mask
+    else:
+        attention_mask = query_mask.long()
+    next_position = query_mask.long().sum(1, keepdim=True)  # [b, 1] real tokens so far
     logits, returned_cache = _next_token_logits(
         model, split, output_layer, input_ids=queries, attention_mask=attention_mask,
         position_ids=position_ids_from_mask(query_mask), use_cache=True, **{cache_argument: cache},
     )
+    graphed = None
+    if whole:
+        step_inputs = dict(attention_mask=attention_mask, use_cache=True, **{cache_argument: cache})
+        decode = lambda ids, positions: _next_token_logits(  # noqa: E731
+            model, split, output_layer, input_ids=ids, position_ids=positions, **step_inputs
+        )[0]
+        graphed = _GraphedStep(decode, rows, device) if graphs else None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens, logprobs, scores = [], [], []
     for step in range(config.max_new_tokens):
@@ -262,14 +352,20 @@ def _sample_chunk(
                 break
         if step + 1 == config.max_new_tokens:
             break
-        cache = cache if cache is not None else returned_cache
-        if cache is None:
-            raise ConfigError(f"{type(model).__name__} returned no KV cache; tether needs a model that supports use_cache")
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
-        logits, returned_cache = _next_token_logits(
-            model, split, output_layer, input_ids=token.unsqueeze(1), attention_mask=attention_mask,
-            position_ids=next_position, use_cache=True, **{cache_argument: cache},
-        )
+        if whole:
+            attention_mask[:, width + step] = 1
+            logits = (graphed or decode)(token.unsqueeze(1), next_position)
+        else:
+            cache = cache if cache is not None else returned_cache
+            if cache is None:
+                raise ConfigError(
+                    f"{type(model).__name__} returned no KV cache; tether needs a model that supports use_cache"
+                )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+            logits, returned_cache = _next_token_logits(
+                model, split, output_layer, input_ids=token.unsqueeze(1), attention_mask=attention_mask,
+                position_ids=next_position, use_cache=True, **{cache_argument: cache},
+            )
         next_position = next_position + 1
     return Generation(
         responses=torch.stack(tokens, dim=1),

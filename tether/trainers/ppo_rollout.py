@@ -111,7 +111,8 @@ class RolloutMaker:
         self.policy.eval()
         with self._autocast(), self.parallel.gathered_for_generation(self.policy_forward):
             responses, logprobs, _ = generate_responses(
-                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size
+                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size,
+                cuda_graphs=self.config.cuda_graphs,
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
         return {
