@@ -3,11 +3,12 @@
     python bench/compare.py                    # W1 W2 W3, fp32, 4 updates each, 2 rounds
     python bench/compare.py W1 --bf16 --updates 3 --rounds 1
     python bench/compare.py W3 --lora --updates 3 --rounds 1    # a LoRA policy in both systems
+    python bench/compare.py G1 G2 --device cuda --bf16           # GPU rows: 134M and 1.1B Llama shapes
 
 Needs the benchmark extra (`pip install -e ".[bench]"`: trl==1.12.0). Prints, per workload:
 seconds per update (median of the updates after the first, over all rounds), peak resident
-memory, the tether/TRL ratios (also each round's, to show the machine's drift) and the fraction
-of the matmul roofline.
+memory (with ``--device cuda``: peak CUDA memory allocated), the tether/TRL ratios (also each
+round's, to show the machine's drift) and the fraction of the matmul roofline.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(system: str, workload: str, updates: int, bf16: bool, lora: bool, threads: int) -> dict:
+def run(system: str, workload: str, updates: int, bf16: bool, lora: bool, threads: int, device: str) -> dict:
     command = [sys.executable, str(HERE / "run_one.py"), system, workload, "--updates", str(updates),
-               "--threads", str(threads), "--cache", str(HERE / ".fixtures")]
+               "--threads", str(threads), "--device", device, "--cache", str(HERE / ".fixtures")]
     if bf16:
         command.append("--bf16")
     if lora:
@@ -43,19 +44,24 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     options = parser.parse_args()
     rows = []
     for workload in options.workloads:
         results: dict[str, list[dict]] = {"tether": [], "trl": []}
         for _ in range(options.rounds):
             for system in ("trl", "tether"):  # alternate, so drifts in machine speed hit both
-                results[system].append(run(system, workload, options.updates, options.bf16, options.lora, options.threads))
+                results[system].append(
+                    run(system, workload, options.updates, options.bf16, options.lora, options.threads, options.device)
+                )
         summary = {}
         for system, runs in results.items():
             seconds = statistics.median(s for r in runs for s in r["seconds"][1:])
             summary[system] = {
                 "seconds": seconds,
-                "peak_gb": max(r["peak_rss"] for r in runs) / 1e9,
+                "peak_gb": max(r["peak_cuda"] if options.device == "cuda" else r["peak_rss"] for r in runs) / 1e9,
+                "phases": runs[-1].get("phases"),
+                "graph_fallback": any(r.get("graph_fallback") for r in runs),
                 "roofline": None if options.lora else statistics.median(
                     r["update_flops"] / seconds / r["matmul_flops"] for r in runs
                 ),
@@ -67,10 +73,12 @@ def main() -> None:
             for p, t in zip(results["trl"], results["tether"])
         ]
         rows.append((workload, summary))
-        print(json.dumps({"workload": workload, "bf16": options.bf16, "lora": options.lora, **summary}), flush=True)
+        print(json.dumps({"workload": workload, "bf16": options.bf16, "lora": options.lora, "device": options.device,
+                          **summary}), flush=True)
     precision = ("bf16" if options.bf16 else "fp32") + (", LoRA" if options.lora else "")
-    print("\n| workload | precision | tether s/update | TRL s/update | speed-up | per round | tether peak GB "
-          "| TRL peak GB | memory ratio | tether roofline | TRL roofline |")
+    memory = "peak CUDA GB" if options.device == "cuda" else "peak GB"
+    print(f"\n| workload | precision | tether s/update | TRL s/update | speed-up | per round | tether {memory} "
+          f"| TRL {memory} | memory ratio | tether roofline | TRL roofline |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for workload, s in rows:
         t, p = s["tether"], s["trl"]

@@ -1,6 +1,7 @@
 """One system on one workload, in its own process: ``python bench/run_one.py tether W1 --updates 4``.
 
-Prints one JSON line: seconds of every update, peak resident memory, and the update's model
+Prints one JSON line: seconds of every update, peak resident memory (with ``--device cuda``,
+also the peak of CUDA memory allocated), and the update's model
 FLOPs (2 x params x tokens per forward, 6 x params x tokens per forward+backward, tokens that
 were actually computed; none with ``--lora``, whose frozen weights need no weight gradients).
 ``bench/compare.py`` runs both systems alternately and makes the table.
@@ -17,12 +18,13 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, build, matmul_flops, prompts  # noqa: E402
+from workloads import WORKLOADS, build, matmul_flops, prompts, synchronize  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -48,14 +50,14 @@ def update_flops(policy_params: int, scalar_params: int, batch: int, query: floa
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
-def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str]) -> list[float]:
+def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str], device: str) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tether import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(folder / "policy", padding_side="left")
     config = PPOConfig(
-        output_dir=str(folder / "tether-out"), device="cpu", bf16=bf16, seed=0,
+        output_dir=str(folder / "tether-out"), device=device, bf16=bf16, seed=0,
         per_device_train_batch_size=workload.per_device, gradient_accumulation_steps=workload.minibatches,
         num_mini_batches=workload.minibatches, num_ppo_epochs=workload.epochs,
         total_episodes=workload.batch * updates, local_rollout_forward_batch_size=workload.batch,
@@ -70,12 +72,13 @@ def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, tex
     for _ in range(updates):
         start = time.perf_counter()
         metrics = trainer.step()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
-        run_tether.last_length = metrics["val/response_length"]
+        run_tether.phases = {k: round(v, 3) for k, v in metrics.items() if k.startswith("timing/")}
     return seconds
 
 
-def run_trl(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str]) -> list[float]:
+def run_trl(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str], device: str) -> list[float]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -91,12 +94,13 @@ def run_trl(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts:
             Clock.start = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
+            synchronize(device)
             now = time.perf_counter()
             seconds.append(now - Clock.start)
             Clock.start = now
 
     config = PPOConfig(
-        output_dir=str(folder / "trl-out"), use_cpu=True, bf16=bf16, report_to="none", num_sample_generations=0,
+        output_dir=str(folder / "trl-out"), use_cpu=device == "cpu", bf16=bf16, report_to="none", num_sample_generations=0,
         save_strategy="no", gradient_checkpointing=False, seed=0,
         per_device_train_batch_size=workload.per_device, gradient_accumulation_steps=workload.minibatches,
         num_mini_batches=workload.minibatches, num_ppo_epochs=workload.epochs,
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cache", default="bench/.fixtures")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -137,7 +142,11 @@ def main() -> None:
     folder = build(workload, Path(options.cache))
     texts = prompts(vocab=workload.vocab)
     runner = run_tether if options.system == "tether" else run_trl
-    seconds = runner(folder, workload, options.updates, options.bf16, options.lora, texts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seconds = runner(folder, workload, options.updates, options.bf16, options.lora, texts, options.device)
+    for message in sorted({str(w.message) for w in caught}):
+        print(f"warning: {message}", file=sys.stderr)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -148,7 +157,11 @@ def main() -> None:
     flops = update_flops(params, scalar, workload.batch, query, workload.response, workload.epochs)
     print(json.dumps({
         "system": options.system, "workload": options.workload, "bf16": options.bf16, "lora": options.lora,
-        "seconds": seconds, "peak_rss": peak_rss_bytes(), "update_flops": None if options.lora else flops, "matmul_flops": matmul_flops(),
+        "device": options.device, "seconds": seconds, "peak_rss": peak_rss_bytes(),
+        "peak_cuda": torch.cuda.max_memory_allocated() if options.device == "cuda" else None,
+        "phases": getattr(runner, "phases", None),  # tether's last update, by phase
+        "graph_fallback": any("without a CUDA graph" in str(w.message) for w in caught),
+        "update_flops": None if options.lora else flops, "matmul_flops": matmul_flops(options.device, options.bf16),
     }))
 
 

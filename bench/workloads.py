@@ -32,6 +32,9 @@ WORKLOADS = {
     "W1": Workload("W1", 8192, 256, 4, 4, 688, batch=32, response=32, epochs=4, minibatches=2),
     "W2": Workload("W2", 32000, 256, 4, 4, 688, batch=16, response=128, epochs=1, minibatches=1),
     "W3": Workload("W3", 128000, 128, 2, 2, 344, batch=16, response=256, epochs=1, minibatches=1),
+    # GPU rows (``--device cuda``): Llama shapes of about 134M and 1.1B parameters
+    "G1": Workload("G1", 32000, 768, 12, 12, 2048, batch=64, response=128, epochs=2, minibatches=2),
+    "G2": Workload("G2", 32000, 2048, 16, 16, 5632, batch=32, response=128, epochs=1, minibatches=1),
 }
 
 
@@ -58,13 +61,23 @@ def build(workload: Workload, root: Path) -> Path:
     return folder
 
 
-def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul on this machine, now (the roofline the update is measured against)."""
+def matmul_flops(device: str = "cpu", bf16: bool = False, repeats: int = 5) -> float:
+    """FLOP/s of a large matmul on this machine, now (the roofline the update is measured against):
+    2048² fp32 on CPU; 8192² on CUDA, in bf16 for a bf16 row."""
     import time
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = 8192 if device == "cuda" else 2048
+    dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
