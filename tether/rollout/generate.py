@@ -233,11 +233,12 @@ class _FilledStaticLayer(StaticLayer):
 
 def _kv_cache(model, length: int, whole: bool):
     """A preallocated KV cache of ``length`` positions (no copy of the cache per token), or
-    ``None`` where the architecture does not support one (the model then makes its own).
+    ``None`` where the architecture does not support one (the model then makes its own), and
+    whether attention reads its whole length.
 
     Where every layer has full attention, attention reads only the positions written so far,
     unless ``whole``: then it reads all ``length`` positions (the mask hides the rest), the fixed
-    shapes a CUDA graph needs. ``whole`` is None where the architecture has other layers.
+    shapes a CUDA graph needs. Other architectures keep their own layers and report False.
     """
     try:
         cache = StaticCache(config=model.config, max_cache_len=length)
