@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,7 +76,7 @@ def generate_responses(
     chunk_size: int,
     output_scores: bool = False,
     cuda_graphs: bool = True,
-    whole_cache: bool = False,
+    whole_cache: bool | None = None,
 ) -> Generation:
     """Sample one response per query, ``chunk_size`` rows at a time.
 
@@ -84,20 +85,23 @@ def generate_responses(
     LoRA layers are still in place.
 
     On CUDA, unless ``cuda_graphs`` is off, decoding replays a CUDA graph of one step where the
-    model allows (a static KV cache in every layer, parameters not sharded). On CUDA attention
-    always reads the whole preallocated cache, the fixed shapes a graph needs: eager bf16
-    decoding over a length that grows every step ran 3-12x slower on an H100
-    (``bench/cuda_check.py``), likely a new attention kernel plan per length. ``whole_cache`` selects that layout elsewhere (tests compare the
-    two layouts on CPU).
+    model allows (a static KV cache of full attention in every layer, parameters not sharded);
+    other models decode with eager steps. Attention then reads the whole preallocated cache,
+    the fixed shapes a graph needs. ``whole_cache`` chooses that layout (True) or a cache that
+    grows by one position per step (False); by default (None) the whole layout on CUDA, where
+    eager bf16 steps over lengths not seen before ran 3x slower (an H100,
+    ``bench/cuda_check.py``), and the growing one elsewhere (on CPU it reads less memory).
     """
     model = bare_model(model)
     split = output_layer_split(model)
     output_layer = _OutputLayer(split[1], min(chunk_size, queries.size(0))) if split is not None else None
-    graphs = cuda_graphs and queries.device.type == "cuda" and not sharded(model)
+    on_cuda = queries.device.type == "cuda"
+    graphs = cuda_graphs and on_cuda and not sharded(model) and model not in _UNCAPTURABLE
+    whole = on_cuda if whole_cache is None else whole_cache
     chunks = [
         _sample_chunk(
             model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
-            config, output_scores, graphs, whole_cache or queries.device.type == "cuda",
+            config, output_scores, graphs, whole,
         )
         for start in range(0, queries.size(0), chunk_size)
     ]
@@ -250,6 +254,10 @@ def _kv_cache(model, length: int, whole: bool):
     return cache, full_attention and whole
 
 
+# models whose decoding step failed to capture once: they decode eagerly from then on
+_UNCAPTURABLE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
 class _GraphedStep:
     """A decoding step, ``step(ids [b, 1], positions [b, 1]) -> logits [b, V]``, run eagerly
     once and then captured as a CUDA graph that every later call replays.
@@ -261,12 +269,13 @@ class _GraphedStep:
 
     Autocast's cache of weights cast to bf16 is off while capturing: the graph casts them
     itself on every replay instead of reading copies that autocast may free. If capture fails
-    (a model that reads device values on the host mid-forward), the step stays eager, with a
-    warning.
+    (a model that reads device values on the host mid-forward), the step stays eager and
+    ``model`` decodes eagerly from then on, with one warning.
     """
 
-    def __init__(self, step, rows: int, device: torch.device):
+    def __init__(self, step, model, rows: int, device: torch.device):
         self.step = step
+        self.model = model
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -284,21 +293,26 @@ class _GraphedStep:
         return self._run_then_capture()
 
     def _run_then_capture(self) -> torch.Tensor:
-        # the eager run warms up on a side stream (allocator, cuBLAS handles), as capture requires
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._autocast_uncached():
-            logits = self.step(self.ids, self.positions).clone()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with self._autocast_uncached(), torch.cuda.graph(graph):
-                self.logits = self.step(self.ids, self.positions)
-        except RuntimeError as error:
-            warnings.warn(f"decoding without a CUDA graph: capturing a step failed ({error})", stacklevel=2)
-            self.eager = True
-        else:
-            self.graph = graph
+        with torch.cuda.device(self.ids.device):
+            # the eager run warms up on a side stream (allocator, cuBLAS handles), as capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), self._autocast_uncached():
+                logits = self.step(self.ids, self.positions).clone()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # the outer stream context puts the caller's stream back even when ending the
+                # capture fails, which torch's graph context alone does not
+                with torch.cuda.stream(torch.cuda.current_stream()):
+                    with self._autocast_uncached(), torch.cuda.graph(graph):
+                        self.logits = self.step(self.ids, self.positions)
+            except Exception as error:  # noqa: BLE001 - any failure leaves the step eager
+                warnings.warn(f"decoding without a CUDA graph: capturing a step failed ({error})", stacklevel=2)
+                _UNCAPTURABLE.add(self.model)
+                self.eager = True
+            else:
+                self.graph = graph
         return logits
 
     @staticmethod
@@ -333,7 +347,7 @@ def _sample_chunk(
         decode = lambda ids, positions: _next_token_logits(  # noqa: E731
             model, split, output_layer, input_ids=ids, position_ids=positions, **step_inputs
         )[0]
-        graphed = _GraphedStep(decode, rows, device) if graphs else None
+        graphed = _GraphedStep(decode, model, rows, device) if graphs else None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens, logprobs, scores = [], [], []
     for step in range(config.max_new_tokens):
