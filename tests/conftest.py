@@ -26,6 +26,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 
 
+@pytest.fixture(autouse=True)
+def restore_deterministic_algorithms():
+    """``full_determinism`` switches torch process-wide: switch it back after each test."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """Word tokenizer with a dedicated pad token (pad 0 != eos 2)."""

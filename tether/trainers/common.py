@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import random
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -21,14 +22,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_deterministic_kernels() -> None:
+def use_deterministic_kernels(warn) -> None:
     """``full_determinism``: CUDA kernels that give the same bits on every run (cuBLAS with a
     fixed workspace, no atomics in scatter and embedding gradients, no cuDNN autotuning).
-    Process-wide, as torch's switch is."""
+    Process-wide, as torch's switch is. torch reads cuBLAS's workspace setting once, at its
+    first cuBLAS call: set after CUDA has started, it may come too late, which is flagged."""
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+        warn(
+            "full_determinism: CUDA started before CUBLAS_WORKSPACE_CONFIG was set; "
+            "export CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python to be sure cuBLAS is deterministic"
+        )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has run, so that phase timings
+    on a GPU charge each phase its own kernels (a no-op wait on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,7 +67,7 @@ def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
     device = parallel.device if parallel.accelerator else resolve_device(config.device)
     warn_if_bf16_is_slow(config.bf16, device, warn)
     if config.full_determinism:
-        use_deterministic_kernels()
+        use_deterministic_kernels(warn)
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     return device

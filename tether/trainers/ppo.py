@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import signal
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -76,6 +75,7 @@ from tether.scoring.reward import import_reward_function, is_function_spec
 from tether.saving import write_text_atomic
 from tether.trainers.common import (
     autocast,
+    clock,
     make_optimizer,
     make_scheduler,
     seed_everything,
@@ -371,14 +371,14 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
         self.timing: dict[str, float] = {}
-        start = time.perf_counter()
+        start = clock(self.device)
         rollout = self.gather(self.rollout([self.prompts[i] for i in self.next_prompt_indices()]))
-        advantage_start = time.perf_counter()
+        advantage_start = clock(self.device)
         metrics = self.compute_advantages(rollout)
-        self.timing["timing/advantages"] = time.perf_counter() - advantage_start
-        update_start = time.perf_counter()
+        self.timing["timing/advantages"] = clock(self.device) - advantage_start
+        update_start = clock(self.device)
         metrics.update(self.optimise(rollout))
-        self.timing["timing/update"] = time.perf_counter() - update_start
+        self.timing["timing/update"] = clock(self.device) - update_start
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         if self.config.adaptive_kl:
@@ -386,7 +386,7 @@ class PPOTrainer:
         self.update += 1
         metrics["episode"] = self.update * self.plan.batch_size
         metrics["update"] = self.update
-        self.timing["timing/total"] = time.perf_counter() - start
+        self.timing["timing/total"] = clock(self.device) - start
         metrics.update(self.timing)
         if self.metric_fn is not None:
             metrics.update(self._extra_metrics(rollout))

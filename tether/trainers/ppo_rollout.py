@@ -15,7 +15,6 @@ Advantages and the update loop stay in ``ppo.py``, the micro-batch loss is in ``
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from tether.ops import ended_on_stop, lengths_to_mask, response_lengths
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import generate_responses
 from tether.scoring.reward import apply_missing_stop_penalty, call_reward_function, get_reward
-from tether.trainers.common import autocast
+from tether.trainers.common import autocast, clock
 from tether.trainers.parallel import Parallel
 
 
@@ -153,12 +152,12 @@ class RolloutMaker:
         come from a forward pass like the ones the update makes.
         """
         config = self.config
-        start = time.perf_counter()
+        start = clock(self.device)
         samples = self.sample(prompt_ids)
         sampling_logprobs = samples.pop("sampling_logprobs")
-        timing["timing/generate"] = time.perf_counter() - start
+        timing["timing/generate"] = clock(self.device) - start
 
-        start = time.perf_counter()
+        start = clock(self.device)
         scores = self.score(samples)
         recompute = config.bf16 or config.fp16
         logprobs, ref_logprobs, values = [], [], []
@@ -172,7 +171,7 @@ class RolloutMaker:
                     )
                 ref_logprobs.append(self.reference_logprobs(*chunk))
                 values.append(critic_values(self.critic, *chunk))
-        timing["timing/score"] = time.perf_counter() - start
+        timing["timing/score"] = clock(self.device) - start
 
         response_mask = samples["response_mask"]
 
