@@ -62,6 +62,7 @@ def main() -> None:
                 "peak_gb": max(r["peak_cuda"] if options.device == "cuda" else r["peak_rss"] for r in runs) / 1e9,
                 "phases": runs[-1].get("phases"),
                 "graph_fallback": any(r.get("graph_fallback") for r in runs),
+                "peak_reserved_gb": max(r["peak_cuda_reserved"] for r in runs) / 1e9 if options.device == "cuda" else None,
                 "roofline": None if options.lora else statistics.median(
                     r["update_flops"] / seconds / r["matmul_flops"] for r in runs
                 ),

@@ -1,9 +1,10 @@
 """One system on one workload, in its own process: ``python bench/run_one.py tether W1 --updates 4``.
 
 Prints one JSON line: seconds of every update, peak resident memory (with ``--device cuda``,
-also the peak of CUDA memory allocated), and the update's model
-FLOPs (2 x params x tokens per forward, 6 x params x tokens per forward+backward, tokens that
-were actually computed; none with ``--lora``, whose frozen weights need no weight gradients).
+also the peaks of CUDA memory allocated and reserved by torch's caching allocator), and the
+update's model FLOPs (2 x params x tokens per forward, 6 x params x tokens per
+forward+backward, tokens that were actually computed; none with ``--lora``, whose frozen
+weights need no weight gradients).
 ``bench/compare.py`` runs both systems alternately and makes the table.
 
 ``--lora``: both systems train a LoRA adapter on the policy (``LORA``; the value model in full)
@@ -159,6 +160,7 @@ def main() -> None:
         "system": options.system, "workload": options.workload, "bf16": options.bf16, "lora": options.lora,
         "device": options.device, "seconds": seconds, "peak_rss": peak_rss_bytes(),
         "peak_cuda": torch.cuda.max_memory_allocated() if options.device == "cuda" else None,
+        "peak_cuda_reserved": torch.cuda.max_memory_reserved() if options.device == "cuda" else None,
         "phases": getattr(runner, "phases", None),  # tether's last update, by phase
         "graph_fallback": any("without a CUDA graph" in str(w.message) for w in caught),
         "update_flops": None if options.lora else flops, "matmul_flops": matmul_flops(options.device, options.bf16),
