@@ -375,8 +375,8 @@ class PPOTrainer:
         rollout = self.gather(self.rollout([self.prompts[i] for i in self.next_prompt_indices()]))
         advantage_start = clock(self.device)
         metrics = self.compute_advantages(rollout)
-        self.timing["timing/advantages"] = clock(self.device) - advantage_start
         update_start = clock(self.device)
+        self.timing["timing/advantages"] = update_start - advantage_start
         metrics.update(self.optimise(rollout))
         self.timing["timing/update"] = clock(self.device) - update_start
         metrics["lr"] = self.scheduler.get_last_lr()[0]

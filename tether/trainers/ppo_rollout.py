@@ -155,9 +155,9 @@ class RolloutMaker:
         start = clock(self.device)
         samples = self.sample(prompt_ids)
         sampling_logprobs = samples.pop("sampling_logprobs")
-        timing["timing/generate"] = clock(self.device) - start
+        score_start = clock(self.device)
+        timing["timing/generate"] = score_start - start
 
-        start = clock(self.device)
         scores = self.score(samples)
         recompute = config.bf16 or config.fp16
         logprobs, ref_logprobs, values = [], [], []
@@ -171,7 +171,7 @@ class RolloutMaker:
                     )
                 ref_logprobs.append(self.reference_logprobs(*chunk))
                 values.append(critic_values(self.critic, *chunk))
-        timing["timing/score"] = clock(self.device) - start
+        timing["timing/score"] = clock(self.device) - score_start
 
         response_mask = samples["response_mask"]
 
