@@ -94,11 +94,8 @@ def generation_against_forward(bf16: bool) -> None:
     config = sampling_config(64, 0.7, [2], 0)
     torch.manual_seed(2)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        responses, sampled, _ = generate_responses(policy, queries, query_mask, config, chunk_size=32)
-        mask = lengths_to_mask(response_lengths(responses, [2]), responses.size(1))
-        with torch.no_grad():
-            scored, _ = policy_logprobs(policy, queries, query_mask, responses, mask, config.temperature, 32)
-    error = (sampled[mask] - scored[mask]).abs().max().item()
+        generation = generate_responses(policy, queries, query_mask, config, chunk_size=32)
+    error = error_against_forward(policy, queries, query_mask, generation, config, bf16)
     precision = "bf16" if bf16 else "fp32"
     # fp32: the same function by two kernel paths (KV cache vs full sequence). bf16: what a
     # rollout would inherit if it trusted generation's logprobs, so tether re-scores under bf16.
@@ -134,7 +131,7 @@ def graph_against_eager(bf16: bool, shape: tuple[int, int, int, int], tokens: in
                   float(sum(not ok for ok in captured)) if captured else 1.0, 0.0)
     precision = "bf16" if bf16 else "fp32"
     if bf16:
-        errors = {name: _error_against_forward(policy, queries, query_mask, results[name], config) for name in ("graph", "eager")}
+        errors = {name: error_against_forward(policy, queries, query_mask, results[name], config, bf16) for name in ("graph", "eager")}
         check(f"graph {precision} {hidden}x{layers}: logprobs vs forward (max abs; eager's {errors['eager']:.1e})",
               errors["graph"], 2 * errors["eager"] + 1e-3)
     else:
@@ -190,11 +187,13 @@ def fallback_when_capture_fails() -> None:
           0.0 if ok else 1.0, 0.0)
 
 
-def _error_against_forward(policy, queries, query_mask, generation, config) -> float:
-    mask = torch.ones_like(generation.responses, dtype=torch.bool)  # no stop id: every token kept
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        scored, _ = policy_logprobs(policy, queries, query_mask, generation.responses, mask, config.temperature, 64)
-    return (generation.logprobs - scored).abs().max().item()
+def error_against_forward(policy, queries, query_mask, generation, config, bf16: bool) -> float:
+    """Largest gap between decoding's logprobs of its kept tokens and a forward pass over them."""
+    responses = generation.responses
+    mask = lengths_to_mask(response_lengths(responses, config.stop_token_ids), responses.size(1))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        scored, _ = policy_logprobs(policy, queries, query_mask, responses, mask, config.temperature, 64)
+    return (generation.logprobs[mask] - scored[mask]).abs().max().item()
 
 
 def w3_memory() -> None:
