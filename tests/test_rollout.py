@@ -574,6 +574,17 @@ def test_policy_logprobs_alignment_by_hand(policy):
     assert no_entropy is None
 
 
+def test_responses_of_width_zero_give_empty_outputs(policy, reward_model):
+    """The passes leave the last response column out of their input; with no response
+    columns at all there is nothing to score (not the prompt's outputs, nor all logits)."""
+    queries, query_mask = left_pad([[4, 5, 6], [7, 8]])
+    responses, response_mask = torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.bool)
+    with torch.no_grad():
+        logprobs, entropy = policy_logprobs(policy, queries, query_mask, responses, response_mask, 0.7, 8, True)
+        values = critic_values(reward_model, queries, query_mask, responses, response_mask)
+    assert logprobs.shape == entropy.shape == values.shape == (2, 0)
+
+
 def test_critic_values_at_step_0_equal_reward_model_per_token(reward_model):
     """A value model copied from the RM: ``values[:, t]`` equals the RM's per-token output at
     absolute position ``Q + t - 1`` for every kept token and the slot right after the last

@@ -3,7 +3,9 @@
 A query is left-padded to ``Q`` columns and followed by ``T`` response columns. The output
 at absolute position ``Q + t - 1`` is the one that predicts (or values the state before)
 response token ``t``; that is the ``[Q-1 : -1]`` slice of seed note 1 and ppo-details 5.
-Every forward passes position ids that skip left padding (ppo-details 4).
+The last response token's own output lies past that slice, and attention is causal, so the
+token is left out of the input: the kept outputs are the same, one column cheaper. Every
+forward passes position ids that skip left padding (ppo-details 4).
 """
 
 from __future__ import annotations
@@ -21,9 +23,21 @@ from tether.ops.logprobs import head_logprobs
 
 
 def _concat(queries, query_mask, responses, response_mask):
-    input_ids = torch.cat([queries, responses], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    """``query_response`` less its last column, with its mask and position ids.
+
+    Every output these passes keep is at a position before the last: the one at ``Q + t - 1``
+    belongs to response token ``t``, so the last token's own output is never read. Attention
+    is causal, so leaving that token out changes no other position and saves one column's
+    pass through every layer.
+    """
+    input_ids = torch.cat([queries, responses[:, :-1]], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask[:, :-1]], dim=1)
     return input_ids, attention_mask.long(), position_ids_from_mask(attention_mask)
+
+
+def _last_columns(outputs: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` columns of ``outputs`` ``[B, L, ...]``: the response's (none for 0)."""
+    return outputs[:, outputs.size(1) - width :]
 
 
 def accepts_argument(model: nn.Module, argument: str) -> bool:
@@ -38,16 +52,17 @@ def accepts_argument(model: nn.Module, argument: str) -> bool:
 def response_logits(model, queries, query_mask, responses, response_mask) -> torch.Tensor:
     """Policy logits that predict each response token, ``[B, T, V]``.
 
-    Only the ``T + 1`` last positions go through the output layer when the model supports
+    Only the ``T`` last positions go through the output layer when the model supports
     ``logits_to_keep``; the prompt's logits are never computed.
     """
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
-    kwargs = {"logits_to_keep": width + 1} if accepts_argument(model, "logits_to_keep") else {}
+    # transformers reads ``logits_to_keep=0`` as "all of them"; the slice below then keeps none
+    kwargs = {"logits_to_keep": max(width, 1)} if accepts_argument(model, "logits_to_keep") else {}
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     ).logits
-    return logits[:, -(width + 1) : -1]
+    return _last_columns(logits, width)
 
 
 def policy_logprobs(
@@ -80,7 +95,7 @@ def policy_logprobs(
     backbone, head = split
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
-    hidden = backbone_hidden_states(backbone, input_ids, attention_mask, position_ids)[:, -(width + 1) : -1]
+    hidden = _last_columns(backbone_hidden_states(backbone, input_ids, attention_mask, position_ids), width)
     return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy, entropy_grad)
 
 
@@ -185,7 +200,7 @@ def critic_values(model, queries, query_mask, responses, response_mask) -> torch
         outputs = model(input_ids, attention_mask, position_ids)  # through DDP / FSDP, which must see it
     else:
         outputs = scalar_outputs(model, last_hidden_state(model, input_ids, attention_mask, position_ids))
-    return outputs[:, -(width + 1) : -1].squeeze(-1).float()
+    return _last_columns(outputs, width).squeeze(-1).float()
 
 
 class _ModelPass(nn.Module):
