@@ -5,10 +5,10 @@ padded on the right; every padded position costs a full pass through every layer
 maps, the bulk of the work. Those maps act on each token alone, so the backbone can run on
 the ``N`` real tokens laid end to end as one row ``[1, N]``, with position ids that restart
 in each sequence. Only attention needs the rows apart: inside it the queries, keys and values
-are put back in their padded ``[B, T]`` places, ``sdpa`` runs with the usual causal and
-padding mask, and the real positions are taken out again. The hidden states at real positions
-are those of the padded pass (the same kernels on the same numbers); padded positions come
-back as zeros, which every caller masks out.
+are put back in rows, one sequence per row from its first column, ``sdpa`` runs causal with
+no mask, and the real positions are taken out again. The hidden states at real positions
+are those of the padded pass, to rounding (attention sums the same keys in its own blocks);
+padded positions come back as zeros, which every caller masks out.
 
 It applies to a backbone that uses transformers' ``sdpa`` attention, full attention in every
 layer, and passes the keyword arguments of its forward to its attention function. Whether a
@@ -58,22 +58,30 @@ def _padded_hidden_states(backbone, input_ids, attention_mask, position_ids) -> 
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where the ``N`` packed tokens sit in the padded ``[rows, width]`` batch."""
+    """Where the ``N`` packed tokens sit in the padded ``[rows, width]`` batch, and in the
+    ``[rows, length]`` one attention runs on.
+
+    Attention puts each sequence's tokens at columns ``0 .. n - 1`` of its row, whatever
+    padding it had, with ``length`` the longest sequence. Causal attention alone is then the
+    right mask: a real query at column ``j`` sees exactly its own sequence's tokens up to
+    ``j``. Padding after a sequence only sees what comes before it, and its output is dropped.
+    """
 
     index: torch.Tensor  # [N] flat positions ``row * width + column`` of the real tokens
     rows: int
     width: int
-    mask: torch.Tensor  # [rows, 1, width, width] bool: causal, real keys only (pads see themselves)
+    aligned: torch.Tensor  # [N] flat positions ``row * length + rank in its sequence``
+    length: int
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> "PackedLayout":
         real = attention_mask.bool()
         rows, width = real.shape
-        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
-        mask = causal & real[:, None, None, :]
-        # a padded query attends to itself, so that no row of the softmax is empty (its output is dropped)
-        mask |= torch.eye(width, dtype=torch.bool, device=real.device)
-        return cls(real.flatten().nonzero().squeeze(1), rows, width, mask)
+        counts = real.sum(1)
+        length = int(counts.max())
+        rank = real.long().cumsum(1) - 1  # each real token's place in its own sequence
+        aligned = torch.arange(rows, device=real.device).unsqueeze(1) * length + rank
+        return cls(real.flatten().nonzero().squeeze(1), rows, width, aligned[real], length)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """``[rows, width, ...]`` -> ``[1, N, ...]``."""
@@ -81,9 +89,20 @@ class PackedLayout:
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``[1, N, ...]`` -> ``[rows, width, ...]``, zeros at padded positions."""
-        flat = packed[0]
-        padded = flat.new_zeros(self.rows * self.width, *flat.shape[1:]).index_copy(0, self.index, flat)
-        return padded.view(self.rows, self.width, *flat.shape[1:])
+        return _scatter(packed[0], self.index, self.rows, self.width)
+
+    def to_sequences(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, N, ...]`` -> ``[rows, length, ...]``: each sequence from column 0, zeros after."""
+        return _scatter(packed[0], self.aligned, self.rows, self.length)
+
+    def from_sequences(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[rows, length, ...]`` -> ``[1, N, ...]``."""
+        return rows.flatten(0, 1).index_select(0, self.aligned).unsqueeze(0)
+
+
+def _scatter(flat: torch.Tensor, index: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    padded = flat.new_zeros(rows * width, *flat.shape[1:]).index_copy(0, index, flat)
+    return padded.view(rows, width, *flat.shape[1:])
 
 
 def _packed_hidden_states(backbone, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -97,19 +116,21 @@ def _packed_hidden_states(backbone, input_ids, attention_mask, position_ids) -> 
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, tether_packed_layout=None, **kwargs):
-    """transformers' ``sdpa`` attention for packed ``[1, heads, N, D]`` inputs: run on the
-    padded layout, returned packed as ``[1, N, heads, D]``."""
+    """transformers' ``sdpa`` attention for packed ``[1, heads, N, D]`` inputs: run causal, on
+    one row per sequence (``PackedLayout``), returned packed as ``[1, N, heads, D]``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layout = tether_packed_layout
     if layout is None:
         raise RuntimeError("packed attention called without a layout")  # the model did not pass it on
 
-    def padded(states):  # [1, h, N, D] -> [rows, h, width, D]
-        return layout.unpack(states.transpose(1, 2)).transpose(1, 2)
+    def sequences(states):  # [1, h, N, D] -> [rows, h, length, D]
+        return layout.to_sequences(states.transpose(1, 2)).transpose(1, 2)
 
-    output, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), layout.mask, **kwargs)
-    return layout.pack(output), None  # output: [rows, width, h, D]
+    # no mask: sdpa's causal mask is the whole mask here (a model that is not causal fails
+    # ``_packing_matches`` and keeps the padded pass)
+    output, _ = sdpa_attention_forward(module, sequences(query), sequences(key), sequences(value), None, **kwargs)
+    return layout.from_sequences(output), None  # output: [rows, length, h, D]
 
 
 def _no_mask(*args, **kwargs):
