@@ -214,11 +214,12 @@ class _HeadLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         wide = _wide(compute_dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=wide, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        # written whole by the first row part's blocks (no zero fill of a [vocab, hidden] matrix)
+        grad_weight = torch.empty(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         cast_weight = weight.to(compute_dtype)
         buffer = _Buffer(wide, hidden.device)
-        for part in _chunks(hidden.size(0), block_rows):
+        for index_part, part in enumerate(_chunks(hidden.size(0), block_rows)):
             chosen_tokens, top, total = tokens[part], block_tops[-1, part].unsqueeze(1), totals[part].unsqueeze(1)
             # d loss / d z = g / tau * (onehot(y) - p) row by row: ``scale`` at the chosen token
             # (added after the blocks), and ``-p * scale`` everywhere, built block by block
@@ -244,7 +245,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 if need_hidden:
                     _subtract_product(grad_hidden[part], cast_probs, cast_weight[columns])
                 if need_weight:
-                    _subtract_product(grad_weight[columns], cast_probs.t(), hidden_part)
+                    _subtract_product(grad_weight[columns], cast_probs.t(), hidden_part, overwrite=index_part == 0)
                 if need_bias:
                     grad_bias[columns] -= probs.sum(0)
             if need_weight:
@@ -260,10 +261,13 @@ class _HeadLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _subtract_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """``target -= left @ right``, in place (no temporary) when the product is as wide as ``target``."""
+def _subtract_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, overwrite: bool = False) -> None:
+    """``target -= left @ right`` (``target = -(left @ right)`` with ``overwrite``, whatever
+    ``target`` held, NaN included), in place (no temporary) when the product is as wide as ``target``."""
     if left.dtype == right.dtype == target.dtype:
-        target.addmm_(left, right, alpha=-1)
+        target.addmm_(left, right, beta=0 if overwrite else 1, alpha=-1)
+    elif overwrite:
+        torch.neg((left @ right).to(target.dtype), out=target)
     else:
         target -= (left @ right).to(target.dtype)
 
