@@ -976,6 +976,17 @@ def test_head_logprobs_without_bias_and_without_gradients():
     assert entropy is None
 
 
+def test_head_logprobs_of_no_rows_give_a_zero_weight_gradient():
+    """The weight gradient is written by the row blocks, not zero-filled first: with no rows
+    it must still come back as zeros, not as whatever memory it was given."""
+    weight = torch.randn(1300, 8, requires_grad=True)
+    hidden = torch.randn(1, 0, 8, requires_grad=True)
+    logp, _ = head_logprobs(hidden, weight, None, torch.zeros(1, 0, dtype=torch.long), 0.7)
+    logp.sum().backward()
+    assert logp.shape == (1, 0)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_head_logprobs_under_bf16_autocast_runs_the_product_in_bf16():
     """Under autocast the product is bf16 like the model's own output layer would be: equal to
     log_softmax of the bf16 logits, and clearly different from the fp32 answer."""

@@ -214,8 +214,10 @@ class _HeadLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         wide = _wide(compute_dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=wide, device=hidden.device) if need_hidden else None
-        # written whole by the first row part's blocks (no zero fill of a [vocab, hidden] matrix)
-        grad_weight = torch.empty(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        # written whole by the first row part's blocks (no zero fill of a [vocab, hidden] matrix),
+        # unless there are no rows
+        fresh = torch.empty if hidden.size(0) else torch.zeros
+        grad_weight = fresh(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         cast_weight = weight.to(compute_dtype)
         buffer = _Buffer(wide, hidden.device)
