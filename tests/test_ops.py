@@ -981,6 +981,8 @@ def test_head_logprobs_of_no_rows_give_a_zero_weight_gradient():
     it must still come back as zeros, not as whatever memory it was given."""
     weight = torch.randn(1300, 8, requires_grad=True)
     hidden = torch.randn(1, 0, 8, requires_grad=True)
+    stale = torch.full((1300, 8), 7.0)  # freed memory of the gradient's size, likely handed out again
+    del stale
     logp, _ = head_logprobs(hidden, weight, None, torch.zeros(1, 0, dtype=torch.long), 0.7)
     logp.sum().backward()
     assert logp.shape == (1, 0)
