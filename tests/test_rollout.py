@@ -435,6 +435,31 @@ def test_chunked_output_layer_path_equals_the_models_logits(tokenizer, arch):
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-4)
 
 
+def test_the_output_layer_runs_on_the_kept_response_tokens_only(monkeypatch, tokenizer):
+    """Responses that stop early cost the output layer nothing after their stop: it sees the
+    kept tokens alone, and the positions after a stop come back as zeros (logprob and entropy)."""
+    import tether.models.forward as forward
+
+    seen_rows = []
+
+    def counting(hidden, *args, **kwargs):
+        seen_rows.append(hidden.shape[:2].numel())
+        return head_logprobs(hidden, *args, **kwargs)
+
+    head_logprobs = forward.head_logprobs
+    monkeypatch.setattr(forward, "head_logprobs", counting)
+    policy = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
+    batch = forward_batch()
+    mask = batch[3]
+    with torch.no_grad():
+        logprobs, entropy = policy_logprobs(policy, *batch, 0.7, 4, with_entropy=True)
+        whole, whole_entropy = policy_logprobs(policy, *batch[:3], torch.ones_like(mask), 0.7, 4, with_entropy=True)
+    assert seen_rows == [int(mask.sum()), mask.numel()]
+    torch.testing.assert_close(logprobs[mask], whole[mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy[mask], whole_entropy[mask], atol=1e-6, rtol=0)
+    assert not logprobs[~mask].any() and not entropy[~mask].any()
+
+
 def test_a_lora_policy_takes_the_chunked_path_with_its_adapter_on_and_off(tokenizer):
     """A PEFT policy splits like the model inside it: its logprobs (adapter on, and off as the
     reference) and its LoRA gradients equal those through its own logits. An adapter on the

@@ -83,6 +83,10 @@ def policy_logprobs(
     chunks and the ``[B, T, V]`` logits never exist; otherwise the model's own forward pass
     gives the logits (``logits_to_keep`` trims them to the response).
 
+    Only the positions ``response_mask`` keeps are scored: where the output layer runs in
+    chunks it runs on those tokens alone and the other positions are zeros, so callers mask
+    them out (as every loss and metric does).
+
     An ``Actor``, bare or inside an engine's wrapper, is called instead: the wrapper's own
     forward is what DDP / FSDP / DeepSpeed must see, and the policy inside takes the path above.
     """
@@ -96,7 +100,21 @@ def policy_logprobs(
     width = responses.size(1)
     input_ids, attention_mask, position_ids = _concat(queries, query_mask, responses, response_mask)
     hidden = _last_columns(backbone_hidden_states(backbone, input_ids, attention_mask, position_ids), width)
-    return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy, entropy_grad)
+    kept = response_mask.bool()
+    if bool(kept.all()):
+        return head_logprobs(hidden, head.weight, head.bias, responses, temperature, chunk_size, with_entropy, entropy_grad)
+    # the output layer on the kept tokens alone: nothing after a response's stop token costs a
+    # vocabulary-wide product
+    logprobs, entropy = head_logprobs(
+        hidden[kept].unsqueeze(0), head.weight, head.bias, responses[kept].unsqueeze(0), temperature, chunk_size,
+        with_entropy, entropy_grad,
+    )
+    return _spread(logprobs, kept), _spread(entropy, kept) if entropy is not None else None
+
+
+def _spread(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``[1, N]`` numbers of the kept positions -> ``[B, T]``, zeros elsewhere."""
+    return torch.zeros(kept.shape, dtype=values.dtype, device=values.device).masked_scatter(kept, values[0])
 
 
 _SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
