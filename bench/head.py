@@ -12,24 +12,13 @@ two layouts alternate, so a drift in machine speed hits both.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from tether.ops.logprobs import head_logprobs
+from workloads import timed  # bench/, the script's own folder
 
 SHAPES = {"W1": (512, 256, 8192), "W2": (2048, 256, 32000), "W3": (4096, 128, 128000)}
-
-
-def timed(call, repeats: int) -> float:
-    call()  # warm-up: buffers, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -13,15 +13,13 @@ each pass. To see what a change does, run it on two checkouts one after the othe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, build  # noqa: E402
+from workloads import WORKLOADS, build, timed  # noqa: E402
 
 
 def micro_batch(workload, vocab: int, stops: bool, seed: int = 0):
@@ -34,16 +32,6 @@ def micro_batch(workload, vocab: int, stops: bool, seed: int = 0):
     responses = torch.randint(4, vocab, (rows, width), generator=generator)
     lengths = torch.randint(1, width + 1, (rows,), generator=generator) if stops else torch.full((rows,), width)
     return queries, query_mask, responses, torch.arange(width)[None] < lengths[:, None]
-
-
-def timed(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -78,6 +78,21 @@ def matmul_flops(device: str = "cpu", bf16: bool = False, repeats: int = 5) -> f
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def timed(call, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``call``, after one warm-up call (buffers,
+    thread pool)."""
+    import statistics
+    import time
+
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
