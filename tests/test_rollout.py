@@ -440,13 +440,12 @@ def test_the_output_layer_runs_on_the_kept_response_tokens_only(monkeypatch, tok
     kept tokens alone, and the positions after a stop come back as zeros (logprob and entropy)."""
     import tether.models.forward as forward
 
-    seen_rows = []
+    seen_rows, head_logprobs = [], forward.head_logprobs
 
     def counting(hidden, *args, **kwargs):
         seen_rows.append(hidden.shape[:2].numel())
         return head_logprobs(hidden, *args, **kwargs)
 
-    head_logprobs = forward.head_logprobs
     monkeypatch.setattr(forward, "head_logprobs", counting)
     policy = tiny_causal_lm(tokenizer, seed=0, **TINY).eval()
     batch = forward_batch()
