@@ -94,9 +94,16 @@ def test_first_true_indices_nd_reduces_last_dim():
     assert out.tolist() == [[2, 4, 0], [1, 3, 4]]
 
 
+def test_first_true_indices_rows_of_width_zero_are_length_zero():
+    """A row with no True answers its length, also when that length is 0 (TRL's raised)."""
+    out = first_true_indices(torch.zeros(4, 0, dtype=torch.bool))
+    assert out.tolist() == [0, 0, 0, 0] and out.dtype == torch.long
+    assert first_true_indices(torch.zeros(2, 3, 0, dtype=torch.bool)).tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
 @settings(deadline=None, max_examples=200)
 @given(
-    st.integers(min_value=1, max_value=9).flatmap(
+    st.integers(min_value=0, max_value=9).flatmap(
         lambda width: st.lists(
             st.lists(st.booleans(), min_size=width, max_size=width), min_size=1, max_size=6
         )

@@ -18,9 +18,12 @@ def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> 
 
     Vectorised (seed note 2): every False position is pushed past the row end by adding the
     row length, every position carries its own index, and the row minimum is the answer.
-    Works on any number of leading dimensions.
+    Works on any number of leading dimensions; rows of width 0 have no True, so their answer
+    is their length, 0 (a minimum over no positions would raise).
     """
     row_len = bools.size(-1)
+    if row_len == 0:
+        return torch.zeros(bools.shape[:-1], dtype=dtype, device=bools.device)
     offset = row_len * (~bools).to(dtype)
     index = torch.arange(row_len, dtype=dtype, device=bools.device)
     return torch.min(offset + index, dim=-1).values
