@@ -3,9 +3,12 @@
 A checkpoint is a folder ``<output_dir>/checkpoint-<step>`` holding, for every trained model, a
 ``from_pretrained``-loadable subfolder, plus ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``
 (python, numpy, torch and CUDA generators) and ``trainer_state.json`` (counters, data position,
-anything else the trainer needs). It is written into a hidden temporary folder and renamed into
-place in one step, so a crash or a kill at any moment leaves the previous checkpoint intact;
-only the newest ``save_total_limit`` are kept.
+anything else the trainer needs). The ``.pt`` files hold tensors and plain values only and are
+read back with ``weights_only``: resuming from a checkpoint never runs code stored in it.
+
+A checkpoint is written into a hidden temporary folder and renamed into place in one step, so
+a crash or a kill at any moment leaves the previous checkpoint intact; only the newest
+``save_total_limit`` are kept.
 """
 
 from __future__ import annotations
@@ -76,11 +79,21 @@ class Interrupted(TetherError):
 
 
 # --- random number generators ------------------------------------------------------------------
+# Stored as tensors and plain numbers only, so that reading them back never unpickles anything
+# else (``torch.load(weights_only=True)``): a checkpoint is shared and downloaded like a model.
 
 def rng_state() -> dict:
+    version, internal, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -89,8 +102,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    np.random.set_state((
+        numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+        numpy["cached_gaussian"],
+    ))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -251,18 +268,44 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
                           f"unexpected {sorted(unexpected)[:3]}")
 
 
+def load_plain(path: Path, map_location=None):
+    """A checkpoint file of tensors and plain containers, read without unpickling anything else.
+
+    Whatever else a file holds (a crafted object whose unpickling runs code, or a file from
+    another program) is refused with one line naming it, before any of it is run.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ConfigError(
+            f"checkpoint file {path} holds more than tensors and plain values, so it is not loaded "
+            f"(it could run code): {reason}; resume from a checkpoint tether wrote, or start afresh"
+        ) from None
+
+
 def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0) -> dict:
     """Load a checkpoint's weights, optimizer, scheduler and (process ``rank``'s) RNG states;
-    return its trainer state."""
+    return its trainer state. Every file is read as data only (safetensors, JSON, and
+    ``torch.load`` with ``weights_only``), and all of them are read before anything is applied."""
     path = Path(path)
     if not (path / _rng_file(rank)).is_file():
         raise ConfigError(f"checkpoint {path} was written by fewer processes than this run has; resume with as many")
+    device = next(iter(models.values())).device if models else "cpu"
+    optimizer_state = load_plain(path / "optimizer.pt", map_location=device)
+    scheduler_state = load_plain(path / "scheduler.pt")
+    rng = load_plain(path / _rng_file(rank))
     for name, model in models.items():
         load_weights(model, path / name)
-    device = next(iter(models.values())).device if models else "cpu"
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / _rng_file(rank), weights_only=False))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    try:
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"checkpoint file {path / _rng_file(rank)} does not hold tether's random generator states "
+            f"({type(error).__name__}: {error}); it was written by another program or an older tether"
+        ) from None
     return read_state(path)
 
 

@@ -1,0 +1,163 @@
+"""Reading a checkpoint never runs code stored in it (``tether.checkpoint.load_plain``).
+
+A checkpoint's ``optimizer.pt``, ``scheduler.pt`` and every process's ``rng*.pt`` are read with
+``torch.load(weights_only=True)``. Each test below replaces one of them with a pickle whose
+unpickling would run a command (it would create a marker file), then resumes: the resume must
+stop with one line naming the file, and the marker must never appear. PPO goes through the
+``tether ppo`` command, SFT and RM through their trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tether.checkpoint import checkpoints, restore, rng_state, set_rng_state
+from tether.cli import main
+from tether.config import RewardConfig, SFTConfig
+from tether.errors import ConfigError
+from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+from tether.trainers.reward import RewardTrainer
+from tether.trainers.sft import SFTTrainer
+
+WORDS = numbered_words(20)
+FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``, as a crafted checkpoint file would run anything."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(checkpoint: Path, name: str, marker: Path) -> None:
+    torch.save({"state": Payload(marker)}, checkpoint / name)
+
+
+def test_the_payload_does_run_when_unpickled(tmp_path):
+    """The test's payload is real: loading it the unsafe way creates the marker."""
+    marker = tmp_path / "ran"
+    plant(tmp_path, "x.pt", marker)
+    torch.load(tmp_path / "x.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_rng_state_is_tensors_and_plain_values_and_restores_every_generator(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.normal()  # numpy keeps a cached gaussian: it must come back too
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(2).tolist())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.normal(), np.random.rand(), torch.rand(2).tolist()) == expected
+
+
+# --- PPO, through the command ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """A finished two-update PPO run made by ``tether ppo``, and its config."""
+    root = tmp_path_factory.mktemp("ppo")
+    tokenizer = word_tokenizer(WORDS)
+    tiny_causal_lm(tokenizer, seed=0).save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    tiny_reward_model(tokenizer, seed=1).save_pretrained(root / "reward")
+    prompts = [" ".join(WORDS[i : i + 3]) for i in range(8)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    config = dict(
+        model_name_or_path=str(root / "policy"), reward_model_path=str(root / "reward"),
+        dataset_name=str(root / "prompts.jsonl"), device="cpu", total_episodes=8, per_device_train_batch_size=4,
+        num_ppo_epochs=1, response_length=4, num_sample_generations=0, save_steps=1,
+    )
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["ppo", "--config", str(root / "run.yaml"), "--output_dir", str(root / "run")]) == 0
+    return root
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_ppo_resume_refuses_a_crafted_file_without_running_it(ppo_run, name, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(ppo_run / "run", out)
+    newest = checkpoints(out)[-1]
+    marker = tmp_path / "ran"
+    plant(newest, name, marker)
+    capsys.readouterr()
+    code = main(["ppo", "--config", str(ppo_run / "run.yaml"), "--output_dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert str(newest / name) in errors[0] and "Traceback" not in err
+    assert not marker.exists()
+
+
+# --- SFT and RM, through their trainers ---------------------------------------------------------
+
+def sft_trainer(tokenizer, out: Path) -> SFTTrainer:
+    rows = [{"prompt": f"w{i} w{i + 1}", "completion": f"w{i + 2}"} for i in range(8)]
+    config = SFTConfig(output_dir=str(out), device="cpu", per_device_train_batch_size=4, num_train_epochs=1.0)
+    return SFTTrainer(config, tokenizer, tiny_causal_lm(tokenizer, seed=0), rows)
+
+
+def rm_trainer(tokenizer, out: Path) -> RewardTrainer:
+    import datasets
+
+    rows = [{"prompt": f"w{i}", "chosen": f"w5 w{i}", "rejected": f"w{i + 1}"} for i in range(8)]
+    config = RewardConfig(output_dir=str(out), device="cpu", per_device_train_batch_size=4, num_train_epochs=1.0,
+                          eval_fraction=0.0)
+    return RewardTrainer(config, tokenizer, tiny_reward_model(tokenizer, seed=1), datasets.Dataset.from_list(rows))
+
+
+MAKERS = {"sft": sft_trainer, "rm": rm_trainer}
+
+
+@pytest.fixture(scope="module")
+def supervised_runs(tmp_path_factory):
+    tokenizer = word_tokenizer(WORDS)
+    runs = {}
+    for kind, make in MAKERS.items():
+        out = tmp_path_factory.mktemp(kind) / "run"
+        make(tokenizer, out).train()
+        runs[kind] = out
+    return tokenizer, runs
+
+
+@pytest.mark.parametrize("kind", MAKERS)
+@pytest.mark.parametrize("name", FILES)
+def test_supervised_resume_refuses_a_crafted_file_without_running_it(supervised_runs, kind, name, tmp_path):
+    tokenizer, runs = supervised_runs
+    out = tmp_path / "run"
+    shutil.copytree(runs[kind], out)
+    newest = checkpoints(out)[-1]
+    marker = tmp_path / "ran"
+    plant(newest, name, marker)
+    trainer = MAKERS[kind](tokenizer, out)
+    with pytest.raises(ConfigError, match=str(newest / name).replace(".", r"\.")) as refused:
+        trainer.train(resume_from_checkpoint=True)
+    assert "\n" not in str(refused.value)
+    assert not marker.exists()
+
+
+def test_every_process_rng_file_is_read_safely(supervised_runs, tmp_path):
+    """Process 1 of a two-process run reads ``rng-rank1.pt``: the same refusal."""
+    tokenizer, runs = supervised_runs
+    out = tmp_path / "run"
+    shutil.copytree(runs["sft"], out)
+    newest = checkpoints(out)[-1]
+    marker = tmp_path / "ran"
+    plant(newest, "rng-rank1.pt", marker)
+    trainer = sft_trainer(tokenizer, tmp_path / "other")
+    with pytest.raises(ConfigError, match="rng-rank1"):
+        restore(newest, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, rank=1)
+    assert not marker.exists()
