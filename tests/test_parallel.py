@@ -92,6 +92,33 @@ def test_update_is_the_same_for_every_split_into_processes(tmp_path):
     assert responses.size(0) == 16 and not torch.equal(responses[:8], responses[8:])
 
 
+def test_the_python_api_with_the_default_device_runs_as_two_processes(tmp_path):
+    """``device`` left at ``auto`` on a machine without a GPU: both processes join one run on
+    the CPU backend (Accelerate, asked for a GPU, would make each its own run of one)."""
+    result = torchrun("tests/workers/default_device.py", "--out", str(tmp_path), cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"world-{rank}.json").read_text()) for rank in (0, 1)]
+    for process in seen:  # 16 episodes of 2 processes x 4 prompts: two updates
+        assert process == {"world_size": 2, "device": "cpu", "updates": [1, 2], "episodes": [8, 16]}
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [8, 16]
+
+
+def test_a_launch_accelerate_cannot_join_is_refused(monkeypatch):
+    """WORLD_SIZE says 2 but Accelerate sets up one process: stop at once, never train alone."""
+    from types import SimpleNamespace
+
+    import accelerate
+
+    from tether.config import PPOConfig
+    from tether.trainers.parallel import Parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: SimpleNamespace(num_processes=1))
+    with pytest.raises(ConfigError, match="started 2 processes .* joined 1"):
+        Parallel.create(PPOConfig())
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny policy and reward model on disk, a prompt file and a two-process config."""
@@ -113,8 +140,7 @@ def workspace(tmp_path_factory) -> Path:
         "num_ppo_epochs": 2,
         "response_length": 5,
         "learning_rate": 1e-3,
-        "device": "cpu",
-        "save_steps": 1,
+        "save_steps": 1,  # device left at auto: on this GPU-less machine, the CPU backend
         "num_sample_generations": 2,
         "gradient_checkpointing": True,
     }
@@ -165,7 +191,7 @@ def supervised_config(workspace: Path, command: str, out: Path, **values) -> Pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "model_name_or_path": str(workspace / "policy"), "dataset_name": str(data), "output_dir": str(out),
-        "device": "cpu", "learning_rate": 1e-3, "adam_epsilon": 1e-4, "num_train_epochs": 1,
+        "learning_rate": 1e-3, "adam_epsilon": 1e-4, "num_train_epochs": 1,
         "gradient_accumulation_steps": 1, "lr_scheduler_type": "constant", **values,
     }
     path = out.parent / f"{command}-{out.name}.yaml"

@@ -31,7 +31,7 @@ from torch import nn
 from tether.errors import ConfigError, TetherError
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
-from tether.trainers.common import optimizer_step
+from tether.trainers.common import optimizer_step, resolve_device
 
 
 def _close_process_group() -> None:
@@ -111,9 +111,16 @@ class Parallel:
         from accelerate import Accelerator
 
         precision = "fp16" if config.fp16 else "bf16" if config.bf16 else "no"
-        accelerator = Accelerator(
-            mixed_precision=precision, cpu=config.device == "cpu", gradient_accumulation_steps=accumulation_steps
-        )
+        # ``auto`` without a GPU is the CPU backend (gloo): asked for a GPU that is not there,
+        # Accelerate would set every process up as a run of its own.
+        cpu = resolve_device(config.device).type == "cpu"
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps)
+        if accelerator.num_processes != launched_processes():
+            raise ConfigError(
+                f"the launch started {launched_processes()} processes (WORLD_SIZE) but Accelerate joined "
+                f"{accelerator.num_processes} of them into one run (device {config.device!r}); launch with "
+                "torchrun or accelerate launch on devices the run can use, or set device: cpu"
+            )
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
