@@ -107,9 +107,13 @@ def _scatter(flat: torch.Tensor, index: torch.Tensor, rows: int, width: int) -> 
 
 def _packed_hidden_states(backbone, input_ids, attention_mask, position_ids) -> torch.Tensor:
     layout = PackedLayout.of(attention_mask)
+    # The packed row holds real tokens only, so it needs no mask; handed ids without one, a
+    # model warns that they may be padded whenever the pad id (often EOS) opens or ends the
+    # row. The ids are embedded here instead, by the model's own embedding layer.
+    embeddings = backbone.get_input_embeddings()(layout.pack(input_ids))
     with _attention_implementation(backbone.config, PACKED_ATTENTION):
         hidden = backbone(
-            input_ids=layout.pack(input_ids), position_ids=layout.pack(position_ids), attention_mask=None,
+            inputs_embeds=embeddings, position_ids=layout.pack(position_ids), attention_mask=None,
             use_cache=False, tether_packed_layout=layout,
         ).last_hidden_state
     return layout.unpack(hidden)
