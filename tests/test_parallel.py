@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from tether.data import PromptSampler
 from tether.errors import ConfigError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+from tether.trainers.parallel import Parallel
 from tests.workers.ppo_update import build, update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,17 @@ def test_update_is_the_same_for_every_split_into_processes(tmp_path):
     responses = two["responses"]
     assert responses.size(0) == 16 and not torch.equal(responses[:8], responses[8:])
 
+    # Evaluation of 5 prompts: each process samples its share (3 rows, 2 + 1 uncounted), and
+    # both return the same global figures and all 5 rows in prompt order.
+    from tests.workers.ppo_update import EVAL_PROMPTS
+
+    (metrics0, rows0, sampled0), (metrics1, rows1, sampled1) = two["evaluation"]
+    assert sampled0 == sampled1 == [3]
+    assert metrics0 == metrics1 and rows0 == rows1
+    prompts = whole.tokenizer.batch_decode(EVAL_PROMPTS, skip_special_tokens=True)
+    assert [row["prompt"] for row in rows0] == prompts
+    assert metrics0["eval/scores"] == pytest.approx(sum(row["score"] for row in rows0) / 5, abs=1e-6)
+
 
 def test_the_python_api_with_the_default_device_runs_as_two_processes(tmp_path):
     """``device`` left at ``auto`` on a machine without a GPU: both processes join one run on
@@ -111,7 +123,6 @@ def test_a_launch_accelerate_cannot_join_is_refused(monkeypatch):
     import accelerate
 
     from tether.config import PPOConfig
-    from tether.trainers.parallel import Parallel
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: SimpleNamespace(num_processes=1))
@@ -181,12 +192,15 @@ def test_ppo_command_on_two_processes_saves_and_resumes(workspace: Path, tmp_pat
 
 
 def supervised_config(workspace: Path, command: str, out: Path, **values) -> Path:
-    """An SFT or RM config on the workspace's policy; 9 SFT rows leave a last batch of one row,
-    so under two processes one of them has no row in that step (it joins with weight 0)."""
+    """An SFT or RM config on the workspace's policy; 9 SFT training rows leave a last batch of
+    one row, so under two processes one of them has no row in that step (it joins with weight
+    0). 3 rows or pairs are held out: two processes evaluate 2 and 1 of them (plus a filler)."""
     if command == "sft":
-        rows = [{"prompt": f"w{i} w{i + 1}", "completion": f"w{i} w13"} for i in range(9)]
+        rows = [{"prompt": f"w{i} w{i + 1}", "completion": f"w{i} w13"} for i in range(12)]
+        values.setdefault("eval_fraction", 0.25)
     else:
-        rows = [{"prompt": f"w{i}", "chosen": f"w5 w{i + 2}", "rejected": f"w{i + 3} w{i + 1}"} for i in range(18)]
+        rows = [{"prompt": f"w{i}", "chosen": f"w5 w{i + 2}", "rejected": f"w{i + 3} w{i + 1}"} for i in range(19)]
+        values.setdefault("eval_fraction", 0.15)
     data = out.parent / f"{command}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
@@ -222,7 +236,12 @@ def test_supervised_commands_on_two_processes_match_one(workspace: Path, tmp_pat
     one_lines = (one / "metrics.jsonl").read_text().splitlines()
     two_lines = (two / "metrics.jsonl").read_text().splitlines()
     assert len(one_lines) == len(two_lines) == (3 if command == "sft" else 4)
-    assert json.loads(two_lines[-1])["loss"] == pytest.approx(json.loads(one_lines[-1])["loss"], abs=1e-5)
+    one_last, two_last = json.loads(one_lines[-1]), json.loads(two_lines[-1])
+    assert two_last["loss"] == pytest.approx(one_last["loss"], abs=1e-5)
+    evaluated = [key for key in one_last if key.startswith("eval/")]
+    assert len(evaluated) >= 2  # the processes split the held-out rows and agree with one process
+    for key in evaluated:
+        assert two_last[key] == pytest.approx(one_last[key], abs=1e-5), key
     start = load_file(str(workspace / "policy" / "model.safetensors"))
     one_weights, two_weights = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert one_weights.keys() == two_weights.keys()
@@ -308,3 +327,64 @@ def test_a_model_saved_from_inside_its_wrapper_keeps_its_own_keys():
     assert own.keys() == model.state_dict().keys()
     assert all(torch.equal(own[key], value) for key, value in model.state_dict().items())
     assert keys_inside(model.state_dict(), model, model).keys() == model.state_dict().keys()
+
+
+class OneOfTwo:
+    """Stands in for process ``rank`` of a two-process run, in this process: each of its sums
+    over processes is recorded and returned as this process's part alone."""
+
+    def __init__(self, real, rank: int):
+        self.real, self.rank, self.world_size, self.parts = real, rank, 2, []
+
+    distributed = property(lambda self: True)
+    my_share = Parallel.my_share
+
+    def sum_over_processes(self, tensor):
+        self.parts.append(tensor.clone())
+        return tensor
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("command", ["sft", "rm"])
+def test_evaluation_is_split_between_processes(command, tmp_path, monkeypatch):
+    """Each of two processes evaluates its own share of 3 held-out rows (2, and 1 plus an
+    uncounted filler), and their parts add up to the whole evaluation."""
+    from tether.config import RewardConfig, SFTConfig
+    from tether.trainers.reward import RewardTrainer
+    from tether.trainers.sft import SFTTrainer
+
+    tokenizer = word_tokenizer(numbered_words(20))
+    common = dict(output_dir=str(tmp_path), device="cpu", per_device_train_batch_size=2)
+    seen = []  # rows handed to the model, per evaluation
+    if command == "sft":
+        rows = [{"prompt": f"w{i}", "completion": f"w{i + 1} w{i + 2}"} for i in range(3)]
+        trainer = SFTTrainer(SFTConfig(**common), tokenizer, tiny_causal_lm(tokenizer), rows[:1], eval_dataset=rows)
+        batches = trainer._micro_batches
+        monkeypatch.setattr(trainer, "_micro_batches", lambda rows: seen.append(len(rows)) or batches(rows))
+    else:
+        import datasets
+
+        rows = [{"prompt": f"w{i}", "chosen": f"w5 w{i}", "rejected": f"w{i + 1}"} for i in range(3)]
+        pairs = datasets.Dataset.from_list(rows)
+        trainer = RewardTrainer(RewardConfig(**common, eval_fraction=0.0), tokenizer, tiny_reward_model(tokenizer),
+                                pairs.select(range(2)), eval_dataset=pairs)
+        score_pairs = trainer.score_pairs
+        monkeypatch.setattr(trainer, "score_pairs", lambda rows: seen.append(len(rows)) or score_pairs(rows))
+    whole = trainer.evaluate()
+    parts = []
+    for rank in (0, 1):
+        trainer.parallel = OneOfTwo(trainer.parallel, rank)
+        trainer.evaluate()
+        parts.append(trainer.parallel.parts[-1])
+        trainer.parallel = trainer.parallel.real
+    # the whole (in batches of 2 for rm), then rank 0 (2 rows), then rank 1 (1 row + a filler)
+    assert seen == ([3, 2, 2] if command == "sft" else [2, 1, 2, 2])
+    total = (parts[0] + parts[1]).tolist()
+    if command == "sft":  # nll and tokens: the token-weighted loss of the whole
+        assert 0 < parts[1][1] < parts[0][1]
+        assert total[0] / total[1] == pytest.approx(whole["eval/loss"], abs=1e-6)
+    else:  # loss, accuracy and margin summed over 2 and 1 pairs
+        expected = [whole[f"eval/{name}"] for name in ("loss", "accuracy", "margin")]
+        assert [value / 3 for value in total] == pytest.approx(expected, abs=1e-6)

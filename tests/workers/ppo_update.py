@@ -42,12 +42,30 @@ def main() -> None:
     full_logits = count_calls(forward, "response_logits")  # the model's own [B, T, V] logits
     params, metrics = update(trainer, torch.load(args.rollout, weights_only=False))
     shards = trainer.parallel.gather_objects(trainer.next_prompt_indices())
+    sampled = record_sampled_rows(trainer)
+    evaluation = trainer.parallel.gather_objects((*trainer.rollout_maker.evaluate(EVAL_PROMPTS), list(sampled)))
     if trainer.parallel.is_main:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = {"params": params, "metrics": metrics, "world_size": trainer.parallel.world_size,
                   "responses": samples.responses, "shards": shards, "full_logits_passes": len(full_logits),
-                  "policy_wrapper": type(trainer._policy).__name__}
+                  "policy_wrapper": type(trainer._policy).__name__, "evaluation": evaluation}
         torch.save(result, Path(args.out) / "result.pt")
+
+
+# Five prompts for two processes: shares of 3 and 2, the second filled up with an uncounted row.
+EVAL_PROMPTS = [[5, 6], [7], [8, 9, 10], [11, 12], [13]]
+
+
+def record_sampled_rows(trainer: PPOTrainer) -> list:
+    """The number of rows of each ``sample`` call of ``trainer``'s rollout maker from now on."""
+    rows, sample = [], trainer.rollout_maker.sample
+
+    def recorded(prompt_ids):
+        rows.append(len(prompt_ids))
+        return sample(prompt_ids)
+
+    trainer.rollout_maker.sample = recorded
+    return rows
 
 
 def count_calls(module, name: str) -> list:

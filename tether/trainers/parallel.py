@@ -196,6 +196,23 @@ class Parallel:
         mine = rows[self.rank :: self.world_size]
         return (mine, 1) if mine else (rows[:1], 0)
 
+    def my_share(self, rows: list) -> tuple[list, list[bool]]:
+        """``(this process's share of rows, which of them count)``, for work that processes
+        split rather than repeat (evaluation): process r takes the r-th contiguous block of
+        ``ceil(N / world_size)`` rows, so the shares in rank order are ``rows`` again. Every
+        process runs the same number of passes (a sharded or DDP model needs every process in
+        each): a block that runs past the end is filled with copies of row 0 that do not count."""
+        if not self.distributed:
+            return list(rows), [True] * len(rows)
+        size = -(-len(rows) // self.world_size)
+        mine = list(rows[self.rank * size : (self.rank + 1) * size])
+        filler = size - len(mine)
+        return mine + rows[:1] * filler, [True] * len(mine) + [False] * filler
+
+    def gather_shares(self, values: list) -> list:
+        """Every process's ``values`` (the counted results of its ``my_share``), in rank order."""
+        return [value for part in self.gather_objects(values) for value in part]
+
     def optimizer_step(self, optimizer, params, max_grad_norm: float | None) -> bool:
         """One optimizer step; returns whether it was taken. fp16: the loss scaler decides
         (and lowers its scale after an overflow); otherwise a non-finite gradient skips it."""

@@ -190,19 +190,29 @@ class RolloutMaker:
     @torch.no_grad()
     def evaluate(self, prompt_ids: Sequence[list[int]]) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to ``prompt_ids``: ``eval/*`` metrics and the sample rows
-        (prompt, response, score)."""
-        samples = self.sample(prompt_ids)
+        (prompt, response, score), in prompt order. Several processes split the prompts (each
+        samples its share) and every process returns the same global figures and rows."""
+        parallel = self.parallel
+        prompts, counted = parallel.my_share(list(prompt_ids))
+        samples = self.sample(prompts)
         scores = self.score(samples)
-        prompts, responses = self.decode(
-            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
-        )
+        texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
+        real = torch.tensor(counted, device=self.device)
+        sums = torch.stack([
+            scores[real].sum(), samples["lengths"][real].float().sum(),
+            samples["terminated"][real].float().sum(), real.float().sum(),
+        ])
+        score_sum, length_sum, terminated, count = parallel.sum_over_processes(sums).tolist()
         metrics = {
-            "eval/scores": scores.mean().item(),
-            "eval/response_length": samples["lengths"].float().mean().item(),
-            "eval/num_eos_tokens": int(samples["terminated"].sum()),
+            "eval/scores": score_sum / count,
+            "eval/response_length": length_sum / count,
+            "eval/num_eos_tokens": int(terminated),
         }
-        rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, scores.tolist())]
-        return metrics, rows
+        rows = [
+            {"prompt": p, "response": r, "score": s}
+            for p, r, s, keep in zip(*texts, scores.tolist(), counted) if keep
+        ]
+        return metrics, parallel.gather_shares(rows)
 
     def reference_logprobs(self, *chunk) -> torch.Tensor:
         """Reference logprobs ``[B, T]`` of one chunk; a LoRA policy's are its own with the

@@ -281,12 +281,17 @@ class RewardTrainer:
         if not self.eval_pairs:
             return {}
         self.model.eval()
-        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        pairs, counted = self.parallel.my_share(self.eval_pairs)  # several processes split the pairs
+        names = ("loss", "accuracy", "margin")
+        totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         chunk = self.config.per_device_train_batch_size
-        for start in range(0, len(self.eval_pairs), chunk):
-            for name, value in pair_statistics(*self.score_pairs(self.eval_pairs[start : start + chunk])).items():
-                totals[name] += float(value)
-        metrics = {f"eval/{name}": value / len(self.eval_pairs) for name, value in totals.items()}
+        for start in range(0, len(pairs), chunk):
+            chosen, rejected = self.score_pairs(pairs[start : start + chunk])
+            keep = torch.tensor(counted[start : start + chunk], device=chosen.device)
+            statistics = pair_statistics(chosen[keep], rejected[keep])
+            totals += torch.stack([statistics[name].double() for name in names])
+        totals = self.parallel.sum_over_processes(totals).tolist()
+        metrics = {f"eval/{name}": value / len(self.eval_pairs) for name, value in zip(names, totals)}
         self.eval_history.append((self.step_count, metrics["eval/accuracy"]))
         return metrics
 

@@ -256,16 +256,22 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted loss and perplexity over the held-out rows (empty with none)."""
+        """Token-weighted loss and perplexity over the held-out rows (empty with none).
+        Several processes split the rows and sum their totals: every one returns the same."""
         if not self.eval_sequences:
             return {}
         self.model.eval()
-        total_nll, total_tokens = 0.0, 0
-        for batch in self._micro_batches(self.eval_sequences):
+        sequences, counted = self.parallel.my_share(self.eval_sequences)
+        size = self.config.per_device_train_batch_size
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll, tokens
+        for start, batch in zip(range(0, len(sequences), size), self._micro_batches(sequences)):
+            uncounted = torch.tensor([not keep for keep in counted[start : start + size]])
+            batch.loss_mask[uncounted] = False  # a filler row (see my_share) adds nothing
             batch = batch.to(self.device)
             with autocast(self.device, self.config.bf16, self.config.fp16):
-                total_nll += summed_nll(self._model, batch).item()
-            total_tokens += int(batch.loss_mask.sum())
+                totals[0] += summed_nll(self._model, batch).double()
+            totals[1] += batch.loss_mask.sum()
+        total_nll, total_tokens = self.parallel.sum_over_processes(totals).tolist()
         loss = total_nll / total_tokens
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}  # exp overflows past ~709
 
