@@ -74,7 +74,6 @@ CASES = {
     "response_length 0": (None, {"response_length": 0}, "response_length must be at least 1"),
     "wrong type": (None, {"kl_coef": "lots"}, "config field kl_coef: expected a number, got 'lots'"),
     "unknown key": (None, {"clip_range": 0.2}, "unknown config field 'clip_range'; did you mean 'cliprange'?"),
-    "too few prompts for a batch": ([{"prompt": "w1"}] * 3, {}, "has 3 prompts but one rollout batch needs 8"),
     "reward function raises": (None, {"reward_model_path": "{models}/rewards.py:raises"}, "reward function raises raised RuntimeError: judge offline"),
     "reward function short": (None, {"reward_model_path": "{models}/rewards.py:short"}, "returned 7 scores for 8 responses"),
     "reward function NaN": (None, {"reward_model_path": "{models}/rewards.py:nan"}, "returned nan for prompt 0"),
@@ -106,6 +105,22 @@ def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, c
     assert status == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: 16 of 16 prompts were longer than max_prompt_length=1 and lost their first tokens"]
+
+
+def test_fewer_prompts_than_a_batch_are_drawn_again_with_one_note(tmp_path, models, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    status = main([
+        "ppo", "--model_name_or_path", str(models / "policy"), "--reward_model_path", f"{models}/rewards.py:fine",
+        "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+        "--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "3",
+        "--num_ppo_epochs", "1", "--num_sample_generations", "0",
+    ])
+    err = " ".join(capsys.readouterr().err.split())
+    assert status == 0, err
+    assert err.count("the dataset has 3 prompts, fewer than one rollout batch of 8") == 1
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["episode"] for line in lines] == [8, 16]
 
 
 def test_tokenizer_without_pad_token_is_given_one_and_told(tmp_path, models, capsys):

@@ -313,8 +313,22 @@ def test_sampler_state_round_trip_resumes_identically(steps):
     assert [resumed.next_batch() for _ in range(8)] == [original.next_batch() for _ in range(8)]
 
 
-def test_sampler_too_small_dataset():
+def test_a_batch_larger_than_the_prompts_runs_on_through_the_next_shuffles():
+    """3 prompts, batches of 4: each batch holds every prompt, one of them twice, and the
+    stream is the epochs' permutations laid end to end (so a resumed sampler continues it)."""
+    sampler = PromptSampler(num_prompts=3, batch_size=4, seed=0)
+    assert sampler.repeats
+    batches = [sampler.next_batch() for _ in range(3)]
+    stream = [i for epoch in range(4) for i in torch.randperm(3, generator=torch.Generator().manual_seed(epoch)).tolist()]
+    assert [i for batch in batches for i in batch] == stream[:12]
+    assert all(len(batch) == 4 and set(batch) == {0, 1, 2} for batch in batches)
+    resumed = PromptSampler(num_prompts=3, batch_size=4, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
+    assert resumed.next_batch() == sampler.next_batch()
+    assert not PromptSampler(num_prompts=4, batch_size=4, seed=0).repeats
+
+
+def test_sampler_refuses_an_empty_dataset():
     with pytest.raises(DataError) as excinfo:
-        PromptSampler(num_prompts=3, batch_size=4, seed=0)
-    message = one_line_error(excinfo)
-    assert "has 3 prompts" in message and "needs 4" in message
+        PromptSampler(num_prompts=0, batch_size=4, seed=0)
+    assert "no prompts" in one_line_error(excinfo)

@@ -370,20 +370,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 
 
 class PromptSampler:
-    """Batches of prompt indices, forever: a fresh shuffle each epoch, only full batches.
+    """Batches of prompt indices, forever: a fresh shuffle each epoch.
 
     Epoch ``e`` is ``randperm`` under seed ``seed + e``, so the order depends only on
     (seed, epoch) and a sampler restored from ``state_dict()`` continues with the same batches.
+    With at least ``batch_size`` prompts every batch lies within one epoch (the remainder of an
+    epoch is skipped, so all batches have the same size). With fewer, a batch runs on through
+    the next epochs' shuffles until it is full: it holds every prompt at least once, some
+    twice or more (``repeats``), as RL samples a prompt many times anyway.
     """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int):
         if batch_size < 1:
             raise DataError(f"a rollout batch needs at least one prompt, got batch size {batch_size}")
-        if num_prompts < batch_size:
-            raise DataError(
-                f"the dataset has {num_prompts} prompts but one rollout batch needs {batch_size}; "
-                "lower per_device_train_batch_size / gradient_accumulation_steps or add prompts"
-            )
+        if num_prompts < 1:
+            raise DataError("the dataset has no prompts; add prompts to it")
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.seed = seed
@@ -391,20 +392,32 @@ class PromptSampler:
         self.position = 0  # index into this epoch's permutation of the next batch's first prompt
         self._order: list[int] | None = None
 
+    @property
+    def repeats(self) -> bool:
+        """Whether a batch holds some prompts more than once (fewer prompts than a batch)."""
+        return self.num_prompts < self.batch_size
+
     def _permutation(self) -> list[int]:
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             self._order = torch.randperm(self.num_prompts, generator=generator).tolist()
         return self._order
 
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
+        self._order = None
+
     def next_batch(self) -> list[int]:
-        # drop_last: the remainder of an epoch is skipped so every batch has the same size.
-        if self.position + self.batch_size > self.num_prompts:
-            self.epoch += 1
-            self.position = 0
-            self._order = None
-        batch = self._permutation()[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
+        if not self.repeats and self.position + self.batch_size > self.num_prompts:
+            self._next_epoch()  # drop_last: the rest of this epoch is skipped
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            if self.position == self.num_prompts:
+                self._next_epoch()
+            take = min(self.batch_size - len(batch), self.num_prompts - self.position)
+            batch += self._permutation()[self.position : self.position + take]
+            self.position += take
         return batch
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -134,6 +134,11 @@ class PPOTrainer:
         # Global batches, shuffled alike on every process under the global seed; each process
         # rolls out its own slice (ppo-details 11).
         self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.seed)
+        if self.sampler.repeats:
+            console.print(
+                f"[yellow]note: the dataset has {len(self.prompts)} prompts, fewer than one rollout batch of "
+                f"{self.plan.batch_size}: every batch holds each prompt at least once and draws some again"
+            )
         self.stop_token_ids = resolve_stop_token_ids(config, tokenizer, policy)
         self.pad_token_id = tokenizer.pad_token_id
         self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
