@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -346,6 +347,29 @@ def test_import_reward_function_from_file(tmp_path):
     path.write_text("def length_reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     function = import_reward_function(f"{path}:length_reward")
     assert call_reward_function(function, ["x", "y"], ["ab", "abc"]).tolist() == [2.0, 3.0]
+
+
+def test_a_module_in_the_working_folder_is_found_as_python_m_finds_it(tmp_path, monkeypatch):
+    """The ``tether`` console script does not put the working folder on the import path; the
+    spec ``mymod:score`` still finds ``mymod.py`` there, as ``python -m tether`` would."""
+    (tmp_path / "tether_readme_mymod.py").write_text("def score(prompts, responses):\n    return [1.5] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    function = import_reward_function("tether_readme_mymod:score")
+    assert call_reward_function(function, ["x"], ["y"]).tolist() == [1.5]
+
+
+def test_a_file_with_postponed_annotations_and_a_dataclass_imports(tmp_path):
+    """A dataclass looks its module up in ``sys.modules`` to resolve string annotations."""
+    path = tmp_path / "judge.py"
+    path.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
+        "@dataclass\nclass Rule:\n    bonus: float = 2.0\n\n"
+        "def score(prompts: list[str], responses: list[str]) -> list[float]:\n"
+        "    return [Rule().bonus for _ in responses]\n"
+    )
+    function = import_reward_function(f"{path}:score")
+    assert call_reward_function(function, ["x", "y"], ["a", "b"]).tolist() == [2.0, 2.0]
 
 
 @pytest.mark.parametrize(

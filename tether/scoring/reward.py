@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from numbers import Real
 from pathlib import Path
@@ -66,19 +67,20 @@ def is_function_spec(spec: str) -> bool:
 
 
 def import_reward_function(spec: str) -> RewardFn:
+    """The function ``spec`` names: ``module:function``, found as ``python -m`` would find it
+    (the working folder first, then the installed packages), or ``path/file.py:function``."""
     match = _FUNCTION_SPEC.match(spec)
     if match is None:
         raise ConfigError(f"reward_model_path {spec!r} is not of the form module:function")
     module_name, name = match["module"], match["name"]
     try:
         if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"reward function file not found: {path}")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
+            module = _import_file(Path(module_name))
         else:
+            # ``python -m tether`` has the working folder on the import path; the ``tether``
+            # command (a console script) has its own folder there instead.
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
     except ConfigError:
         raise
@@ -88,6 +90,23 @@ def import_reward_function(spec: str) -> RewardFn:
     if not callable(function):
         raise ConfigError(f"reward module {module_name!r} has no function {name!r}")
     return function
+
+
+def _import_file(path: Path):
+    """Run ``path`` as a module registered in ``sys.modules`` (``dataclasses`` and postponed
+    annotations look their module up there), under a name of its own."""
+    if not path.is_file():
+        raise ConfigError(f"reward function file not found: {path}")
+    name = f"tether_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def call_reward_function(function: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
