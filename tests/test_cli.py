@@ -127,12 +127,9 @@ def test_reward_function_from_a_file(workspace: Path, tmp_path: Path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_demo_quick_runs_the_whole_pipeline_offline(tmp_path: Path):
-    """``tether demo --quick``: SFT -> RM -> PPO, every output loadable, figures and report written."""
-    out = tmp_path / "demo"
-    result = tether("demo", "--quick", "--output-dir", str(out), "--device", "cpu", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-
+def check_demo_outputs(out: Path) -> None:
+    """What ``tether demo --quick`` leaves in ``out``: SFT -> RM -> PPO, every output loadable,
+    figures and report written. (The README test runs the demo as the README shows it.)"""
     summary = json.loads((out / "summary.json").read_text())
     for key in ("rm_accuracy", "gold_sft", "gold_ppo", "gold_best", "rm_score_sft", "rm_score_ppo", "kl", "minutes"):
         assert math.isfinite(summary[key]), key
