@@ -313,18 +313,18 @@ def test_sampler_state_round_trip_resumes_identically(steps):
     assert [resumed.next_batch() for _ in range(8)] == [original.next_batch() for _ in range(8)]
 
 
-def test_a_batch_larger_than_the_prompts_runs_on_through_the_next_shuffles():
-    """3 prompts, batches of 4: each batch holds every prompt, one of them twice, and the
-    stream is the epochs' permutations laid end to end (so a resumed sampler continues it)."""
-    sampler = PromptSampler(num_prompts=3, batch_size=4, seed=0)
+def test_a_batch_larger_than_the_prompts_holds_each_and_draws_the_rest_from_the_shuffles():
+    """3 prompts, batches of 8: every batch holds each prompt twice, and its other 2 come from
+    the epochs' permutations laid end to end (so a resumed sampler continues the stream)."""
+    sampler = PromptSampler(num_prompts=3, batch_size=8, seed=0)
     assert sampler.repeats
-    batches = [sampler.next_batch() for _ in range(3)]
+    batches = [sampler.next_batch() for _ in range(5)]
     stream = [i for epoch in range(4) for i in torch.randperm(3, generator=torch.Generator().manual_seed(epoch)).tolist()]
-    assert [i for batch in batches for i in batch] == stream[:12]
-    assert all(len(batch) == 4 and set(batch) == {0, 1, 2} for batch in batches)
-    resumed = PromptSampler(num_prompts=3, batch_size=4, seed=0)
+    assert all(batch[:6] == [0, 1, 2, 0, 1, 2] and len(batch) == 8 for batch in batches)
+    assert [i for batch in batches for i in batch[6:]] == stream[:10]
+    resumed = PromptSampler(num_prompts=3, batch_size=8, seed=0)
     resumed.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
-    assert resumed.next_batch() == sampler.next_batch()
+    assert [resumed.next_batch() for _ in range(3)] == [sampler.next_batch() for _ in range(3)]
     assert not PromptSampler(num_prompts=4, batch_size=4, seed=0).repeats
 
 

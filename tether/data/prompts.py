@@ -181,9 +181,21 @@ def encode_prompts(
     or raise (``truncation="error"``).
     """
     _check_truncation(max_prompt_length, truncation)
+    column, values = prompt_column_values(dataset, column)
+    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
+
+
+def prompt_column_values(dataset: datasets.Dataset, column: str | None = None) -> tuple[str, list]:
+    """``(column, values)``: the prompt column (``column``, or the first of PROMPT_COLUMNS
+    present) and its values as plain Python objects, chat messages as written."""
     column = _prompt_column(dataset, column)
     values = dataset.with_format(None)[column][:]  # plain Python lists, fast, whatever the format
-    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
+    return column, [_clean_chat(v) if is_chat(v) else v for v in values]
+
+
+def is_chat(value) -> bool:
+    """Whether a prompt value is a list of chat messages."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def encode_prompt_values(
@@ -256,6 +268,13 @@ def _encode_values(values: list, column: str, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def is_token_ids(value) -> bool:
+    """Whether a prompt value is a list of token ids (Python or numpy integers)."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in value
+    )
+
+
 def _kind(value, row: int, column: str) -> str:
     if isinstance(value, str):
         return "text"
@@ -269,8 +288,8 @@ def _kind(value, row: int, column: str) -> str:
                     "write chat prompts as [{'role': ..., 'content': ...}, ...]"
                 )
             return "chat"
-        if all(isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in value):
-            return "ids"  # Python or numpy integers
+        if is_token_ids(value):
+            return "ids"
     raise DataError(
         f"row {row} of column {column!r} is a {_describe(value)}; a prompt must be text, "
         "a list of {'role', 'content'} messages, or a list of token ids"
@@ -375,9 +394,9 @@ class PromptSampler:
     Epoch ``e`` is ``randperm`` under seed ``seed + e``, so the order depends only on
     (seed, epoch) and a sampler restored from ``state_dict()`` continues with the same batches.
     With at least ``batch_size`` prompts every batch lies within one epoch (the remainder of an
-    epoch is skipped, so all batches have the same size). With fewer, a batch runs on through
-    the next epochs' shuffles until it is full: it holds every prompt at least once, some
-    twice or more (``repeats``), as RL samples a prompt many times anyway.
+    epoch is skipped, so all batches have the same size). With fewer (``repeats``), a batch
+    holds every prompt ``batch_size // num_prompts`` times, and the rest of it comes from the
+    epochs' shuffles laid end to end, as RL samples a prompt many times anyway.
     """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int):
@@ -409,10 +428,15 @@ class PromptSampler:
         self._order = None
 
     def next_batch(self) -> list[int]:
-        if not self.repeats and self.position + self.batch_size > self.num_prompts:
-            self._next_epoch()  # drop_last: the rest of this epoch is skipped
-        batch: list[int] = []
-        while len(batch) < self.batch_size:
+        if not self.repeats:
+            if self.position + self.batch_size > self.num_prompts:
+                self._next_epoch()  # drop_last: the rest of this epoch is skipped
+            batch = self._permutation()[self.position : self.position + self.batch_size]
+            self.position += self.batch_size
+            return batch
+        copies, rest = divmod(self.batch_size, self.num_prompts)
+        batch = list(range(self.num_prompts)) * copies
+        while len(batch) < self.batch_size:  # the rest, running on through the shuffles
             if self.position == self.num_prompts:
                 self._next_epoch()
             take = min(self.batch_size - len(batch), self.num_prompts - self.position)
