@@ -710,6 +710,86 @@ def test_reward_function_sees_decoded_prompts_and_responses(tmp_path):
     torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32, device=trainer.device))
 
 
+def reversed_tokenizer(chat_template: str | None = None):
+    """The policy tokenizer's words in the opposite order: same size and text, other ids."""
+    tokenizer = word_tokenizer(numbered_words(NUM_WORDS)[::-1])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def own_tokens_score(reward, reward_tokenizer, prompt, response: str, terminated: bool) -> float:
+    """The reward model by Hugging Face's own forward on one unpadded row of its own ids:
+    the prompt (text, or a chat rendered by its template), the response, EOS if it stopped."""
+    if isinstance(prompt, str):
+        ids = reward_tokenizer(prompt)["input_ids"] + reward_tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        chat = [*prompt, {"role": "assistant", "content": response}]
+        ids = list(reward_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    ids += [reward_tokenizer.eos_token_id] if terminated else []
+    with torch.no_grad():
+        return reward(torch.tensor([ids], device=reward.device)).logits[0, 0].item()
+
+
+@pytest.mark.parametrize("prompt_kind", ["text", "chat"])
+def test_a_reward_model_with_its_own_tokenizer_scores_its_own_tokens(tmp_path, prompt_kind):
+    """Issue 17.7: the reward model's tokenizer gives the same words other ids. Its scores are
+    those of the model on prompt + response encoded by its own tokenizer (and chat template),
+    read at its own last token; the value model is then the policy's backbone, not the reward
+    model."""
+    tokenizer = make_tokenizer()
+    prompts = list(PROMPTS)
+    if prompt_kind == "chat":
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} w0 {% endfor %}"
+        prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    reward_tokenizer = reversed_tokenizer("{% for m in messages %}{{ m['content'] }} w1 {% endfor %}")
+    reward = tiny_reward_model(reward_tokenizer, seed=1, **TINY).to(DEVICE).eval()
+    policy = make_policy(tokenizer, biases={EOS: 0.5})
+    trainer = PPOTrainer(make_config(tmp_path), tokenizer, policy, reward, prompts, reward_tokenizer=reward_tokenizer)
+    assert trainer.reward_tokenizer is reward_tokenizer
+    rows = list(range(8))
+    rollout = trainer.rollout([trainer.prompts[i] for i in rows], [prompts[i] for i in rows])
+    _, responses = decode_kept(tokenizer, rollout)
+    assert rollout.terminated.any() and not rollout.terminated.all()
+    expected = [
+        own_tokens_score(reward, reward_tokenizer, prompts[i], response, bool(stopped))
+        for i, response, stopped in zip(rows, responses, rollout.terminated.tolist())
+    ]
+    torch.testing.assert_close(rollout.scores.cpu(), torch.tensor(expected), atol=1e-5, rtol=0)
+    with torch.no_grad():  # the same model on the policy's ids scores otherwise: the test can tell
+        policy_ids = torch.cat([rollout.queries[:1], rollout.responses[:1, : int(rollout.lengths[0])]], 1)
+        misread = reward(policy_ids[:, rollout.query_mask[0].tolist().index(True) :]).logits[0, 0].item()
+    assert abs(misread - expected[0]) > 1e-3
+    value_head = trainer.value_model.score.weight
+    assert torch.count_nonzero(value_head) == 0  # a fresh head on the policy's backbone
+    policy_embeddings = trainer.policy.get_input_embeddings().weight
+    assert torch.equal(trainer.value_model.get_input_embeddings().weight, policy_embeddings)
+
+
+def test_a_reward_model_folder_brings_its_own_tokenizer(tmp_path):
+    """Named by path, a reward model is scored with the tokenizer saved beside it, when that one
+    makes other ids; with the policy's own tokenizer the ids are used as they are."""
+    tokenizer = make_tokenizer()
+    for name, own in (("other", reversed_tokenizer()), ("same", make_tokenizer())):
+        tiny_reward_model(own, seed=1, **TINY).save_pretrained(tmp_path / name)
+        own.save_pretrained(tmp_path / name)
+    other = PPOTrainer(make_config(tmp_path / "a"), tokenizer, make_policy(tokenizer), str(tmp_path / "other"), PROMPTS)
+    assert other.reward_tokenizer is not None
+    assert other.reward_tokenizer.get_vocab() == reversed_tokenizer().get_vocab()
+    same = PPOTrainer(make_config(tmp_path / "b"), tokenizer, make_policy(tokenizer), str(tmp_path / "same"), PROMPTS)
+    assert same.reward_tokenizer is None
+    assert torch.equal(same.value_model.score.weight, same.reward_model.score.weight)  # its copy, as before
+
+
+def test_chat_prompts_need_a_chat_template_in_the_reward_tokenizer(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    reward_tokenizer = reversed_tokenizer()
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    with pytest.raises(ConfigError, match="no chat_template"):
+        PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer),
+                   tiny_reward_model(reward_tokenizer, seed=1, **TINY), prompts, reward_tokenizer=reward_tokenizer)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

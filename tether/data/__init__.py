@@ -5,9 +5,11 @@ from tether.data.prompts import (
     PromptSampler,
     encode_prompt_values,
     encode_prompts,
+    is_chat,
     left_pad,
+    prompt_column_values,
     load_table,
     load_test_split,
 )
 
-__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompt_values", "encode_prompts", "left_pad", "load_table", "load_test_split"]
+__all__ = ["PROMPT_COLUMNS", "PromptSampler", "encode_prompt_values", "encode_prompts", "is_chat", "left_pad", "prompt_column_values", "load_table", "load_test_split"]

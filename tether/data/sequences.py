@@ -120,12 +120,18 @@ def encode_sequences(dataset, tokenizer, max_length: int | None = None) -> list[
             "SFT data needs prompt+completion, messages, or text columns; the dataset has "
             f"{', '.join(columns) or 'no columns'}"
         )
+    return [_cut(s, max_length) for s in encode_prompt_completions(prompts, completions, tokenizer, column)]
+
+
+def encode_prompt_completions(prompts: list, completions: list, tokenizer, column: str = "completion") -> list[Sequence]:
+    """Each prompt (text, chat or ids; empty for none) followed by its completion, EOS
+    appended: the one encoding of SFT rows, reward-model pairs, and of a PPO response scored by
+    a reward model with its own tokenizer."""
     prompt_ids = _prompt_ids(prompts, tokenizer)
-    sequences = [
+    return [
         Sequence(p_ids, _completion_ids(tokenizer, p, p_ids, c, row, column))
         for row, (p, p_ids, c) in enumerate(zip(prompts, prompt_ids, completions))
     ]
-    return [_cut(s, max_length) for s in sequences]
 
 
 def _prompt_ids(prompts: list, tokenizer) -> list[list[int]]:

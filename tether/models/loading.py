@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import warnings
 
 import torch
@@ -28,6 +29,22 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.war
     tokenizer.padding_side = "left"
     ensure_pad_token(tokenizer, warn)
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load_own_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.warn):
+    """The tokenizer saved with a model at ``path`` (a reward model's own), or None when a local
+    folder holds none; a Hub name's tokenizer when it has one."""
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+            return None
+        return load_tokenizer(path, trust_remote_code, warn)
+    try:
+        return load_tokenizer(path, trust_remote_code, warn)
+    except ConfigError:
+        return None
 
 
 def ensure_pad_token(tokenizer, warn=warnings.warn) -> None:

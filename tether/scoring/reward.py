@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tether.data.prompts import is_chat
+from tether.data.sequences import encode_prompt_completions
 from tether.errors import ConfigError, RewardError
 from tether.models.forward import Critic, last_hidden_state, scalar_outputs
 from tether.models.loading import bare_model
@@ -54,6 +56,39 @@ def get_reward(
     sequence_lengths = first_true_indices(~attention_mask[:, context_length:]) - 1 + context_length
     rows = torch.arange(outputs.size(0), device=outputs.device)
     return outputs, outputs[rows, sequence_lengths].squeeze(-1), sequence_lengths
+
+
+# --- reward models with a tokenizer of their own --------------------------------------------
+
+PROBE_TEXT = "Tether checks tokenizers: the quick brown fox, 42 times!"
+
+
+def same_tokenization(tokenizer, other) -> bool:
+    """Whether ``other`` (a reward model's tokenizer; None: none of its own) makes the same ids
+    of the same text as ``tokenizer``: vocabulary, special tokens added, chat template."""
+    if other is None or other is tokenizer:
+        return True
+    return (
+        tokenizer.get_vocab() == other.get_vocab()
+        and tokenizer(PROBE_TEXT)["input_ids"] == other(PROBE_TEXT)["input_ids"]
+        and sorted(tokenizer.all_special_ids) == sorted(other.all_special_ids)
+        and getattr(tokenizer, "chat_template", None) == getattr(other, "chat_template", None)
+    )
+
+
+def reward_model_sequences(reward_tokenizer, prompts: list, responses: list[str], terminated: list[bool]) -> list[list[int]]:
+    """The ids a reward model with its own tokenizer scores: each prompt (text or chat messages,
+    as the dataset held it) and response text, encoded by that tokenizer as ``tether rm``
+    encodes a prompt + completion row (after a chat, the response as the assistant's message,
+    through the chat template); the EOS that ends a completion stays only where the response
+    ended on a stop token (elsewhere the score is read at its last token, as with the policy's
+    own ids)."""
+    completions = [
+        [{"role": "assistant", "content": response}] if is_chat(prompt) else response
+        for prompt, response in zip(prompts, responses)
+    ]
+    sequences = encode_prompt_completions(list(prompts), completions, reward_tokenizer, "response")
+    return [sequence.ids if ended else sequence.ids[:-1] for sequence, ended in zip(sequences, terminated)]
 
 
 # --- reward functions ---------------------------------------------------------------------

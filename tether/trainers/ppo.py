@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_yaml
-from tether.data import PromptSampler, encode_prompt_values, encode_prompts
+from tether.data import PromptSampler, encode_prompt_values, is_chat, prompt_column_values
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -71,7 +71,7 @@ from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.reward import import_reward_function, is_function_spec
+from tether.scoring.reward import import_reward_function, is_function_spec, same_tokenization
 from tether.saving import write_text_atomic
 from tether.trainers.common import (
     autocast,
@@ -87,13 +87,15 @@ from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
 
 
-def prompts_from(dataset, tokenizer, config: PPOConfig) -> list[list[int]]:
-    """Token ids of every prompt from a ``datasets.Dataset`` or a plain Python list."""
+def prompts_from(dataset, tokenizer, config: PPOConfig) -> tuple[list, list[list[int]]]:
+    """``(values, ids)`` of every prompt of a ``datasets.Dataset`` or a plain Python list: the
+    prompts as the dataset holds them (text, chat messages or token ids) and their token ids."""
     if isinstance(dataset, (list, tuple)):
-        return encode_prompt_values(
-            dataset, tokenizer, config.prompt_column or "prompt", config.max_prompt_length, config.prompt_truncation
-        )
-    return encode_prompts(dataset, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation)
+        column, values = config.prompt_column or "prompt", list(dataset)
+    else:
+        column, values = prompt_column_values(dataset, config.prompt_column)
+    ids = encode_prompt_values(values, tokenizer, column, config.max_prompt_length, config.prompt_truncation)
+    return values, ids
 
 
 class PPOTrainer:
@@ -114,6 +116,7 @@ class PPOTrainer:
         ref_policy: nn.Module | None = None,
         value_model: nn.Module | None = None,
         eval_dataset=None,
+        reward_tokenizer=None,
     ):
         config.validate()
         self.config = config
@@ -121,8 +124,10 @@ class PPOTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
-        self.prompts = prompts_from(train_dataset, tokenizer, config)
-        self.eval_prompts = prompts_from(eval_dataset, tokenizer, config) if eval_dataset is not None else None
+        self.prompt_values, self.prompts = prompts_from(train_dataset, tokenizer, config)
+        self.eval_prompt_values, self.eval_prompts = (
+            prompts_from(eval_dataset, tokenizer, config) if eval_dataset is not None else (None, None)
+        )
         self.plan = config.batch_plan(len(self.prompts), launched_processes())
         # One optimizer step per minibatch, in micro-batches: Accelerate divides each loss by
         # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.
@@ -144,14 +149,21 @@ class PPOTrainer:
         self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
         self.temperature = sampling_temperature(config.temperature)  # the value generation samples with
 
+        self.reward_tokenizer = reward_tokenizer
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
+        self.reward_tokenizer = self._own_reward_tokenizer()
         self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
         if ref_policy is policy:
             raise ConfigError("ref_policy is the policy itself; pass a separate copy or leave it out")
         if value_model is None:
-            if self.reward_model is not None:
+            if self.reward_model is not None and self.reward_tokenizer is None:
                 value_model = copy.deepcopy(self.reward_model)
             else:
+                if self.reward_model is not None:  # a copy of it would read the policy's ids with its vocabulary
+                    console.print(
+                        "[yellow]note: the reward model has a tokenizer of its own, so the value model starts from "
+                        "the policy's backbone with a fresh scalar head, not from the reward model"
+                    )
                 value_model = value_model_from_policy(merged_copy(policy) if is_peft_model(policy) else policy)
         check_scalar_model(value_model, "value model")
         self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.peft_config)
@@ -161,7 +173,8 @@ class PPOTrainer:
         else:
             self.value_model.requires_grad_(True)
         for name, model in self._models().items():
-            check_vocabulary(tokenizer, model, name)
+            own = self.reward_tokenizer is not None and model is self.reward_model
+            check_vocabulary(self.reward_tokenizer if own else tokenizer, model, name)
             disable_dropout(model)
             model.to(self.device)
         if config.gradient_checkpointing:
@@ -180,7 +193,8 @@ class PPOTrainer:
         self.rollout_maker = RolloutMaker(
             config, tokenizer, self.parallel, self.device,
             policy=self.policy, policy_forward=self._policy, critic=self._critic, reference=self._ref,
-            reward_model=self._reward, reward_fn=self.reward_fn, sampling=self.sampling,
+            reward_model=self._reward, reward_fn=self.reward_fn, reward_tokenizer=self.reward_tokenizer,
+            sampling=self.sampling,
             temperature=self.temperature, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
         )
         if self.parallel.distributed:  # different samples on every process (ppo-details 11)
@@ -199,9 +213,12 @@ class PPOTrainer:
         if isinstance(reward, str):
             if is_function_spec(reward):
                 return None, import_reward_function(reward)
-            from tether.models.loading import load_scalar_model
+            from tether.models.loading import load_own_tokenizer, load_scalar_model
 
-            reward = load_scalar_model(reward, "reward model", self.config.trust_remote_code)
+            path = reward
+            reward = load_scalar_model(path, "reward model", self.config.trust_remote_code)
+            if self.reward_tokenizer is None:
+                self.reward_tokenizer = load_own_tokenizer(path, self.config.trust_remote_code, warn=console.print)
         if isinstance(reward, nn.Module):
             check_scalar_model(reward, "reward model")
             return freeze(reward), None
@@ -210,6 +227,24 @@ class PPOTrainer:
         raise ConfigError(
             f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}"
         )
+
+    def _own_reward_tokenizer(self):
+        """The reward model's tokenizer when it makes other ids than the policy's (then the
+        reward model scores text re-encoded with it), else None; said once."""
+        if self.reward_model is None or same_tokenization(self.tokenizer, self.reward_tokenizer):
+            return None
+        own = self.reward_tokenizer
+        ensure_pad_token(own, warn=lambda message: console.print(f"[yellow]reward tokenizer: {message}"))
+        chats = any(is_chat(value) for value in self.prompt_values)
+        if chats and not getattr(own, "chat_template", None):
+            raise ConfigError(
+                "the prompts are chats but the reward model's own tokenizer has no chat_template; give the "
+                "reward model a tokenizer with one (reward_tokenizer= from Python), or use text prompts"
+            )
+        console.print(
+            "note: the reward model has its own tokenizer: it scores prompt + response text encoded with it"
+        )
+        return own
 
     def _models(self) -> dict[str, nn.Module]:
         models = {"policy": self.policy, "value model": self.value_model}
@@ -235,17 +270,17 @@ class PPOTrainer:
         """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
         return self.rollout_maker.score(samples)
 
-    def rollout(self, prompt_ids: Sequence[list[int]]) -> Rollout:
+    def rollout(self, prompt_ids: Sequence[list[int]], prompt_values: Sequence | None = None) -> Rollout:
         """Sample responses to ``prompt_ids`` and score them (no advantages yet); the time it
-        takes goes into ``timing``."""
-        return self.rollout_maker.rollout(prompt_ids, self.timing)
+        takes goes into ``timing``. ``prompt_values``: the same prompts as the dataset held them."""
+        return self.rollout_maker.rollout(prompt_ids, self.timing, prompt_values)
 
     def evaluate(self, max_prompts: int = 64) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to the first ``max_prompts`` eval prompts.
 
         Returns ``eval/*`` metrics and the sample rows (prompt, response, score).
         """
-        return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts])
+        return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts], self.eval_prompt_values[:max_prompts])
 
     def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
         """Prompt and response texts; the response without its stop token."""
@@ -377,7 +412,8 @@ class PPOTrainer:
         """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
         self.timing: dict[str, float] = {}
         start = clock(self.device)
-        rollout = self.gather(self.rollout([self.prompts[i] for i in self.next_prompt_indices()]))
+        indices = self.next_prompt_indices()
+        rollout = self.gather(self.rollout([self.prompts[i] for i in indices], [self.prompt_values[i] for i in indices]))
         advantage_start = clock(self.device)
         metrics = self.compute_advantages(rollout)
         update_start = clock(self.device)

@@ -21,13 +21,19 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig
-from tether.data import left_pad
+from tether.data import is_chat, left_pad
+from tether.data.sequences import right_pad
 from tether.errors import ConfigError
 from tether.models.forward import critic_values, policy_logprobs
 from tether.ops import ended_on_stop, lengths_to_mask, response_lengths
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import generate_responses
-from tether.scoring.reward import apply_missing_stop_penalty, call_reward_function, get_reward
+from tether.scoring.reward import (
+    apply_missing_stop_penalty,
+    call_reward_function,
+    get_reward,
+    reward_model_sequences,
+)
 from tether.trainers.common import autocast, clock
 from tether.trainers.parallel import Parallel
 
@@ -79,6 +85,7 @@ class RolloutMaker:
         reference: nn.Module | None,
         reward_model: nn.Module | None,
         reward_fn: Callable | None,
+        reward_tokenizer=None,
         sampling,
         temperature: float,
         stop_token_ids: list[int],
@@ -94,6 +101,7 @@ class RolloutMaker:
         self.reference = reference
         self.reward_model = reward_model
         self.reward_fn = reward_fn
+        self.reward_tokenizer = reward_tokenizer  # None: the reward model reads the policy's ids
         self.sampling = sampling
         self.temperature = temperature
         self.stop_token_ids = stop_token_ids
@@ -125,11 +133,15 @@ class RolloutMaker:
         }
 
     @torch.no_grad()
-    def score(self, samples: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
+    def score(self, samples: dict[str, torch.Tensor], prompt_values: Sequence | None = None) -> torch.Tensor:
+        """Scores ``[B]`` of sampled responses, after the missing-stop penalty. ``prompt_values``:
+        the prompts as the dataset held them (text, chat or ids), for a reward model with its
+        own tokenizer (without them, the prompt ids are decoded)."""
         if self.reward_fn is not None:
             texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
             scores = call_reward_function(self.reward_fn, *texts)
+        elif self.reward_tokenizer is not None:
+            scores = self._own_tokenizer_scores(samples, prompt_values)
         else:
             chunk_rows = self.config.local_rollout_forward_batch_size
             scores = []
@@ -142,9 +154,11 @@ class RolloutMaker:
         return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
 
     @torch.no_grad()
-    def rollout(self, prompt_ids: Sequence[list[int]], timing: dict[str, float]) -> Rollout:
+    def rollout(
+        self, prompt_ids: Sequence[list[int]], timing: dict[str, float], prompt_values: Sequence | None = None
+    ) -> Rollout:
         """Sample responses to ``prompt_ids`` and score them (no advantages yet); the seconds
-        spent generating and scoring go into ``timing``.
+        spent generating and scoring go into ``timing``. ``prompt_values``: see ``score``.
 
         In full precision the old logprobs are the ones the sampler computed (ppo-details 10:
         equal to a forward pass to fp32 rounding, one forward pass cheaper). Under bf16 a cached
@@ -158,7 +172,7 @@ class RolloutMaker:
         score_start = clock(self.device)
         timing["timing/generate"] = score_start - start
 
-        scores = self.score(samples)
+        scores = self.score(samples, prompt_values)
         recompute = config.bf16 or config.fp16
         logprobs, ref_logprobs, values = [], [], []
         for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
@@ -188,14 +202,17 @@ class RolloutMaker:
         )
 
     @torch.no_grad()
-    def evaluate(self, prompt_ids: Sequence[list[int]]) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(
+        self, prompt_ids: Sequence[list[int]], prompt_values: Sequence | None = None
+    ) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to ``prompt_ids``: ``eval/*`` metrics and the sample rows
         (prompt, response, score), in prompt order. Several processes split the prompts (each
         samples its share) and every process returns the same global figures and rows."""
         parallel = self.parallel
         prompts, counted = parallel.my_share(list(prompt_ids))
+        values = parallel.my_share(list(prompt_values))[0] if prompt_values is not None else None
         samples = self.sample(prompts)
-        scores = self.score(samples)
+        scores = self.score(samples, values)
         texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
         real = torch.tensor(counted, device=self.device)
         sums = torch.stack([
@@ -232,6 +249,25 @@ class RolloutMaker:
             self.reward_model, query_responses, self.pad_token_id, queries.size(1), attention_mask
         )
         return scores.float()
+
+    def _own_tokenizer_scores(self, samples: dict[str, torch.Tensor], prompt_values: Sequence | None) -> torch.Tensor:
+        """The reward model on prompt + response text re-encoded by its own tokenizer (see
+        ``reward_model_sequences``), read at each row's last real token."""
+        prompt_texts, responses = self.decode(
+            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        )
+        values = list(prompt_values) if prompt_values is not None else [None] * len(prompt_texts)
+        # text and chats as the dataset held them; a prompt of policy ids only as its text
+        prompts = [v if isinstance(v, str) or is_chat(v) else t for v, t in zip(values, prompt_texts)]
+        sequences = reward_model_sequences(self.reward_tokenizer, prompts, responses, samples["terminated"].tolist())
+        pad = self.reward_tokenizer.pad_token_id
+        scores, chunk_rows = [], self.config.local_rollout_forward_batch_size
+        for start in range(0, len(sequences), chunk_rows):
+            ids, mask = right_pad(sequences[start : start + chunk_rows], pad)
+            with self._autocast():
+                _, chunk, _ = get_reward(self.reward_model, ids.to(self.device), pad, 0, mask.to(self.device))
+            scores.append(chunk.float())
+        return torch.cat(scores)
 
     def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
         """Prompt and response texts; the response without its stop token."""
