@@ -84,16 +84,30 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line(case, tmp_path, models, capsys):
+def test_bad_input_exits_2_with_one_line(case, tmp_path, models, capsys, monkeypatch):
+    """Refused before any optimizer step: nothing trained, no metrics, no checkpoint."""
+    from tether.trainers.ppo import PPOTrainer
+
+    updates = []
+    monkeypatch.setattr(PPOTrainer, "optimise", lambda self, rollout: updates.append(1))
     rows, fields, expected = CASES[case]
     fields = {k: v.format(models=models) if isinstance(v, str) else v for k, v in fields.items()}
     status, error = run(tmp_path, models, capsys, rows, **fields)
     assert status == 2, error
     assert expected in error, error
     assert "\n" not in error
+    assert updates == []
+    out = tmp_path / "out"
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
 
 
-def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, capsys):
+def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, capsys, monkeypatch):
+    """max_prompt_length 1: the policy sees each prompt's last token, and one warning says so."""
+    from tether.trainers.ppo import PPOTrainer
+
+    seen = []
+    rollout = PPOTrainer.rollout
+    monkeypatch.setattr(PPOTrainer, "rollout", lambda self, ids, *rest: seen.extend(ids) or rollout(self, ids, *rest))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     status = main([
@@ -105,6 +119,10 @@ def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, c
     assert status == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: 16 of 16 prompts were longer than max_prompt_length=1 and lost their first tokens"]
+    tokenizer = word_tokenizer(numbered_words(20))
+    last_words = {prompt.split()[-1] for prompt in PROMPTS}
+    assert len(seen) == 8 and all(len(ids) == 1 for ids in seen)
+    assert {tokenizer.decode(ids) for ids in seen} <= last_words
 
 
 def test_fewer_prompts_than_a_batch_are_drawn_again_with_one_note(tmp_path, models, capsys):

@@ -115,16 +115,21 @@ def test_missing_config_file_and_missing_fields(tmp_path: Path):
 
 
 def test_reward_function_from_a_file(workspace: Path, tmp_path: Path):
+    """The scores are the function's values: each sample's score is its response's word count."""
     (tmp_path / "my_reward.py").write_text(
         "def score(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n"
     )
     out = tmp_path / "out"
     result = tether(
         "ppo", "--config", str(workspace / "run.yaml"), "--output_dir", str(out),
-        "--reward_model_path", "my_reward.py:score", "--total_episodes", "8", cwd=tmp_path,
+        "--reward_model_path", "my_reward.py:score", "--total_episodes", "8", "--missing_eos_penalty", "null",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and [row["score"] for row in samples] == [float(len(row["response"].split())) for row in samples]
+    assert any(row["score"] > 0 for row in samples)
 
 
 def check_demo_outputs(out: Path) -> None:

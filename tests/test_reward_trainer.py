@@ -23,6 +23,7 @@ from tether.scoring.reward import get_reward
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.reward import RewardTrainer, load_reward_backbone, split_pairs
 from tests.device import DEVICE
+from tests.probes import gradient_norms_at_each_step, linear_output_dtypes
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 WORDS = numbered_words(20)
@@ -368,3 +369,35 @@ def test_tether_rm_names_a_missing_field(workspace, capsys):
     code = main(["rm", "--model_name_or_path", str(workspace / "sft"), "--output_dir", str(workspace / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "error: config is missing dataset_name" in err
+
+
+def test_step_clips_the_gradient_reaching_the_optimizer(tokenizer, tmp_path):
+    """The optimizer sees the gradient clipped to ``max_grad_norm`` at every step."""
+    limit = 1e-3
+    trainer = RewardTrainer(rm_config(tmp_path, max_grad_norm=limit, eval_fraction=0.0), tokenizer,
+                            tiny_reward_model(tokenizer, seed=1), preference_table(16))
+    norms = gradient_norms_at_each_step(trainer.optimizer)
+    history = trainer.train()
+    assert len(norms) == len(history) >= 2
+    assert norms == pytest.approx([limit] * len(norms), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_bf16_runs_the_step_matmuls_in_bfloat16(tokenizer, tmp_path, kind):
+    from tether.config import SFTConfig
+    from tether.trainers.sft import SFTTrainer
+
+    if kind == "rm":
+        model = tiny_reward_model(tokenizer, seed=1)
+        trainer = RewardTrainer(rm_config(tmp_path, bf16=True), tokenizer, model, preference_table(8))
+    else:
+        model = tiny_causal_lm(tokenizer, seed=0)
+        rows = [{"prompt": f"w{i}", "completion": f"w{i + 1} w{i + 2}"} for i in range(8)]
+        config = SFTConfig(output_dir=str(tmp_path), device=DEVICE, bf16=True, per_device_train_batch_size=4)
+        trainer = SFTTrainer(config, tokenizer, model, rows)
+    dtypes = linear_output_dtypes(trainer.model)
+    trainer.advance()  # the first pass also checks, once and in fp32, whether the model packs
+    dtypes.clear()
+    metrics = trainer.advance()[0]
+    assert math.isfinite(metrics["loss"])
+    assert dtypes == {torch.bfloat16}

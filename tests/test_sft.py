@@ -39,6 +39,7 @@ from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.data.prompts import load_test_split
 from tether.trainers.sft import SFTTrainer, collate, sft_loss_mask, split_held_out, summed_nll
 from tests.device import DEVICE
+from tests.probes import gradient_norms_at_each_step
 
 NUM_WORDS = 16
 PAD, EOS = 0, 2
@@ -238,15 +239,22 @@ def test_full_determinism_switches_torch_to_deterministic_kernels(tmp_path, monk
 
 
 def test_step_changes_weights_and_stays_finite(tmp_path):
+    """Every parameter moves, the metrics are finite, and the optimizer sees the gradient clipped
+    to ``max_grad_norm`` (the logged ``grad_norm`` is the norm before clipping, above it)."""
     tokenizer = make_tokenizer()
     model = tiny_causal_lm(tokenizer, seed=0, **TINY)
     before = parameters(model)
-    config = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=1.0)
-    history = SFTTrainer(config, tokenizer, model, copy_task(8)).train()
+    limit = 0.5
+    config = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=limit)
+    trainer = SFTTrainer(config, tokenizer, model, copy_task(8))
+    norms = gradient_norms_at_each_step(trainer.optimizer)
+    history = trainer.train()
     assert len(history) == 2
     for metrics in history:
         assert {"loss", "lr", "epoch", "step", "tokens", "grad_norm"} <= set(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
+        assert metrics["grad_norm"] > limit
+    assert norms == pytest.approx([limit, limit], rel=1e-4)
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.cpu(), before[name])]
     assert len(changed) == len(before)
 
