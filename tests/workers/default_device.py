@@ -33,6 +33,7 @@ def main() -> None:
     seen = {"world_size": trainer.parallel.world_size, "device": trainer.device.type,
             "updates": [m["update"] for m in history], "episodes": [m["episode"] for m in history]}
     (Path(args.out) / f"world-{trainer.parallel.rank}.json").write_text(json.dumps(seen))
+    trainer.parallel.barrier()  # leave together, as the command does after saving
 
 
 if __name__ == "__main__":

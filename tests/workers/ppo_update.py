@@ -50,6 +50,7 @@ def main() -> None:
                   "responses": samples.responses, "shards": shards, "full_logits_passes": len(full_logits),
                   "policy_wrapper": type(trainer._policy).__name__, "evaluation": evaluation}
         torch.save(result, Path(args.out) / "result.pt")
+    trainer.parallel.barrier()  # leave together, as the command does after saving
 
 
 # Five prompts for two processes: shares of 3 and 2, the second filled up with an uncounted row.
