@@ -67,9 +67,14 @@ def test_parquet_round_trip(tmp_path):
     assert load_table(str(tmp_path / "p.parquet")).to_list() == ROWS
 
 
-def test_csv_round_trip(tmp_path):
-    (tmp_path / "p.csv").write_text("prompt,score\nw1 w2,1\nw3,2\n")
-    assert load_table(str(tmp_path / "p.csv")).to_list() == ROWS
+def test_csv_cells_are_read_as_the_text_written(tmp_path):
+    """Issue 18.6: CSV cells are text: numbers-looking cells keep their exact text (a
+    completion of ``007`` or ``1.50`` stays that), an empty cell is an empty text."""
+    (tmp_path / "p.csv").write_text("prompt,score\nw1 w2,1\nw3,2\n007,1.50\nw4,\n")
+    assert load_table(str(tmp_path / "p.csv")).to_list() == [
+        {"prompt": "w1 w2", "score": "1"}, {"prompt": "w3", "score": "2"}, {"prompt": "007", "score": "1.50"},
+        {"prompt": "w4", "score": ""},
+    ]
 
 
 def test_save_to_disk_directory_and_split(tmp_path):

@@ -139,6 +139,11 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
             return path
         found = checkpoints(folder)
         if not found:
+            if folder.is_dir() and any(folder.iterdir()):  # a run stopped before its first checkpoint
+                raise ConfigError(
+                    f"--resume: no checkpoint in {folder} (the run there stopped before writing one); "
+                    "start it again with --overwrite instead of --resume"
+                )
             raise ConfigError(f"--resume: no checkpoint in {folder}; start without --resume")
         return found[-1]
     if folder.is_dir() and any(folder.iterdir()):

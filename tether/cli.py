@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         console.quiet = True
     _quiet_transformers()
     _plain_warnings()
+    if command in TRAINING_COMMANDS and ("-h" in rest or "--help" in rest):
+        print(command_help(command))
+        return 0
     try:
         match command:
             case "ppo":
@@ -63,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+TRAINING_COMMANDS = {"ppo": "PPOConfig", "sft": "SFTConfig", "rm": "RewardConfig"}
+
+
+def command_help(command: str) -> str:
+    """``tether <command> --help``: the usage line and every config field of the command."""
+    from tether import config
+
+    fields = config.describe_fields(getattr(config, TRAINING_COMMANDS[command]))
+    return (
+        f"usage: tether {command} --config {command}.yaml [--field value ...]\n\n"
+        "Every field below can be set in the YAML file or overridden as --field value.\n"
+        "--resume [CHECKPOINT] continues a run; --overwrite replaces an earlier run in output_dir.\n\n"
+        f"fields:\n{fields}"
+    )
 
 
 def _plain_warnings() -> None:
@@ -106,9 +125,6 @@ def run_ppo(args: list[str]) -> int:
     from tether.config import PPOConfig, load_command_config
     from tether.logging import console
 
-    if args and args[0] in ("-h", "--help"):
-        print("usage: tether ppo --config run.yaml [--field value ...]\nfields: see tether.PPOConfig")
-        return 0
     config_path, rest = _split_config_argument(args)
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {

@@ -284,7 +284,12 @@ class SFTConfig(LoraFields, TrainingConfig):
     """Supervised fine-tuning: next-token loss on prompt + completion data."""
 
     max_length: int | None = 1024
-    """Longest sequence kept (prompt + completion); completions are cut from the right."""
+    """Longest sequence (prompt + completion); longer rows are cut or dropped by ``truncation_mode``."""
+    truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
+    """For rows longer than ``max_length``: ``keep_end`` cuts the prompt from the left and keeps
+    the completion (a completion alone too long keeps its end); ``keep_start`` keeps the first
+    tokens, cutting the completion's end and its EOS (TRL 1.12's default); ``drop`` drops the
+    row. The rows cut or dropped are counted in one warning."""
     completion_only_loss: bool = True
     """Loss on completion tokens only (True) or on every token, the prompt's too (False)."""
     eval_fraction: float = 0.0
@@ -304,6 +309,11 @@ class RewardConfig(LoraFields, TrainingConfig):
     """Reward-model training: Bradley-Terry loss on chosen / rejected pairs."""
 
     max_length: int | None = 1024
+    """Longest sequence (prompt + chosen or rejected completion)."""
+    truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
+    """For pairs longer than ``max_length``: ``keep_end`` cuts the shared prompt from the left
+    until both sides fit; ``keep_start`` keeps each side's first tokens; ``drop`` drops the pair.
+    Pairs whose chosen and rejected end up the same tokens are dropped; both are counted."""
     eval_fraction: float = 0.1
     """Share of the pairs held out for accuracy when the dataset has no ``dataset_test_split``."""
     eval_steps: int | None = None
@@ -492,6 +502,37 @@ def load_command_config(cls, config_path: str | None, override_args: list[str], 
             f"config is missing {', '.join(missing)}; set it in the YAML file or with --{missing[0]} ..."
         )
     return config
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in its class body), for ``--help``."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_fields(cls) -> str:
+    """Every field of ``cls``: name, type, default and its docstring, one paragraph each."""
+    docs = field_docs(cls)
+    lines = []
+    for name, tp in _field_types(cls).items():
+        default = next(f for f in dataclasses.fields(cls) if f.name == name).default
+        lines.append(f"  --{name} ({_describe(tp)}, default {default!r})")
+        if docs.get(name):
+            lines.append(f"      {docs[name]}")
+    return "\n".join(lines)
 
 
 def config_yaml(config) -> str:

@@ -62,9 +62,20 @@ def load_test_split(source: str, split: str) -> datasets.Dataset | None:
     path = os.path.expanduser(source)
     if os.path.isfile(path) or (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_dict.json"))):
         return None
+    if os.path.isdir(path):
+        with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as file:
+            splits = json.load(file).get("splits", [])
+        if split not in splits:  # a misspelled split would otherwise pass in silence
+            warnings.warn(
+                f"dataset {source} has no split {split!r} (its splits: {', '.join(splits)}); no test split is used: "
+                "set dataset_test_split to one of them to evaluate on it",
+                stacklevel=2,
+            )
+            return None
     try:
         return load_table(source, split)
-    except DataError:
+    except DataError as error:
+        warnings.warn(f"no test split {split!r} is used: {error}", stacklevel=2)
         return None
 
 
@@ -92,14 +103,22 @@ def _load_file(path: str) -> datasets.Dataset:
 
                 return datasets.Dataset(pyarrow.parquet.read_table(path))
             case ".csv":
-                import pyarrow.csv
-
-                return datasets.Dataset(pyarrow.csv.read_csv(path))
+                return datasets.Dataset(_read_csv_as_text(path))
     except DataError:
         raise
     except Exception as error:  # the parsers raise many types; all mean "this file is bad"
         raise DataError(f"cannot read {path}: {_one_line(error)}; fix or re-export the file") from error
     raise AssertionError(extension)
+
+
+def _read_csv_as_text(path: str):
+    """Every CSV cell as the text written there: ``007`` stays ``007``, not the number 7."""
+    import pyarrow
+    import pyarrow.csv
+
+    names = pyarrow.csv.open_csv(path).schema.names
+    options = pyarrow.csv.ConvertOptions(column_types={name: pyarrow.string() for name in names})
+    return pyarrow.csv.read_csv(path, convert_options=options)
 
 
 def _read_jsonl(path: str) -> datasets.Dataset:
@@ -245,26 +264,29 @@ def _prompt_column(dataset: datasets.Dataset, column: str | None) -> str:
     )
 
 
-def _encode_values(values: list, column: str, tokenizer) -> list[list[int]]:
-    """Sort rows by kind, then encode each kind in one batched call."""
+def _encode_values(values: list, column: str, tokenizer, rows: list[int] | None = None) -> list[list[int]]:
+    """Sort rows by kind, then encode each kind in one batched call. ``rows``: the dataset row
+    of each value, for error messages (default: its index)."""
+    rows = list(range(len(values))) if rows is None else rows
     prompts: list[list[int] | None] = [None] * len(values)
     texts, chats = [], []
-    for row, value in enumerate(values):
-        match _kind(value, row, column):
+    for index, value in enumerate(values):
+        match _kind(value, rows[index], column):
             case "text":
-                texts.append(row)
+                texts.append(index)
             case "chat":
-                chats.append(row)
+                chats.append(index)
             case "ids":
-                prompts[row] = [int(item) for item in value]
+                prompts[index] = [int(item) for item in value]
     if texts:
-        encoded = tokenizer([values[row] for row in texts], add_special_tokens=True)["input_ids"]
-        for row, ids in zip(texts, encoded):
-            prompts[row] = list(ids)
+        encoded = tokenizer([values[index] for index in texts], add_special_tokens=True)["input_ids"]
+        for index, ids in zip(texts, encoded):
+            prompts[index] = list(ids)
     if chats:
-        encoded = _encode_chats([_clean_chat(values[row]) for row in chats], chats, column, tokenizer)
-        for row, ids in zip(chats, encoded):
-            prompts[row] = ids
+        chat_rows = [rows[index] for index in chats]
+        encoded = _encode_chats([_clean_chat(values[index]) for index in chats], chat_rows, column, tokenizer)
+        for index, ids in zip(chats, encoded):
+            prompts[index] = ids
     return prompts
 
 
@@ -275,18 +297,32 @@ def is_token_ids(value) -> bool:
     )
 
 
+def check_messages(messages: list[dict], row: int, column: str) -> None:
+    """Every message has a role and a content that is not null (Arrow writes a missing key as
+    null): an empty content is ``""``, never rendered from nothing without a word."""
+    for index, message in enumerate(messages):
+        if message.get("role") is None:
+            raise DataError(
+                f"row {row} of column {column!r}: message {index} has no 'role'; "
+                "write chats as [{'role': ..., 'content': ...}, ...]"
+            )
+        if message.get("content") is None:
+            raise DataError(
+                f"row {row} of column {column!r}: message {index} ({message['role']}) has no content (null or "
+                'missing); give it a text ("" for an empty message) or remove the row'
+            )
+
+
 def _kind(value, row: int, column: str) -> str:
     if isinstance(value, str):
         return "text"
+    if value is None:
+        raise DataError(f"row {row} of column {column!r} is null; give it a prompt or remove the row")
     if isinstance(value, (list, tuple)) and not value:
         raise DataError(f"row {row} of column {column!r} is an empty prompt; remove the row or fill it in")
     if isinstance(value, (list, tuple)):
         if all(isinstance(item, dict) for item in value):
-            if not all("role" in item and "content" in item for item in value):
-                raise DataError(
-                    f"row {row} of column {column!r} is a list of dicts without 'role'/'content' keys; "
-                    "write chat prompts as [{'role': ..., 'content': ...}, ...]"
-                )
+            check_messages(value, row, column)
             return "chat"
         if is_token_ids(value):
             return "ids"

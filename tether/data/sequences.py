@@ -9,17 +9,27 @@ completion is EOS alone. Rows come in three shapes:
 * a ``messages`` column: a conversation whose last message is the completion;
 * a ``text`` column: one text, all of it completion (no prompt).
 
-Preference pairs use ``chosen`` / ``rejected`` with an optional shared ``prompt``.
+Preference pairs use ``chosen`` / ``rejected`` with an optional shared ``prompt``; without one,
+two conversations share their longest common run of first messages as the prompt.
+
+One framing for every shape: a text prompt is encoded as PPO encodes prompts (with the
+tokenizer's special tokens), and a text with no prompt starts with the special tokens the
+tokenizer puts before any text (a BOS for Llama-style tokenizers), so SFT, reward modelling,
+DPO and PPO show a model the same start. Rows longer than ``max_length`` are cut or dropped by
+``truncation_mode`` (``fit_sequences`` / ``fit_pairs``), said once with the count.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from tether.data.prompts import _clean_chat, _encode_values, _one_line
+from tether.data.prompts import _clean_chat, _encode_values, _one_line, check_messages, is_chat
 from tether.errors import DataError
+
+TRUNCATION_MODES = ("keep_end", "keep_start", "drop")
 
 
 @dataclass
@@ -78,7 +88,8 @@ def _completion_ids(tokenizer, prompt_value, prompt_ids: list[int], completion, 
     eos = _eos(tokenizer)
     if isinstance(completion, str):
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    elif isinstance(completion, list) and completion and all(isinstance(m, dict) for m in completion):
+    elif is_chat(completion):
+        check_messages(completion, row, column)
         prior = prompt_value if isinstance(prompt_value, list) else []
         try:
             full = _render(tokenizer, [*prior, *completion], generation_prompt=False)
@@ -87,6 +98,8 @@ def _completion_ids(tokenizer, prompt_value, prompt_ids: list[int], completion, 
         ids = _completion_after(prompt_ids, full, row, column)
     elif isinstance(completion, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in completion):
         ids = list(completion)
+    elif completion is None:
+        raise DataError(f"row {row} of column {column!r} is null; give it a text or remove the row")
     else:
         raise DataError(f"row {row} of column {column!r} is a {type(completion).__name__}; give text or chat messages")
     # an empty completion is a response that stops at once: EOS alone
@@ -99,16 +112,20 @@ def _split_conversation(messages, row: int, column: str) -> tuple[list[dict], li
     return messages[:-1], messages[-1:]
 
 
-def encode_sequences(dataset, tokenizer, max_length: int | None = None) -> list[Sequence]:
-    """Prompt/completion token ids for every row of an SFT dataset (see the module docstring)."""
+def encode_sequences(
+    dataset, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end", what: str = "rows"
+) -> list[Sequence]:
+    """Prompt/completion token ids for every row of an SFT dataset (see the module docstring),
+    fitted to ``max_length`` by ``truncation_mode`` (``fit_sequences``)."""
     columns = _columns(dataset)
     rows = dataset.with_format(None)
     if "prompt" in columns and "completion" in columns:
         prompts, completions = rows["prompt"][:], rows["completion"][:]
+        _refuse_null_prompts(prompts)
         column = "completion"
     elif "messages" in columns:
         split = [_split_conversation(m, row, "messages") for row, m in enumerate(rows["messages"][:])]
-        prompts = [p if p else "" for p, _ in split]
+        prompts = [p for p, _ in split]
         completions = [c for _, c in split]
         column = "messages"
     elif "text" in columns:
@@ -120,37 +137,103 @@ def encode_sequences(dataset, tokenizer, max_length: int | None = None) -> list[
             "SFT data needs prompt+completion, messages, or text columns; the dataset has "
             f"{', '.join(columns) or 'no columns'}"
         )
-    return [_cut(s, max_length) for s in encode_prompt_completions(prompts, completions, tokenizer, column)]
+    prompt_column = "messages" if column == "messages" else "prompt"
+    sequences = encode_prompt_completions(prompts, completions, tokenizer, column, prompt_column)
+    return fit_sequences(sequences, max_length, truncation_mode, what)
 
 
-def encode_prompt_completions(prompts: list, completions: list, tokenizer, column: str = "completion") -> list[Sequence]:
+def encode_prompt_completions(
+    prompts: list, completions: list, tokenizer, column: str = "completion", prompt_column: str = "prompt"
+) -> list[Sequence]:
     """Each prompt (text, chat or ids; empty for none) followed by its completion, EOS
     appended: the one encoding of SFT rows, reward-model pairs, and of a PPO response scored by
-    a reward model with its own tokenizer."""
-    prompt_ids = _prompt_ids(prompts, tokenizer)
+    a reward model with its own tokenizer. ``column`` / ``prompt_column`` name the completions'
+    and the prompts' column in error messages."""
+    prompt_ids = _prompt_ids(prompts, completions, tokenizer, prompt_column)
     return [
         Sequence(p_ids, _completion_ids(tokenizer, p, p_ids, c, row, column))
         for row, (p, p_ids, c) in enumerate(zip(prompts, prompt_ids, completions))
     ]
 
 
-def _prompt_ids(prompts: list, tokenizer) -> list[list[int]]:
-    """Prompts through the same encoder as PPO prompts; an empty prompt stays empty."""
+def _refuse_null_prompts(prompts: list) -> None:
+    for row, prompt in enumerate(prompts):
+        if prompt is None:
+            raise DataError(f"row {row} of column 'prompt' is null; give a prompt (\"\" for none) or remove the row")
+
+
+def _prompt_ids(prompts: list, completions: list, tokenizer, column: str) -> list[list[int]]:
+    """Prompts through the same encoder as PPO prompts. A text row without a prompt starts with
+    the tokens the tokenizer puts before any text; a conversation without one, with what its
+    chat template renders."""
     present = [row for row, p in enumerate(prompts) if p not in ("", None, [])]
-    encoded = _encode_values([prompts[row] for row in present], "prompt", tokenizer) if present else []
-    ids: list[list[int]] = [[] for _ in prompts]
+    encoded = _encode_values([prompts[row] for row in present], column, tokenizer, present) if present else []
+    start = leading_special_ids(tokenizer)
+    ids: list[list[int]] = [[] if is_chat(completion) else list(start) for completion in completions]
     for row, row_ids in zip(present, encoded):
         ids[row] = row_ids
     return ids
 
 
-def _cut(sequence: Sequence, max_length: int | None) -> Sequence:
-    """Keep at most ``max_length`` tokens: the completion is cut from the right first."""
-    if max_length is None or len(sequence.ids) <= max_length:
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts before a text when asked to add them (a BOS, or
+    none): what a sequence without a prompt starts with."""
+    probe = "the"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    framed = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(framed) - len(bare) + 1):
+        if framed[start : start + len(bare)] == bare:
+            return list(framed[:start])
+    return []
+
+
+# --- fitting max_length -------------------------------------------------------------------------
+
+def _cut(sequence: Sequence, max_length: int, mode: str) -> Sequence:
+    """``keep_end``: the last ``max_length`` tokens (the prompt loses its start; a completion
+    longer than ``max_length`` alone keeps its end, EOS included). ``keep_start``: the first
+    ``max_length`` (the completion loses its end)."""
+    prompt, completion = sequence.prompt_ids, sequence.completion_ids
+    excess = len(prompt) + len(completion) - max_length
+    if excess <= 0:
         return sequence
-    room = max(max_length - len(sequence.prompt_ids), 1)
-    prompt = sequence.prompt_ids[-(max_length - room) :] if max_length > room else []
-    return Sequence(prompt, sequence.completion_ids[:room])
+    if mode == "keep_end":
+        if excess <= len(prompt):
+            return Sequence(prompt[excess:], completion)
+        return Sequence([], completion[len(completion) - max_length :])
+    if max_length <= len(prompt):
+        return Sequence(prompt[:max_length], [])
+    return Sequence(prompt, completion[: max_length - len(prompt)])
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in TRUNCATION_MODES:
+        raise DataError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+
+
+def _say_fitted(long: int, total: int, what: str, max_length: int, mode: str) -> None:
+    if not long:
+        return
+    if mode == "drop":
+        done = "were dropped (truncation_mode: drop)"
+    elif mode == "keep_end":
+        done = "were cut to their last tokens: the prompt from the left, the completion kept (truncation_mode: keep_end)"
+    else:
+        done = "were cut to their first tokens: the completion from the right, EOS included (truncation_mode: keep_start)"
+    warnings.warn(f"{long} of {total} {what} were longer than max_length={max_length} tokens and {done}", stacklevel=3)
+
+
+def fit_sequences(sequences: list[Sequence], max_length: int | None, mode: str, what: str = "rows") -> list[Sequence]:
+    """Rows longer than ``max_length`` cut (``keep_end`` / ``keep_start``, see ``_cut``) or
+    dropped (``drop``), with one warning that counts them."""
+    _check_mode(mode)
+    if max_length is None:
+        return sequences
+    long = [len(s.ids) > max_length for s in sequences]
+    _say_fitted(sum(long), len(sequences), what, max_length, mode)
+    if mode == "drop":
+        return [s for s, too_long in zip(sequences, long) if not too_long]
+    return [_cut(s, max_length, mode) for s in sequences]
 
 
 @dataclass
@@ -159,27 +242,83 @@ class PreferencePair:
     rejected: Sequence
 
 
-def encode_pairs(dataset, tokenizer, max_length: int | None = None) -> list[PreferencePair]:
-    """Chosen and rejected sequences for every row of a preference dataset."""
+def fit_pairs(pairs: list[PreferencePair], max_length: int | None, mode: str, what: str = "pairs") -> list[PreferencePair]:
+    """Pairs fitted to ``max_length`` (one warning), then pairs whose chosen and rejected are
+    the same tokens dropped (another): they teach nothing, and a cut can make them so.
+
+    ``keep_end`` cuts the shared prompt from the left until the longer side fits, so both
+    sides keep the same prompt; ``keep_start`` keeps each side's first tokens; ``drop`` drops
+    a pair when either side is too long."""
+    _check_mode(mode)
+    if max_length is not None:
+        long = [max(len(p.chosen.ids), len(p.rejected.ids)) > max_length for p in pairs]
+        _say_fitted(sum(long), len(pairs), what, max_length, mode)
+        if mode == "drop":
+            pairs = [p for p, too_long in zip(pairs, long) if not too_long]
+        else:
+            pairs = [_cut_pair(p, max_length, mode) for p in pairs]
+    distinct = [p for p in pairs if p.chosen.ids != p.rejected.ids]
+    if len(distinct) < len(pairs):
+        warnings.warn(
+            f"{len(pairs) - len(distinct)} of {len(pairs)} {what} have the same tokens chosen and rejected"
+            f"{' once fitted to max_length' if max_length is not None else ''}; dropped (they teach nothing)",
+            stacklevel=2,
+        )
+    return distinct
+
+
+def _cut_pair(pair: PreferencePair, max_length: int, mode: str) -> PreferencePair:
+    if mode == "keep_start":
+        return PreferencePair(_cut(pair.chosen, max_length, mode), _cut(pair.rejected, max_length, mode))
+    excess = max(len(pair.chosen.ids), len(pair.rejected.ids)) - max_length
+    if excess <= 0:
+        return pair
+    prompt = pair.chosen.prompt_ids[min(excess, len(pair.chosen.prompt_ids)) :]
+    return PreferencePair(
+        _cut(Sequence(prompt, pair.chosen.completion_ids), max_length, mode),
+        _cut(Sequence(prompt, pair.rejected.completion_ids), max_length, mode),
+    )
+
+
+def encode_pairs(
+    dataset, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end", what: str = "pairs"
+) -> list[PreferencePair]:
+    """Chosen and rejected sequences for every row of a preference dataset, fitted to
+    ``max_length`` (``fit_pairs``)."""
     _require(dataset, ("chosen", "rejected"), "preference")
     rows = dataset.with_format(None)
     chosen, rejected = rows["chosen"][:], rows["rejected"][:]
     if "prompt" in _columns(dataset):
         prompts = rows["prompt"][:]
-    else:  # implicit prompt: chats share all but their last message; texts have none
-        prompts = [c[:-1] if isinstance(c, list) and c and isinstance(c[0], dict) else "" for c in chosen]
-        chosen = [c[-1:] if isinstance(c, list) and c and isinstance(c[0], dict) else c for c in chosen]
-        rejected = [r[-1:] if isinstance(r, list) and r and isinstance(r[0], dict) else r for r in rejected]
-    prompt_ids = _prompt_ids(prompts, tokenizer)
-    pairs = []
-    for row, (p, p_ids, c, r) in enumerate(zip(prompts, prompt_ids, chosen, rejected)):
-        pairs.append(
-            PreferencePair(
-                _cut(Sequence(p_ids, _completion_ids(tokenizer, p, p_ids, c, row, "chosen")), max_length),
-                _cut(Sequence(p_ids, _completion_ids(tokenizer, p, p_ids, r, row, "rejected")), max_length),
+        _refuse_null_prompts(prompts)
+    else:
+        split = [_implicit_prompt(c, r, row) for row, (c, r) in enumerate(zip(chosen, rejected))]
+        prompts, chosen, rejected = ([part[i] for part in split] for i in range(3))
+    prompt_column = "prompt" if "prompt" in _columns(dataset) else "chosen"
+    chosen_sequences = encode_prompt_completions(prompts, chosen, tokenizer, "chosen", prompt_column)
+    rejected_sequences = encode_prompt_completions(prompts, rejected, tokenizer, "rejected", prompt_column)
+    pairs = [PreferencePair(c, r) for c, r in zip(chosen_sequences, rejected_sequences)]
+    return fit_pairs(pairs, max_length, truncation_mode, what)
+
+
+def _implicit_prompt(chosen, rejected, row: int) -> tuple:
+    """``(prompt, chosen, rejected)`` of a pair without a prompt column. Two conversations share
+    their longest common run of first messages as the prompt; they must part at their last
+    assistant turn, not before (a pair of different conversations compares nothing). Texts
+    have no prompt."""
+    if not (is_chat(chosen) and is_chat(rejected)):
+        return "", chosen, rejected
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        turns = [index for index, message in enumerate(messages) if message.get("role") == "assistant"]
+        if not turns or shared < turns[-1]:
+            raise DataError(
+                f"row {row}: the chosen and rejected conversations differ before the {side} one's last assistant "
+                "turn; a pair must share everything before it (or give a prompt column)"
             )
-        )
-    return pairs
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
 def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,6 +168,33 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
+
+
+def check_positions(model: nn.Module, needed: int, what: str, because: str, warn) -> None:
+    """Refuse ``needed`` positions where ``model`` learned fewer absolute ones (a GPT-2 with 1024
+    would fail with an index error, or a device-side assert on a GPU); warn where its positions
+    are rotary and the rest would be extrapolated. ``because`` says what needs them."""
+    config = getattr(bare_model(model), "config", None)
+    found = [(name, getattr(config, name)) for name in POSITION_FIELDS if isinstance(getattr(config, name, None), int)]
+    if not found or needed <= found[0][1]:
+        return
+    name, limit = found[0]
+    learned = any(
+        isinstance(module, nn.Embedding) and ("pos" in module_name.rsplit(".", 1)[-1] or module_name.endswith("wpe"))
+        for module_name, module in bare_model(model).named_modules()
+    )
+    if learned:
+        raise ConfigError(
+            f"{because} {needed} positions but the {what} has {limit} ({name}); shorten the sequences "
+            f"(max_length, max_prompt_length, response_length) to fit {limit}"
+        )
+    warn(
+        f"{because} {needed} positions, past the {limit} the {what} was trained on ({name}): "
+        "its rotary positions beyond that are extrapolated"
+    )
+
+
 def check_vocabulary(tokenizer, model: nn.Module, what: str) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:

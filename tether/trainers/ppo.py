@@ -59,6 +59,7 @@ from tether.errors import ConfigError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
+    check_positions,
     check_scalar_model,
     check_vocabulary,
     disable_dropout,
@@ -172,9 +173,13 @@ class PPOTrainer:
             self.value_model = apply_lora(value_model, config.peft_config, "SEQ_CLS")
         else:
             self.value_model.requires_grad_(True)
+        longest = max(map(len, [*self.prompts, *(self.eval_prompts or [])])) + config.response_length
         for name, model in self._models().items():
             own = self.reward_tokenizer is not None and model is self.reward_model
             check_vocabulary(self.reward_tokenizer if own else tokenizer, model, name)
+            if not own:  # its own tokens are counted when the text is re-encoded
+                check_positions(model, longest, name, f"the longest prompt + response_length={config.response_length} needs",
+                                warn=lambda message: console.print(f"[yellow]warning: {message}"))
             disable_dropout(model)
             model.to(self.device)
         if config.gradient_checkpointing:

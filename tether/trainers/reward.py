@@ -45,6 +45,7 @@ from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.loading import (
+    check_positions,
     check_scalar_model,
     check_vocabulary,
     disable_dropout,
@@ -175,6 +176,10 @@ class RewardTrainer:
 
         check_scalar_model(model, "reward model")
         check_vocabulary(tokenizer, model, "reward model")
+        sides = [s.ids for p in [*self.train_pairs, *self.eval_pairs] for s in (p.chosen, p.rejected)]
+        longest = max(map(len, [*sides, *(self.reference_sequences or [])]))
+        check_positions(model, longest, "reward model", f"the longest sequence (max_length={config.max_length}) needs",
+                        warn=lambda message: console.print(f"[yellow]warning: {message}"))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         model = with_lora(model, config.peft_config, "SEQ_CLS")  # the scalar head trains in full
@@ -199,17 +204,25 @@ class RewardTrainer:
     def _encode(self, data) -> list[PreferencePair]:
         if isinstance(data, (list, tuple)) and all(isinstance(p, PreferencePair) for p in data):
             return list(data)
-        return encode_pairs(data, self.tokenizer, self.config.max_length)
+        return encode_pairs(data, self.tokenizer, self.config.max_length, self.config.truncation_mode)
 
     def _reference_sequences(self) -> list[list[int]] | None:
         """The normalisation set, encoded up front so a bad file fails before training."""
         config = self.config
         if not config.normalize_rewards:
+            if config.normalization_dataset is not None:
+                console.print("[yellow]warning: normalization_dataset is set but normalize_rewards is false: it is not used")
             return None
         if config.normalization_dataset is None:
             return [pair.chosen.ids for pair in self.train_pairs]
-        table = load_table(config.normalization_dataset, config.dataset_train_split)
-        return [s.ids for s in encode_sequences(table, self.tokenizer, config.max_length)]
+        try:
+            table = load_table(config.normalization_dataset, config.dataset_train_split)
+            sequences = encode_sequences(
+                table, self.tokenizer, config.max_length, config.truncation_mode, "normalization_dataset rows"
+            )
+        except DataError as error:
+            raise DataError(f"normalization_dataset {config.normalization_dataset}: {error}") from None
+        return [s.ids for s in sequences]
 
     def _autocast(self):
         return autocast(self.device, self.config.bf16, self.config.fp16)
@@ -421,9 +434,12 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
     # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
-    train_pairs = encode_pairs(load_table(config.dataset_name, config.dataset_train_split), tokenizer, config.max_length)
+    encode = lambda table, what: encode_pairs(  # noqa: E731
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs"
+    )
+    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split), "training")
     eval_table = load_test_split(config.dataset_name, config.dataset_test_split)
-    eval_pairs = encode_pairs(eval_table, tokenizer, config.max_length) if eval_table is not None else None
+    eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
     console.print(f"loading the reward model backbone from {config.model_name_or_path}")
     model = load_reward_backbone(config.model_name_or_path, config.trust_remote_code)
     trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)

@@ -39,7 +39,13 @@ from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.forward import NextTokenLoss, next_token_nll
-from tether.models.loading import check_vocabulary, disable_dropout, enable_gradient_checkpointing, ensure_pad_token
+from tether.models.loading import (
+    check_positions,
+    check_vocabulary,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    ensure_pad_token,
+)
 from tether.models.lora import model_to_save, with_lora
 from tether.trainers.common import (
     autocast,
@@ -132,9 +138,8 @@ class SFTTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
         self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
-        self.device = training_device(
-            config, self.parallel, warn=lambda message: console.print(f"[yellow]warning: {message}")
-        )
+        warn = lambda message: console.print(f"[yellow]warning: {message}")  # noqa: E731
+        self.device = training_device(config, self.parallel, warn=warn)
         seed_everything(config.seed)
 
         # Everything is encoded up front, so a bad row fails before the first step.
@@ -147,6 +152,8 @@ class SFTTrainer:
             self.eval_sequences = [sequences[i] for i in eval_rows]
         check_vocabulary(tokenizer, model, "model")
         self._check_ids(model)
+        longest = max(len(s.ids) for s in [*self.train_sequences, *self.eval_sequences])
+        check_positions(model, longest, "model", f"the longest row (max_length={config.max_length}) needs", warn)
 
         model = with_lora(model, config.peft_config, "CAUSAL_LM")
         self.model = model
@@ -172,13 +179,19 @@ class SFTTrainer:
 
     # --- set-up helpers -------------------------------------------------------------------
     def _encode(self, dataset, what: str) -> list[Sequence]:
-        if isinstance(dataset, (list, tuple)):
-            import datasets
+        if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(row, Sequence) for row in dataset):
+            sequences = list(dataset)  # encoded already (``tether sft`` encodes before loading the model)
+        else:
+            if isinstance(dataset, (list, tuple)):
+                import datasets
 
-            dataset = datasets.Dataset.from_list(list(dataset))
-        if len(dataset) == 0:
-            raise DataError(f"the {what} dataset has no rows")
-        sequences = encode_sequences(dataset, self.tokenizer, self.config.max_length)
+                dataset = datasets.Dataset.from_list(list(dataset))
+            if len(dataset) == 0:
+                raise DataError(f"the {what} dataset has no rows")
+            config = self.config
+            sequences = encode_sequences(dataset, self.tokenizer, config.max_length, config.truncation_mode, f"{what} rows")
+        if not sequences:
+            raise DataError(f"the {what} dataset has no rows left after truncation_mode drop; raise max_length")
         # A row whose only loss token has no token before it (a one-token text) teaches nothing;
         # keeping it would give batches with nothing to divide by.
         useful = [s for s in sequences if self._loss_tokens(s) > 0]
@@ -352,23 +365,23 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     from tether.data.prompts import load_table, load_test_split
     from tether.models.loading import load_causal_lm, load_tokenizer
 
-    if override_args and override_args[0] in ("-h", "--help"):
-        print("usage: tether sft --config sft.yaml [--field value ...]\nfields: see tether.config.SFTConfig")
-        return 0
     warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
     config = load_command_config(SFTConfig, config_path, override_args, required, warn)
     check_output_dir_early(config)
 
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
-    train_dataset = load_table(config.dataset_name, config.dataset_train_split)
-    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split)
-    # One row through the encoder before the (possibly slow) model load: a wrong column or
-    # format fails at once. The trainer still encodes and checks every row.
-    encode_sequences(train_dataset.select(range(1)), tokenizer, config.max_length)
+    # Every row through the encoder before the (possibly slow) model load: a wrong column or a
+    # bad row fails at once, and what max_length cuts is said once.
+    encode = lambda table, what: encode_sequences(  # noqa: E731
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} rows"
+    )
+    train_rows = encode(load_table(config.dataset_name, config.dataset_train_split), "training")
+    eval_table = load_test_split(config.dataset_name, config.dataset_test_split)
+    eval_rows = encode(eval_table, "evaluation") if eval_table is not None else None
     console.print(f"loading the model from {config.model_name_or_path}")
     model = load_causal_lm(config.model_name_or_path, config.trust_remote_code)
-    trainer = SFTTrainer(config, tokenizer, model, train_dataset, eval_dataset)
+    trainer = SFTTrainer(config, tokenizer, model, train_rows, eval_rows)
     trainer.train()
     target = trainer.save_model()
     console.print(f"[green]saved the fine-tuned model to {target}")
