@@ -314,6 +314,48 @@ def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0)
     return read_state(path)
 
 
+def check_resumed_config(checkpoint: Path, config, say) -> dict[str, list[str]]:
+    """Before anything is restored: refuse a resume whose config changes what is trained (each
+    changed field named with its two values), or the run's length without ``extend_run``; say
+    once which logging, saving or evaluation fields changed. Returns the changes by kind."""
+    from tether.config import resume_differences
+
+    saved = read_state(checkpoint).get("config")
+    if saved is None:  # written by a tether that did not record its config
+        return {}
+    changes = resume_differences(saved, config)
+    if changes["training"]:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} with other training settings: {'; '.join(changes['training'])}; "
+            "resume with the checkpoint's values (its config is in trainer_state.json) or start a new run"
+        )
+    if changes["length"] and not config.extend_run:
+        raise ConfigError(
+            f"{'; '.join(changes['length'])} changes the length of the run in {checkpoint}; pass --extend "
+            "(extend_run: true) to continue it that far (the learning-rate schedule is then re-planned)"
+        )
+    if changes["display"]:
+        say(f"note: resuming with {'; '.join(changes['display'])}")
+    return changes
+
+
+def say_extension(changes: dict[str, list[str]], scheduler, steps_done: int, total_steps: int, say) -> None:
+    """After an extended run's schedule is restored: what the learning rate does next."""
+    if not changes.get("length"):
+        return
+    if steps_done > total_steps:
+        raise ConfigError(
+            f"{'; '.join(changes['length'])} gives {total_steps} steps, but the checkpoint is at step {steps_done}; "
+            "a run can be extended, not cut back"
+        )
+    last = scheduler.get_last_lr()[0]
+    following = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    say(
+        f"note: extending the run ({'; '.join(changes['length'])}) to {total_steps} steps; the learning-rate "
+        f"schedule is re-planned over them: {last:.4g} at the checkpoint, {following:.4g} from the next step"
+    )
+
+
 def truncate_jsonl(path: str | Path, keep, key: str = "step") -> None:
     """Drop the lines a resumed run will write again (those after the checkpoint), atomically."""
     path = Path(path)

@@ -32,7 +32,20 @@ IGNORED_TRL_FIELDS = {
 }
 
 
-FLAG_ALIASES = {"resume": "resume_from_checkpoint", "overwrite": "overwrite_output_dir"}
+FLAG_ALIASES = {"resume": "resume_from_checkpoint", "overwrite": "overwrite_output_dir", "extend": "extend_run"}
+
+# What a resumed run may change. Actions are what one command does with its output folder and
+# are never written to a run's config.yaml (rerunning that file reruns the training, nothing
+# else). Display fields change logging, saving, evaluation or where and how fast the same
+# numbers are computed. Length fields extend a run (with ``--extend``). Every other field
+# changes what is trained and must match the checkpoint's.
+ACTION_FIELDS = ("resume_from_checkpoint", "overwrite_output_dir", "extend_run")
+DISPLAY_FIELDS = (
+    "output_dir", "logging_steps", "report_to", "save_steps", "save_total_limit", "num_sample_generations",
+    "eval_steps", "dataset_test_split", "metric_function", "device", "full_determinism", "cuda_graphs",
+    "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
+)
+LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,10 @@ class TrainingConfig:
     overwrite_output_dir: bool = False
     """Replace earlier results in ``output_dir`` (``--overwrite``); otherwise a non-empty
     ``output_dir`` is refused unless the run resumes."""
+    extend_run: bool = False
+    """With ``--resume``: continue the run to a greater ``total_episodes`` / ``num_train_epochs``
+    than its checkpoint was planned for; the learning-rate schedule is re-planned over the new
+    length. ``--extend`` on the command line."""
     max_nonfinite_steps: int = 3
     """Stop after this many optimizer steps in a row were skipped for non-finite gradients."""
 
@@ -535,8 +552,30 @@ def describe_fields(cls) -> str:
     return "\n".join(lines)
 
 
+def config_values(config) -> dict[str, Any]:
+    """The config as plain values, without the command-line actions (``ACTION_FIELDS``): what
+    a run's config.yaml and its checkpoints record."""
+    return {name: value for name, value in dataclasses.asdict(config).items() if name not in ACTION_FIELDS}
+
+
 def config_yaml(config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    return yaml.safe_dump(config_values(config), sort_keys=False)
+
+
+def resume_differences(saved: dict[str, Any], config) -> dict[str, list[str]]:
+    """How ``config`` differs from the config a checkpoint was made with, by kind: ``training``
+    (refused on resume), ``length`` (needs ``extend_run``) and ``display`` (said once). Fields
+    the checkpoint did not record (an older tether) are not compared."""
+    import json
+
+    current = json.loads(json.dumps(config_values(config)))
+    changes: dict[str, list[str]] = {"training": [], "length": [], "display": []}
+    for name, value in current.items():
+        if name not in saved or saved[name] == value:
+            continue
+        kind = "display" if name in DISPLAY_FIELDS else "length" if name in LENGTH_FIELDS else "training"
+        changes[kind].append(f"{name} {saved[name]!r} -> {value!r}")
+    return changes
 
 
 def save_config(config, path: str | Path) -> None:

@@ -20,13 +20,15 @@ import signal
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
+    check_resumed_config,
     prepare_output_dir,
     restore,
     rng_state,
+    say_extension,
     truncate_jsonl,
     write_checkpoint,
 )
-from tether.config import TrainingConfig, save_config
+from tether.config import TrainingConfig, config_values, save_config
 from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
 from tether.trainers.common import stop_if_nonfinite
@@ -56,7 +58,7 @@ def save_checkpoint(trainer) -> Path | None:
     parallel = trainer.parallel
     if parallel.skip_checkpoint():
         return None
-    state = {**trainer.state_dict(), "world_size": parallel.world_size}
+    state = {**trainer.state_dict(), "world_size": parallel.world_size, "config": config_values(trainer.config)}
     rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
     return parallel.share(
         lambda: write_checkpoint(
@@ -69,7 +71,10 @@ def save_checkpoint(trainer) -> Path | None:
 def resume(trainer, checkpoint: Path) -> None:
     parallel = trainer.parallel
     parallel.check_resumable()
+    say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+    changes = check_resumed_config(checkpoint, trainer.config, say)
     state = restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, parallel.rank)
+    state.pop("config", None)
     written_by = state.pop("world_size", 1)
     if written_by != parallel.world_size:
         raise ConfigError(
@@ -77,6 +82,7 @@ def resume(trainer, checkpoint: Path) -> None:
             f"{parallel.world_size}; resume with {written_by} (the data order depends on it)"
         )
     trainer.load_state_dict(state)
+    say_extension(changes, trainer.scheduler, trainer.step_count, trainer.total_steps, say)
 
 
 def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool | str | None) -> list[dict[str, float]]:
@@ -91,11 +97,12 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     # Only the main process checks, clears and writes the output folder; all stop on its refusal.
     checkpoint = parallel.share(lambda: prepare_output_dir(trainer.output_dir, wanted, config.overwrite_output_dir))
     metrics_file = MetricsFile(trainer.output_dir)
+    if checkpoint is not None:
+        resume(trainer, checkpoint)  # refuses a changed config before anything is written
+        trainer.reporters.resume_after(trainer.step_count)
     if parallel.is_main:
         save_config(config, trainer.output_dir / "config.yaml")
     if checkpoint is not None:
-        resume(trainer, checkpoint)
-        trainer.reporters.resume_after(trainer.step_count)
         parallel.barrier()  # every process has read the checkpoint before the logs change
         if parallel.is_main:
             truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again

@@ -44,14 +44,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tether.config import PPOConfig, config_yaml
+from tether.config import PPOConfig, config_values, save_config
 from tether.data import PromptSampler, encode_prompt_values, is_chat, prompt_column_values
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
+    check_resumed_config,
     prepare_output_dir,
     restore,
     rng_state,
+    say_extension,
     truncate_jsonl,
     write_checkpoint,
 )
@@ -73,7 +75,6 @@ from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, sh
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
 from tether.scoring.reward import import_reward_function, is_function_spec, same_tokenization
-from tether.saving import write_text_atomic
 from tether.trainers.common import (
     autocast,
     clock,
@@ -468,11 +469,11 @@ class PPOTrainer:
         checkpoint = self.parallel.share(
             lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
         )
-        if main:
-            write_text_atomic(self.output_dir / "config.yaml", config_yaml(config))
         if checkpoint is not None:
-            self._resume(checkpoint)
+            self._resume(checkpoint)  # refuses a changed config before anything is written
             self.reporters.resume_after(self.update)
+        if main:
+            save_config(config, self.output_dir / "config.yaml")
         self.parallel.barrier()  # every process has read the logs before the main one truncates them
         if checkpoint is not None and main:
             for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
@@ -522,6 +523,7 @@ class PPOTrainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "history": self.history,
             "world_size": self.parallel.world_size,
+            "config": config_values(self.config),
         }
         rng_states = self.parallel.gather_objects(rng_state()) if self.parallel.distributed else None
         return self.parallel.share(
@@ -533,6 +535,8 @@ class PPOTrainer:
 
     def _resume(self, checkpoint: Path) -> None:
         self.parallel.check_resumable()
+        say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+        changes = check_resumed_config(checkpoint, self.config, say)
         state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler, self.parallel.rank)
         written_by = state.get("world_size", 1)
         if written_by != self.parallel.world_size:
@@ -545,6 +549,7 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.history = state["history"]
+        say_extension(changes, self.scheduler, self.update, self.plan.num_total_batches, say)
         if self.parallel.is_main:
             console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
 
