@@ -134,3 +134,63 @@ def test_sft_and_rm_resumes_are_checked_the_same_way(tmp_path):
             make(kind, num_train_epochs=2.0).train(resume_from_checkpoint=True)
         history = make(kind, num_train_epochs=2.0, extend_run=True).train(resume_from_checkpoint=True)
         assert [m["step"] for m in history] == [3, 4]
+
+
+# --- what --overwrite and saving remove (issue 19.3) ----------------------------------------------
+
+def test_overwrite_after_an_adapter_only_save_leaves_one_plain_model(tmp_path):
+    """An adapter-only LoRA save, then a full run with --overwrite in the same folder: the old
+    adapter files go, and from_pretrained loads exactly the new model (before, the old adapter
+    was stacked on it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tether.config import SFTConfig
+    from tether.trainers.sft import SFTTrainer
+
+    tokenizer = word_tokenizer(WORDS)
+    rows = [{"prompt": f"w{i}", "completion": f"w{i + 1}"} for i in range(8)]
+    out = tmp_path / "out"
+    lora = SFTConfig(output_dir=str(out), device="cpu", per_device_train_batch_size=4, num_train_epochs=1.0,
+                     learning_rate=1e-2, save_merged=False,
+                     peft_config={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    first = SFTTrainer(lora, tokenizer, tiny_causal_lm(tokenizer), rows)
+    first.train()
+    first.save_model()
+    assert (out / "adapter_model.safetensors").is_file()
+    (out / ".checkpoint-7.tmp-killed").mkdir()  # what a kill during a checkpoint write leaves
+    (out / "notes.txt").write_text("mine")
+    full = SFTConfig(output_dir=str(out), device="cpu", per_device_train_batch_size=4, num_train_epochs=1.0,
+                     learning_rate=1e-2, overwrite_output_dir=True)
+    second = SFTTrainer(full, tokenizer, tiny_causal_lm(tokenizer), rows)
+    second.train()
+    second.save_model()
+    assert not list(out.glob("adapter_*")) and not (out / ".checkpoint-7.tmp-killed").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not tether's: kept
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded(ids).logits, second.model.cpu()(ids).logits, atol=0, rtol=0)
+
+
+def test_saving_again_replaces_the_previous_models_files(tmp_path):
+    from tether.saving import MANIFEST, save_pretrained_atomic
+
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_causal_lm(tokenizer)
+    save_pretrained_atomic(tmp_path / "m", [model, tokenizer])
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "model-00001-of-00002.safetensors")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    manifest["model"].append("model-00001-of-00002.safetensors")  # as a sharded save would record it
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / ".m.tmp-killed").mkdir()  # a save killed half-way
+    save_pretrained_atomic(tmp_path / "m", [model, tokenizer])
+    assert not (tmp_path / "m" / "model-00001-of-00002.safetensors").exists()
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not (tmp_path / ".m.tmp-killed").exists()
+
+
+def test_resume_clears_what_a_killed_checkpoint_write_left(workspace, capsys):
+    (workspace / "run" / ".checkpoint-3.tmp-abc").mkdir()
+    (workspace / "run" / ".metrics.jsonl.tmp").write_text("half")
+    code, err = tether(capsys, "--resume")
+    assert code == 0, err
+    assert not [p.name for p in (workspace / "run").iterdir() if p.name.startswith(".") and "tmp" in p.name]

@@ -28,11 +28,13 @@ import torch
 from safetensors.torch import load_file
 
 from tether.errors import ConfigError, TetherError
+from tether.saving import MANIFEST, remove_model_files
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 STATE_FILE = "trainer_state.json"
-RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "trackers.json")
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "trackers.json", "config.yaml")
+RUN_FOLDERS = ("tensorboard",)
 
 
 # --- stopping on a signal ----------------------------------------------------------------------
@@ -132,6 +134,7 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
     """
     folder = Path(output_dir)
     if resume:
+        remove_stale_temporaries(folder)
         if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
             path = Path(resume)
             if not (path / STATE_FILE).is_file():
@@ -151,11 +154,17 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
             raise ConfigError(
                 f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it"
             )
-        # Only what a run writes and later reads back goes; other files in the folder stay.
+        # Everything tether wrote there goes: checkpoints, logs, the saved model (the files its
+        # manifest lists) and what a killed write left; other files in the folder stay.
         for old in checkpoints(folder):
             shutil.rmtree(old)
         for name in RUN_LOGS:
             (folder / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        remove_model_files(folder)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        remove_stale_temporaries(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
@@ -163,6 +172,22 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
     except OSError as error:
         raise ConfigError(f"output_dir {folder} cannot be written: {error.strerror or error}") from None
     return None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """What a write killed half-way left in ``folder``: tether's hidden temporary checkpoint
+    folders (``.checkpoint-3.tmp-*``, ``.checkpoint-3.old-*``) and temporary files."""
+    if not folder.is_dir():
+        return
+    own = "|".join(re.escape(name) for name in (*RUN_LOGS, MANIFEST))
+    pattern = re.compile(rf"^\.({PREFIX}\d+\.(tmp|old)-.+|({own})\.tmp(-.+)?|write-test-.+)$")
+    for path in folder.iterdir():
+        if not pattern.match(path.name):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_output_dir_early(config) -> None:

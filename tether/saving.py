@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+MANIFEST = ".tether-manifest.json"
+
+
+def written_model_files(folder: str | Path) -> list[str]:
+    """The files of the model tether last saved into ``folder`` (relative paths), from its
+    manifest; none for a folder tether never saved a model into."""
+    path = Path(folder) / MANIFEST
+    try:
+        return list(json.loads(path.read_text()).get("model", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def remove_model_files(folder: str | Path, keep: set[str] = frozenset()) -> None:
+    """Remove the files of the model tether saved into ``folder`` (those not in ``keep``), and
+    the staging folders a save killed half-way left beside it."""
+    folder = Path(folder)
+    for name in set(written_model_files(folder)) - set(keep):
+        (folder / name).unlink(missing_ok=True)
+    for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_pretrained_atomic(target: str | Path, objects, state_dict: dict | None = None) -> None:
@@ -13,10 +37,14 @@ def save_pretrained_atomic(target: str | Path, objects, state_dict: dict | None 
     (``state_dict``: the first object's weights, gathered from a sharded engine).
 
     Each file is written completely in the temporary folder, then moved into place with an
-    atomic rename, so a reader of ``target`` sees either the old file or the new one.
+    atomic rename, so a reader of ``target`` sees either the old file or the new one. The files
+    of a model tether saved there before that this save does not write again (an adapter-only
+    save's adapter files, shards of another size) are removed, so the folder holds one model;
+    the manifest (``.tether-manifest.json``) records which files that model is.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
+    remove_model_files(target, keep=set(written_model_files(target)))  # only half-written saves
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for index, obj in enumerate(objects):
@@ -24,11 +52,13 @@ def save_pretrained_atomic(target: str | Path, objects, state_dict: dict | None 
                 obj.save_pretrained(staging, state_dict=state_dict)
             else:
                 obj.save_pretrained(staging)
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                destination = target / path.relative_to(staging)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, destination)
+        written = [str(path.relative_to(staging)) for path in sorted(staging.rglob("*")) if path.is_file()]
+        for name in written:
+            destination = target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, destination)
+        remove_model_files(target, keep=set(written))
+        write_text_atomic(target / MANIFEST, json.dumps({"model": written}, indent=1))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
