@@ -194,3 +194,30 @@ def test_resume_clears_what_a_killed_checkpoint_write_left(workspace, capsys):
     code, err = tether(capsys, "--resume")
     assert code == 0, err
     assert not [p.name for p in (workspace / "run").iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+# --- evaluation's randomness (issue 19.4) --------------------------------------------------------------
+
+def test_evaluation_changes_nothing_that_is_trained(tmp_path):
+    """With an eval set, sampling tables every update, twice, or never: the training metrics and
+    weights are the same (evaluation draws from a generator of its own)."""
+    import torch
+
+    from tether import PPOConfig, PPOTrainer
+
+    tokenizer = word_tokenizer(WORDS)
+    prompts = [f"w{i} w{i + 1}" for i in range(16)]
+    runs = {}
+    for generations in (0, 1, 4):
+        config = PPOConfig(output_dir=str(tmp_path / str(generations)), device="cpu", total_episodes=32,
+                           per_device_train_batch_size=8, num_ppo_epochs=1, response_length=4, learning_rate=1e-3,
+                           num_sample_generations=generations, seed=3)
+        trainer = PPOTrainer(config, tokenizer, tiny_causal_lm(tokenizer), tiny_reward_model(tokenizer), prompts,
+                             eval_dataset=prompts[:5])
+        history = trainer.train()
+        trained = [{k: v for k, v in m.items() if not k.startswith(("eval/", "timing/"))} for m in history]
+        runs[generations] = (trained, [p.detach().clone() for p in trainer.policy.parameters()])
+        assert sum("eval/scores" in m for m in history) == {0: 0, 1: 2, 4: 4}[generations]  # 1: the first and last
+    for generations in (1, 4):
+        assert runs[generations][0] == runs[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(runs[generations][1], runs[0][1]))

@@ -284,9 +284,14 @@ class PPOTrainer:
     def evaluate(self, max_prompts: int = 64) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to the first ``max_prompts`` eval prompts.
 
-        Returns ``eval/*`` metrics and the sample rows (prompt, response, score).
+        Returns ``eval/*`` metrics and the sample rows (prompt, response, score). Sampling draws
+        from a generator of its own, seeded by (seed, update, process), so evaluating changes
+        nothing that is trained and a resumed run evaluates as a straight one.
         """
-        return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts], self.eval_prompt_values[:max_prompts])
+        seed = (self.config.seed * 1_000_003 + self.update) * 1_009 + self.parallel.rank
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts], self.eval_prompt_values[:max_prompts])
 
     def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
         """Prompt and response texts; the response without its stop token."""
