@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -27,3 +29,26 @@ def linear_output_dtypes(*models: nn.Module) -> set[torch.dtype]:
             if isinstance(module, nn.Linear):
                 module.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
     return seen
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """The messages transformers logs inside the block, at warning verbosity, with its
+    once-only warnings forgotten first (one given earlier in the process would not come again)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = hf_logging.get_logger("transformers")
+    verbosity = hf_logging.get_verbosity()
+    logging.Logger.warning_once.cache_clear()
+    hf_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)

@@ -115,34 +115,20 @@ def test_packed_logprobs_and_gradients_are_the_padded_ones(monkeypatch, packed_c
 def test_a_packed_row_opening_and_ending_with_the_pad_id_draws_no_padding_warning(packed_calls):
     """GPT-2 with pad == EOS: the packed row (real tokens only) starts and ends with EOS, which
     a model handed ids without a mask takes for padding and warns about (issue 17.4)."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
+    from tests.probes import transformers_warnings
 
     model = tiny("gpt2")
     backbone = model.transformer
     backbone.config.pad_token_id = 2
     input_ids = torch.tensor([[0, 2, 7, 8, 2], [9, 10, 11, 2, 0]])
     attention_mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = hf_logging.get_logger("transformers")
-    verbosity = hf_logging.get_verbosity()
-    logging.Logger.warning_once.cache_clear()  # a warning given earlier in this process would not come again
-    hf_logging.set_verbosity_warning()
-    logger.addHandler(handler)
-    try:
-        with torch.no_grad():
-            packing.backbone_hidden_states(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
-            after_packed = len(records)
-            backbone(input_ids=input_ids[:, 1:4])  # the warning listened for does reach this handler
-    finally:
-        logger.removeHandler(handler)
-        hf_logging.set_verbosity(verbosity)
+    with transformers_warnings() as warnings, torch.no_grad():
+        packing.backbone_hidden_states(backbone, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+        after_packed = list(warnings)
+        backbone(input_ids=input_ids[:, 1:4])  # the warning listened for does reach the listener
     assert len(packed_calls) > 0
-    assert after_packed == 0, [r.getMessage() for r in records]
-    assert len(records) == 1 and "attention_mask" in records[0].getMessage()
+    assert after_packed == []
+    assert len(warnings) == 1 and "attention_mask" in warnings[0]
 
 
 def test_reward_model_hidden_states_pack(packed_calls):

@@ -48,7 +48,7 @@ from tether.rollout.batch import Rollout
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
 from tests.device import DEVICE
-from tests.probes import gradient_norms_at_each_step, linear_output_dtypes
+from tests.probes import gradient_norms_at_each_step, linear_output_dtypes, transformers_warnings
 
 NUM_WORDS = 16
 EOS = 2
@@ -582,8 +582,54 @@ def test_reference_policy_stays_frozen(tmp_path, given_ref):
 def test_policy_as_its_own_reference_is_refused(tmp_path):
     tokenizer = make_tokenizer()
     policy = make_policy(tokenizer)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="ref_policy is the policy itself"):
         PPOTrainer(make_config(tmp_path), tokenizer, policy, w5_fraction, PROMPTS, ref_policy=policy)
+
+
+def test_the_reward_model_as_the_value_model_is_refused(tmp_path):
+    """Issue 19.5: training the reward model as the value model would move the reward."""
+    tokenizer = make_tokenizer()
+    reward = tiny_reward_model(tokenizer, seed=1, **TINY)
+    before = params(reward)
+    with pytest.raises(ConfigError, match="value_model is the reward itself.*copy.deepcopy"):
+        PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer), reward, PROMPTS, value_model=reward)
+    trainer = PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer), reward, PROMPTS,
+                         value_model=copy.deepcopy(reward))
+    trainer.step()
+    assert_params_equal(reward, before)
+
+
+@pytest.mark.parametrize("pad_token", ["<pad>", "<eos>"])
+def test_no_pass_draws_transformers_padding_warning(tmp_path, pad_token):
+    """Issue 17.4: GPT-2 warns "pass an attention_mask" whenever it gets ids without a mask and
+    the pad id opens or ends them; tether's passes (the packed one, the one-time probes) never
+    do that."""
+    tokenizer = make_tokenizer(pad_token)
+    with transformers_warnings() as warnings:
+        trainer = make_trainer(tmp_path, reward="model", tokenizer=tokenizer, arch="gpt2")
+        trainer.step()
+    assert not [w for w in warnings if "attention_mask" in w], warnings
+
+
+def test_dropout_is_off_while_training_and_saved_configs_keep_the_models_own(tmp_path):
+    """Issue 19.6: GPT-2's dropout (0.1 in its config) is off for training; the saved model's
+    and the checkpoint's config.json, and the caller's model after training, keep 0.1."""
+    tokenizer = make_tokenizer()
+    policy = make_policy(tokenizer, arch="gpt2")
+    rates = {key: getattr(policy.config, key) for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop")}
+    assert set(rates.values()) == {0.1}
+    trainer = make_trainer(tmp_path, reward="model", policy=policy, arch="gpt2", total_episodes=16)
+    seen = []
+    step = trainer.step
+    trainer.step = lambda: seen.append({m.p for m in policy.modules() if isinstance(m, nn.Dropout)}) or step()
+    trainer.train()
+    trainer.save_model()
+    assert seen and all(rates_in_step == {0.0} for rates_in_step in seen)
+    for folder in (tmp_path, tmp_path / "checkpoint-2" / "policy", tmp_path / "checkpoint-2" / "value_model"):
+        saved = json.loads((folder / "config.json").read_text())
+        assert {key: saved[key] for key in rates} == rates, folder
+    assert {key: getattr(policy.config, key) for key in rates} == rates
+    assert {m.p for m in policy.modules() if isinstance(m, nn.Dropout)} == {0.1}
 
 
 # --------------------------------------------------------------------------- 6. pad == EOS

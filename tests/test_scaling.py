@@ -218,7 +218,7 @@ def test_lora_resume_gives_the_same_weights(tmp_path):
     first = lora_trainer(tmp_path / "resumed", total_episodes=8, **common)
     first.train()
     assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["checkpoint-1"]
-    resumed = lora_trainer(tmp_path / "resumed", total_episodes=16, **common)
+    resumed = lora_trainer(tmp_path / "resumed", total_episodes=16, extend_run=True, **common)  # a longer run
     resumed.train(resume_from_checkpoint=True)
     for a, b in ((straight.policy, resumed.policy), (straight.value_model, resumed.value_model)):
         other = dict(b.named_parameters())

@@ -179,10 +179,11 @@ def sharded(model: nn.Module) -> bool:
 def _split_matches(model, backbone, head) -> bool:
     device = head.weight.device
     ids = torch.arange(4, device=device).remainder(head.weight.size(0)).unsqueeze(0)
+    mask = torch.ones_like(ids)  # all real: without one, a model warns when an id is the pad id
     try:
         with probing(model, device):
-            logits = model(input_ids=ids, use_cache=False).logits
-            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             return bool(torch.allclose(head(hidden).float(), logits.float(), rtol=1e-4, atol=1e-5))
     except Exception:  # any model that does not take these arguments keeps its own forward pass
         return False

@@ -142,24 +142,59 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere: modules and the config values some attention kernels read.
+class DropoutOff:
+    """Dropout switched off in models, undoably: every ``nn.Dropout``'s rate, the float
+    ``*dropout*`` attributes attention layers copy from the config when built (Llama's
+    ``attention_dropout``), and those config values (``attn_pdrop`` ...). Dropout makes old and
+    new logprobs differ with no update at all (ppo-details 7, P12).
 
-    Dropout makes old and new logprobs differ with no update at all (ppo-details 7, P12).
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        # attention layers copy the rate from the config when built (Llama's attention_dropout)
-        for key, value in list(vars(module).items()):
-            if isinstance(value, float) and "dropout" in key:
-                setattr(module, key, 0.0)
-    configs = [getattr(model, "config", None)]
-    configs += [getattr(m, "config", None) for m in model.modules() if m is not model]
-    for config in {id(c): c for c in configs if c is not None}.values():
-        for key, value in list(vars(config).items()):
-            if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
-                setattr(config, key, 0.0)
+    ``restore()`` puts the models back as they came (a trainer does after training), and
+    ``original_configs()`` puts the config values back while a model is saved, so a saved
+    ``config.json`` keeps the values the model came with."""
+
+    def __init__(self, *models: nn.Module):
+        self._modules: list[tuple[object, str, float]] = []
+        self._configs: list[tuple[object, str, float]] = []
+        seen_configs: dict[int, object] = {}
+        for model in models:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    self._modules.append((module, "p", module.p))
+                for key, value in list(vars(module).items()):
+                    if isinstance(value, float) and "dropout" in key:
+                        self._modules.append((module, key, value))
+                config = getattr(module, "config", None)
+                if config is not None:
+                    seen_configs[id(config)] = config
+        for config in seen_configs.values():
+            for key, value in list(vars(config).items()):
+                if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+                    self._configs.append((config, key, value))
+        self.apply()
+
+    def apply(self) -> None:
+        for owner, key, _ in (*self._modules, *self._configs):
+            setattr(owner, key, 0.0)
+
+    def restore(self) -> None:
+        for owner, key, value in (*self._modules, *self._configs):
+            setattr(owner, key, value)
+
+    @contextlib.contextmanager
+    def original_configs(self):
+        current = [getattr(owner, key) for owner, key, _ in self._configs]
+        for owner, key, value in self._configs:
+            setattr(owner, key, value)
+        try:
+            yield
+        finally:
+            for (owner, key, _), value in zip(self._configs, current):
+                setattr(owner, key, value)
+
+
+def disable_dropout(*models: nn.Module) -> DropoutOff:
+    """Dropout off everywhere in ``models`` (see ``DropoutOff``); returns the undo."""
+    return DropoutOff(*models)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -31,12 +31,14 @@ from tether.checkpoint import (
 from tether.config import TrainingConfig, config_values, save_config
 from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
+from tether.models.loading import DropoutOff
 from tether.trainers.common import stop_if_nonfinite
 from tether.trainers.parallel import Parallel
 
 
 class SteppedTrainer(Protocol):
     config: TrainingConfig
+    dropout: DropoutOff
     parallel: Parallel
     step_count: int
     total_steps: int
@@ -60,12 +62,13 @@ def save_checkpoint(trainer) -> Path | None:
         return None
     state = {**trainer.state_dict(), "world_size": parallel.world_size, "config": config_values(trainer.config)}
     rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
-    return parallel.share(
-        lambda: write_checkpoint(
-            trainer.output_dir, trainer.step_count, {"model": trainer.model}, trainer.tokenizer, trainer.optimizer,
-            trainer.scheduler, state, trainer.config.save_total_limit, rng_states,
+    with trainer.dropout.original_configs():
+        return parallel.share(
+            lambda: write_checkpoint(
+                trainer.output_dir, trainer.step_count, {"model": trainer.model}, trainer.tokenizer, trainer.optimizer,
+                trainer.scheduler, state, trainer.config.save_total_limit, rng_states,
+            )
         )
-    )
 
 
 def resume(trainer, checkpoint: Path) -> None:
@@ -108,6 +111,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
             truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
+    trainer.dropout.apply()
     try:
         with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main) as progress:
             task = progress.add_task(name.lower(), total=trainer.total_steps, completed=trainer.step_count, status="")
@@ -127,4 +131,5 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 progress.update(task, advance=1, status=trainer.status(metrics))
     finally:
         trainer.reporters.close()
+        trainer.dropout.restore()  # the caller's model as it came
     return history

@@ -100,6 +100,19 @@ def prompts_from(dataset, tokenizer, config: PPOConfig) -> tuple[list, list[list
     return values, ids
 
 
+def refuse_shared_models(**models: nn.Module | None) -> None:
+    """One object given in two roles would be trained (or frozen) as both: the value model
+    trained as the reward would move the reward; the policy as its own reference, the KL."""
+    given = [(name, model) for name, model in models.items() if model is not None]
+    for index, (name, model) in enumerate(given):
+        for other, other_model in given[index + 1 :]:
+            if model is other_model:
+                raise ConfigError(
+                    f"{other} is the {name} itself, so training would change both; pass a separate copy "
+                    f"(copy.deepcopy) as {other}, or leave {other} out for tether's default"
+                )
+
+
 class PPOTrainer:
     """PPO with a policy, a frozen reference, a value model and a reward model or function.
 
@@ -155,8 +168,7 @@ class PPOTrainer:
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
         self.reward_tokenizer = self._own_reward_tokenizer()
         self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
-        if ref_policy is policy:
-            raise ConfigError("ref_policy is the policy itself; pass a separate copy or leave it out")
+        refuse_shared_models(policy=policy, ref_policy=ref_policy, reward=self.reward_model, value_model=value_model)
         if value_model is None:
             if self.reward_model is not None and self.reward_tokenizer is None:
                 value_model = copy.deepcopy(self.reward_model)
@@ -181,8 +193,8 @@ class PPOTrainer:
             if not own:  # its own tokens are counted when the text is re-encoded
                 check_positions(model, longest, name, f"the longest prompt + response_length={config.response_length} needs",
                                 warn=lambda message: console.print(f"[yellow]warning: {message}"))
-            disable_dropout(model)
             model.to(self.device)
+        self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
             enable_gradient_checkpointing(self.value_model)
@@ -486,6 +498,7 @@ class PPOTrainer:
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
         saved_at = self.update
+        self.dropout.apply()
         try:
             with StopSignals() as stop, progress_bar("PPO", enabled=main) as progress:
                 task = progress.add_task("ppo", total=total, completed=self.update, status="")
@@ -508,6 +521,7 @@ class PPOTrainer:
                     self.save_checkpoint()
         finally:
             self.reporters.close()
+            self.dropout.restore()  # the caller's models as they came
         return self.history
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -531,12 +545,13 @@ class PPOTrainer:
             "config": config_values(self.config),
         }
         rng_states = self.parallel.gather_objects(rng_state()) if self.parallel.distributed else None
-        return self.parallel.share(
-            lambda: write_checkpoint(
-                self.output_dir, self.update, self._trained_models(), self.tokenizer,
-                self.optimizer, self.scheduler, state, self.config.save_total_limit, rng_states,
+        with self.dropout.original_configs():
+            return self.parallel.share(
+                lambda: write_checkpoint(
+                    self.output_dir, self.update, self._trained_models(), self.tokenizer,
+                    self.optimizer, self.scheduler, state, self.config.save_total_limit, rng_states,
+                )
             )
-        )
 
     def _resume(self, checkpoint: Path) -> None:
         self.parallel.check_resumable()
@@ -591,4 +606,5 @@ class PPOTrainer:
         """
         policy = model_to_save(self.policy, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
-        return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
+        with self.dropout.original_configs():
+            return self.parallel.save_model(policy, self._policy, self.tokenizer, target)

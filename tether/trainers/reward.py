@@ -183,7 +183,7 @@ class RewardTrainer:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         model = with_lora(model, config.peft_config, "SEQ_CLS")  # the scalar head trains in full
-        disable_dropout(model)
+        self.dropout = disable_dropout(model)  # undone after train(), and in saved configs
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -402,7 +402,8 @@ class RewardTrainer:
         ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
         target = Path(output_dir or self.config.output_dir)
         model = model_to_save(self.model, self.config.save_merged)
-        return self.parallel.save_model(model, self._scorer, self.tokenizer, target)
+        with self.dropout.original_configs():
+            return self.parallel.save_model(model, self._scorer, self.tokenizer, target)
 
 
 def split_pairs(

@@ -157,7 +157,7 @@ class SFTTrainer:
 
         model = with_lora(model, config.peft_config, "CAUSAL_LM")
         self.model = model
-        disable_dropout(model)
+        self.dropout = disable_dropout(model)  # undone after train(), and in saved configs
         model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -348,7 +348,8 @@ class SFTTrainer:
         ``save_merged`` is false."""
         model = model_to_save(self.model, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
-        return self.parallel.save_model(model, self._model, self.tokenizer, target)
+        with self.dropout.original_configs():
+            return self.parallel.save_model(model, self._model, self.tokenizer, target)
 
 
 def _grad_norm(model: nn.Module) -> float:
