@@ -99,7 +99,72 @@ def test_ppo_resume_refuses_a_crafted_file_without_running_it(ppo_run, name, tmp
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err
     assert str(newest / name) in errors[0] and "Traceback" not in err
+    assert "system object" in errors[0] and "weights_only" not in errors[0]  # says what, never "load it unsafely"
     assert not marker.exists()
+
+
+def _optimizer_with_other_shapes(path: Path) -> None:
+    """Tensors only, but not the parameters' shapes: a fused AdamW step read past them (a segfault)."""
+    state = torch.load(path, weights_only=True)
+    for entries in state["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            entries[key] = torch.zeros(7)
+    torch.save(state, path)
+
+
+def _state_with(**changes):
+    def damage(path: Path) -> None:
+        state = json.loads(path.read_text())
+        state.update(changes)
+        path.write_text(json.dumps(state))
+    return damage
+
+
+DAMAGE = {  # (file, how, what the one line says)
+    "optimizer of other shapes": ("optimizer.pt", _optimizer_with_other_shapes, "exp_avg of parameter 0 is (7,)"),
+    "optimizer a tensor": ("optimizer.pt", lambda p: torch.save(torch.zeros(3), p), "not an optimizer state"),
+    "optimizer empty": ("optimizer.pt", lambda p: torch.save({}, p), "not an optimizer state"),
+    "optimizer missing": ("optimizer.pt", lambda p: p.unlink(), "has no optimizer.pt"),
+    "schedule a tensor": ("scheduler.pt", lambda p: torch.save(torch.zeros(3), p), "learning-rate schedule"),
+    "schedule empty": ("scheduler.pt", lambda p: torch.save({}, p), "learning-rate schedule"),
+    "generators a tensor": ("rng.pt", lambda p: torch.save(torch.zeros(3), p), "random generator states"),
+    "generators missing": ("rng.pt", lambda p: p.unlink(), "has no rng.pt"),
+    "state not JSON": ("trainer_state.json", lambda p: p.write_text("{broken"), "cannot be read"),
+    "state a list": ("trainer_state.json", lambda p: p.write_text("[1, 2]"), "holds a list"),
+    "state not UTF-8": ("trainer_state.json", lambda p: p.write_bytes(b"\xff\xfe{"), "cannot be read"),
+    "state without sampler": ("trainer_state.json", _state_with(sampler=None), "sampler"),
+    "update past the run": ("trainer_state.json", _state_with(update=100), "step 100, past this run's 2"),
+    "update negative": ("trainer_state.json", _state_with(update=-3), "at step -3"),
+    "weights garbage": ("policy/model.safetensors", lambda p: p.write_bytes(b"\x00" * 64), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_in_one_line(ppo_run, case, tmp_path, capsys):
+    """Data-only files that are not what tether wrote: one line naming the file, exit 2, never a
+    traceback or a crash (helper trial of issue 17)."""
+    name, damage, said = DAMAGE[case]
+    out = tmp_path / "run"
+    shutil.copytree(ppo_run / "run", out)
+    newest = checkpoints(out)[-1]
+    damage(newest / name)
+    capsys.readouterr()
+    code = main(["ppo", "--config", str(ppo_run / "run.yaml"), "--output_dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert said in errors[0] and str(newest) in errors[0], errors[0]
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume(ppo_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(ppo_run / "run", out)
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write('{"update": 3, "objective/sco')
+    assert main(["ppo", "--config", str(ppo_run / "run.yaml"), "--output_dir", str(out), "--resume",
+                 "--total_episodes", "12", "--extend"]) == 0
+    assert "1 unreadable line(s) dropped" in " ".join(capsys.readouterr().err.split())
+    assert [json.loads(line)["update"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 # --- SFT and RM, through their trainers ---------------------------------------------------------

@@ -94,6 +94,19 @@ def test_first_true_indices_nd_reduces_last_dim():
     assert out.tolist() == [[2, 4, 0], [1, 3, 4]]
 
 
+def test_first_true_indices_of_integer_and_float_masks_count_nonzero_as_true():
+    """``~`` on an integer tensor flips bits (it gave [-5, -3, -6] here): nonzero is True."""
+    expected = [1, 3, 0]
+    rows = [[0, 1, 1], [0, 0, 0], [1, 0, 0]]
+    for dtype in (torch.long, torch.uint8, torch.int32, torch.float32):
+        assert first_true_indices(torch.tensor(rows, dtype=dtype)).tolist() == expected, dtype
+    assert first_true_indices(torch.zeros(2, 200, dtype=torch.bool), dtype=torch.int16).tolist() == [200, 200]
+    with pytest.raises(ValueError, match="do not fit torch.int8"):
+        first_true_indices(torch.zeros(2, 200, dtype=torch.bool), dtype=torch.int8)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        first_true_indices(torch.tensor(True))
+
+
 def test_first_true_indices_rows_of_width_zero_are_length_zero():
     """A row with no True answers its length, also when that length is 0 (TRL's raised)."""
     out = first_true_indices(torch.zeros(4, 0, dtype=torch.bool))

@@ -109,6 +109,7 @@ def test_the_python_api_with_the_default_device_runs_as_two_processes(tmp_path):
     the CPU backend (Accelerate, asked for a GPU, would make each its own run of one)."""
     result = torchrun("tests/workers/default_device.py", "--out", str(tmp_path), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("fewer than one rollout batch") == 1  # notes come from process 0 alone
     seen = [json.loads((tmp_path / f"world-{rank}.json").read_text()) for rank in (0, 1)]
     for process in seen:  # 16 episodes of 2 processes x 4 prompts: two updates
         assert process == {"world_size": 2, "device": "cpu", "updates": [1, 2], "episodes": [8, 16]}
@@ -127,6 +128,21 @@ def test_a_launch_accelerate_cannot_join_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: SimpleNamespace(num_processes=1))
     with pytest.raises(ConfigError, match="started 2 processes .* joined 1"):
+        Parallel.create(PPOConfig())
+
+
+def test_a_launch_without_a_rendezvous_is_one_line(monkeypatch):
+    """WORLD_SIZE set by hand with no MASTER_ADDR: Accelerate's ValueError becomes one line."""
+    import accelerate
+
+    from tether.config import PPOConfig
+
+    def no_rendezvous(**kwargs):
+        raise ValueError("Tried to launch on distributed with multinode, but `MASTER_ADDR` env was not set")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "Accelerator", no_rendezvous)
+    with pytest.raises(ConfigError, match="cannot join the launch of 2 processes .*MASTER_ADDR.* torchrun"):
         Parallel.create(PPOConfig())
 
 
@@ -189,6 +205,18 @@ def test_ppo_command_on_two_processes_saves_and_resumes(workspace: Path, tmp_pat
         assert torch.equal(resumed[key], straight[key]), key
     relogged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["update"] for line in relogged] == [1, 2]
+
+    # A file only process 1 reads (its random generators) refused there: both processes stop,
+    # one line, nothing resumed and no traceback (issue 17.1 under two processes).
+    from tests.test_checkpoint_files import plant
+
+    plant(out / "checkpoint-1", "rng-rank1.pt", tmp_path / "ran")
+    refused = torchrun(*args, "--resume", str(out / "checkpoint-1"), cwd=tmp_path)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rng-rank1.pt" in errors[0], refused.stderr[-3000:]
+    assert "/tether/" not in refused.stderr  # torchrun's own traceback for a failed child, none from tether
+    assert "resuming from" not in refused.stderr and refused.returncode != 0
+    assert not (tmp_path / "ran").exists()
 
 
 def supervised_config(workspace: Path, command: str, out: Path, **values) -> Path:

@@ -827,12 +827,19 @@ def test_a_reward_model_folder_brings_its_own_tokenizer(tmp_path):
     assert torch.equal(same.value_model.score.weight, same.reward_model.score.weight)  # its copy, as before
 
 
-def test_chat_prompts_need_a_chat_template_in_the_reward_tokenizer(tmp_path):
+@pytest.mark.parametrize(("template", "said"), [
+    (None, "no chat_template"),
+    # its generation prompt is not how it renders an assistant turn: the response cannot be split off
+    ("{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3 {% endif %}",
+     "cannot encode a prompt and its response"),
+])
+def test_chat_prompts_need_a_usable_chat_template_in_the_reward_tokenizer(tmp_path, template, said):
+    """Refused when the trainer is built, not at the first rollout."""
     tokenizer = make_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    reward_tokenizer = reversed_tokenizer()
+    reward_tokenizer = reversed_tokenizer(template)
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
-    with pytest.raises(ConfigError, match="no chat_template"):
+    with pytest.raises(ConfigError, match=said):
         PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer),
                    tiny_reward_model(reward_tokenizer, seed=1, **TINY), prompts, reward_tokenizer=reward_tokenizer)
 

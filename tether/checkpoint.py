@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -274,28 +275,58 @@ def _rng_file(rank: int) -> str:
 
 
 def read_state(path: str | Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """A checkpoint's ``trainer_state.json``; one line naming it when it is not a JSON object."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8, not JSON
+        raise ConfigError(f"checkpoint file {file} cannot be read: {_first_line(error)}; the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint file {file} holds a {type(state).__name__}, not tether's trainer state")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Load a ``save_pretrained`` folder's safetensors weights into ``model`` in place."""
+    """Load a ``save_pretrained`` folder's safetensors weights into ``model`` in place, after
+    checking that every tensor fits the model (a damaged or other model's file is refused in
+    one line, with the model untouched)."""
     folder = Path(folder)
     state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
+    try:
+        for shard in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+    except Exception as error:  # safetensors' own error types: a damaged or truncated file
+        raise ConfigError(f"checkpoint weights in {folder} cannot be read: {_first_line(error)}") from None
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # a LoRA checkpoint: the adapter alone
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+        _check_shapes(state, get_peft_model_state_dict(model), folder, "adapter")
         unexpected = set_peft_model_state_dict(model, state).unexpected_keys
         if unexpected or not state:
             raise ConfigError(f"checkpoint {folder} does not match the adapter: unexpected {sorted(unexpected)[:3]}")
         return
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    _check_shapes(state, own, folder, "model")
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
     tied = getattr(model.config, "tie_word_embeddings", False)
     shared = {k for k in missing if tied and ("lm_head" in k or "embed" in k)}  # tied weights are stored once
-    if set(missing) - shared or unexpected:
+    if missing - shared or unexpected:
         raise ConfigError(f"checkpoint {folder} does not match the model: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def _check_shapes(state: dict, own: dict, folder: Path, what: str) -> None:
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise ConfigError(
+                f"checkpoint {folder} does not match the {what}: {key} is {tuple(value.shape)} there and "
+                f"{tuple(own[key].shape)} here; resume with the model the checkpoint was trained from"
+            )
 
 
 def load_plain(path: Path, map_location=None):
@@ -304,39 +335,92 @@ def load_plain(path: Path, map_location=None):
     Whatever else a file holds (a crafted object whose unpickling runs code, or a file from
     another program) is refused with one line naming it, before any of it is run.
     """
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path.parent} has no {path.name}: it is incomplete; resume from another one")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols: the refusal says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"a {found.group(1)} object" if found else "something else"
         raise ConfigError(
-            f"checkpoint file {path} holds more than tensors and plain values, so it is not loaded "
-            f"(it could run code): {reason}; resume from a checkpoint tether wrote, or start afresh"
+            f"checkpoint file {path} holds {what}, not only tensors and plain values: it is not loaded, as "
+            "unpickling it could run code; resume from a checkpoint tether wrote, or start afresh"
         ) from None
+
+
+def _check_optimizer_state(optimizer, state, path: Path) -> None:
+    """``state`` is the optimizer's own kind for the same parameters: the same groups and sizes,
+    and every per-parameter tensor shaped like its parameter (a fused step reads them unchecked)."""
+    def refuse(reason: str):
+        raise ConfigError(f"checkpoint file {path} does not fit this run's optimizer: {reason}")
+
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or not isinstance(
+        state.get("param_groups"), list
+    ):
+        refuse("it is not an optimizer state")
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    if len(groups) != len(saved) or any(
+        not isinstance(s, dict) or len(s.get("params", ())) != len(g["params"]) for g, s in zip(groups, saved)
+    ):
+        refuse("other parameter groups; resume with the model and settings the checkpoint was made with")
+    params = {index: p for g, s in zip(groups, saved) for index, p in zip(s["params"], g["params"])}
+    for index, entries in state["state"].items():
+        if index not in params or not isinstance(entries, dict):
+            refuse(f"state for a parameter {index!r} this run does not have")
+        for key, value in entries.items():
+            if key == "step":
+                continue
+            if not torch.is_tensor(value) or value.shape != params[index].shape or not value.is_floating_point():
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                refuse(f"{key} of parameter {index} is {shape}, the parameter {tuple(params[index].shape)}")
 
 
 def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0) -> dict:
     """Load a checkpoint's weights, optimizer, scheduler and (process ``rank``'s) RNG states;
     return its trainer state. Every file is read as data only (safetensors, JSON, and
-    ``torch.load`` with ``weights_only``), and all of them are read before anything is applied."""
+    ``torch.load`` with ``weights_only``) and checked before anything is applied; a file that
+    does not fit is refused in one line naming it."""
     path = Path(path)
-    if not (path / _rng_file(rank)).is_file():
+    if rank > 0 and not (path / _rng_file(rank)).is_file():
         raise ConfigError(f"checkpoint {path} was written by fewer processes than this run has; resume with as many")
+    state = read_state(path)
     device = next(iter(models.values())).device if models else "cpu"
     optimizer_state = load_plain(path / "optimizer.pt", map_location=device)
+    _check_optimizer_state(optimizer, optimizer_state, path / "optimizer.pt")
     scheduler_state = load_plain(path / "scheduler.pt")
+    own_schedule = scheduler.state_dict()
+    if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(own_schedule) or not isinstance(
+        scheduler_state["last_epoch"], int
+    ) or len(scheduler_state["base_lrs"]) != len(own_schedule["base_lrs"]):
+        raise ConfigError(f"checkpoint file {path / 'scheduler.pt'} is not this run's learning-rate schedule state")
     rng = load_plain(path / _rng_file(rank))
+    try:  # the random generators first: the one state that can only be checked by setting it
+        set_rng_state(rng)
+    except Exception as error:  # plain values, but not the generator states tether writes
+        raise ConfigError(
+            f"checkpoint file {path / _rng_file(rank)} does not hold the random generator states tether writes "
+            f"({type(error).__name__}: {_first_line(error)}); it was written by another program or an older tether"
+        ) from None
     for name, model in models.items():
         load_weights(model, path / name)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
-    try:
-        set_rng_state(rng)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    return state
+
+
+def check_progress(checkpoint: Path, done, total_steps: int) -> int:
+    """The steps (updates) a checkpoint has done, refused unless a whole number from 0 to the
+    run's ``total_steps`` (an extended run is re-planned first: see ``say_extension``)."""
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        raise ConfigError(f"checkpoint {checkpoint} says it is at step {done!r}: its trainer state is damaged")
+    if done > total_steps:
         raise ConfigError(
-            f"checkpoint file {path / _rng_file(rank)} does not hold tether's random generator states "
-            f"({type(error).__name__}: {error}); it was written by another program or an older tether"
-        ) from None
-    return read_state(path)
+            f"checkpoint {checkpoint} is at step {done}, past this run's {total_steps}: a run can be extended, "
+            "not cut back; resume with the checkpoint's run length"
+        )
+    return done
 
 
 def check_resumed_config(checkpoint: Path, config, say) -> dict[str, list[str]]:
@@ -364,15 +448,10 @@ def check_resumed_config(checkpoint: Path, config, say) -> dict[str, list[str]]:
     return changes
 
 
-def say_extension(changes: dict[str, list[str]], scheduler, steps_done: int, total_steps: int, say) -> None:
+def say_extension(changes: dict[str, list[str]], scheduler, total_steps: int, say) -> None:
     """After an extended run's schedule is restored: what the learning rate does next."""
     if not changes.get("length"):
         return
-    if steps_done > total_steps:
-        raise ConfigError(
-            f"{'; '.join(changes['length'])} gives {total_steps} steps, but the checkpoint is at step {steps_done}; "
-            "a run can be extended, not cut back"
-        )
     last = scheduler.get_last_lr()[0]
     following = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
     say(
@@ -386,8 +465,19 @@ def truncate_jsonl(path: str | Path, keep, key: str = "step") -> None:
     path = Path(path)
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if keep(json.loads(line).get(key, 0))]
+    kept, unreadable = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            step = entry.get(key, 0) if isinstance(entry, dict) else None
+        except ValueError:  # a line a kill cut short
+            step = None
+        if step is None or isinstance(step, bool) or not isinstance(step, (int, float)):
+            unreadable += bool(line.strip())
+        elif keep(step):
+            kept.append(line)
+    if unreadable:
+        warnings.warn(f"{path}: {unreadable} unreadable line(s) dropped (a write cut short)", stacklevel=2)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
     os.replace(temporary, path)

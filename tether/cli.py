@@ -34,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if int(os.environ.get("RANK", "0")) > 0:  # several processes: one copy of every message
-        from tether.logging import console
-
-        console.quiet = True
     _quiet_transformers()
     _plain_warnings()
     if command in TRAINING_COMMANDS and ("-h" in rest or "--help" in rest):
@@ -61,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
                 return 2
     except TetherError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not getattr(error, "said_elsewhere", False):  # several processes: the first that failed says it
+            print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from tether.saving import write_text_atomic
 
-console = Console(stderr=True)
+# Several processes (torchrun, accelerate launch): one copy of every message, from process 0.
+# Errors are raised, not printed, so every process still reports its own.
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
 
 
 class MetricsFile:

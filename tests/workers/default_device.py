@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = word_tokenizer(numbered_words(20))
-    prompts = [" ".join(f"w{(3 * i + j) % 20}" for j in range(2 + i % 3)) for i in range(16)]
+    prompts = [" ".join(f"w{(3 * i + j) % 20}" for j in range(2 + i % 3)) for i in range(3)]  # < one batch of 8
     config = PPOConfig(
         output_dir=str(Path(args.out) / "run"), per_device_train_batch_size=4, total_episodes=16,
         num_ppo_epochs=1, response_length=4, num_sample_generations=0,

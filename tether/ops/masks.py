@@ -19,14 +19,20 @@ def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> 
     Vectorised (seed note 2): every False position is pushed past the row end by adding the
     row length, every position carries its own index, and the row minimum is the answer.
     Works on any number of leading dimensions; rows of width 0 have no True, so their answer
-    is their length, 0 (a minimum over no positions would raise).
+    is their length, 0 (a minimum over no positions would raise). A mask of integers or
+    floats counts nonzero as True.
     """
+    if bools.dim() == 0:
+        raise ValueError("first_true_indices needs rows: a tensor of at least one dimension")
+    bools = bools.bool()  # an integer or float mask: nonzero is True (``~`` on integers would flip bits)
     row_len = bools.size(-1)
     if row_len == 0:
         return torch.zeros(bools.shape[:-1], dtype=dtype, device=bools.device)
-    offset = row_len * (~bools).to(dtype)
-    index = torch.arange(row_len, dtype=dtype, device=bools.device)
-    return torch.min(offset + index, dim=-1).values
+    if not dtype.is_floating_point and row_len > torch.iinfo(dtype).max:
+        raise ValueError(f"rows of length {row_len} do not fit {dtype}; use torch.long")
+    offset = row_len * (~bools).long()  # in int64: 2 * row_len would overflow a small dtype
+    index = torch.arange(row_len, device=bools.device)
+    return torch.min(offset + index, dim=-1).values.to(dtype)
 
 
 def as_id_tensor(token_ids: int | Iterable[int], device: torch.device | None = None) -> torch.Tensor:

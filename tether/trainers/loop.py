@@ -20,6 +20,7 @@ import signal
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
+    check_progress,
     check_resumed_config,
     prepare_output_dir,
     restore,
@@ -85,7 +86,8 @@ def resume(trainer, checkpoint: Path) -> None:
             f"{parallel.world_size}; resume with {written_by} (the data order depends on it)"
         )
     trainer.load_state_dict(state)
-    say_extension(changes, trainer.scheduler, trainer.step_count, trainer.total_steps, say)
+    check_progress(checkpoint, trainer.step_count, trainer.total_steps)
+    say_extension(changes, trainer.scheduler, trainer.total_steps, say)
 
 
 def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool | str | None) -> list[dict[str, float]]:
@@ -101,7 +103,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     checkpoint = parallel.share(lambda: prepare_output_dir(trainer.output_dir, wanted, config.overwrite_output_dir))
     metrics_file = MetricsFile(trainer.output_dir)
     if checkpoint is not None:
-        resume(trainer, checkpoint)  # refuses a changed config before anything is written
+        parallel.together(lambda: resume(trainer, checkpoint))  # refuses a changed config before anything is written
         trainer.reporters.resume_after(trainer.step_count)
     if parallel.is_main:
         save_config(config, trainer.output_dir / "config.yaml")

@@ -119,7 +119,14 @@ class Parallel:
         # ``auto`` without a GPU is the CPU backend (gloo): asked for a GPU that is not there,
         # Accelerate would set every process up as a run of its own.
         cpu = resolve_device(config.device).type == "cpu"
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps)
+        try:
+            accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps)
+        except (ValueError, RuntimeError) as error:  # e.g. WORLD_SIZE set by hand, with no rendezvous
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(
+                f"cannot join the launch of {launched_processes()} processes (WORLD_SIZE): {reason}; start several "
+                "processes with torchrun or accelerate launch, or unset WORLD_SIZE for one"
+            ) from None
         if accelerator.num_processes != launched_processes():
             raise ConfigError(
                 f"the launch started {launched_processes()} processes (WORLD_SIZE) but Accelerate joined "
@@ -180,8 +187,31 @@ class Parallel:
         broadcast_object_list(box)
         status, value = box[0]
         if status == "error":
+            value.said_elsewhere = not self.is_main  # the command prints it once, from process 0
             raise value
         return value
+
+    def together(self, make):
+        """``make()`` on every process; when it fails on any, it fails on all, with the first
+        failing process's one-line error (printed once, by that process), so that no process
+        goes on alone into a collective the others never reach. For resuming: each process
+        reads its own random generators, which may be the one file that is bad."""
+        if not self.distributed:
+            return make()
+        try:
+            value, error = make(), None
+        except TetherError as caught:
+            value, error = None, caught
+        messages = self.gather_objects(None if error is None else (str(error), getattr(error, "exit_code", 2)))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return value
+        rank, (message, exit_code) = failed[0]
+        if rank == self.rank:
+            raise error
+        elsewhere = TetherError(message if rank == 0 else f"process {rank}: {message}")
+        elsewhere.exit_code, elsewhere.said_elsewhere = exit_code, True
+        raise elsewhere
 
     @property
     def loss_scale(self) -> int:

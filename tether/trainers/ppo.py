@@ -49,6 +49,7 @@ from tether.data import PromptSampler, encode_prompt_values, is_chat, prompt_col
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
+    check_progress,
     check_resumed_config,
     prepare_output_dir,
     restore,
@@ -57,7 +58,7 @@ from tether.checkpoint import (
     truncate_jsonl,
     write_checkpoint,
 )
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError, TetherError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
@@ -74,7 +75,7 @@ from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.reward import import_reward_function, is_function_spec, same_tokenization
+from tether.scoring.reward import import_reward_function, is_function_spec, reward_model_sequences, same_tokenization
 from tether.trainers.common import (
     autocast,
     clock,
@@ -253,12 +254,16 @@ class PPOTrainer:
             return None
         own = self.reward_tokenizer
         ensure_pad_token(own, warn=lambda message: console.print(f"[yellow]reward tokenizer: {message}"))
-        chats = any(is_chat(value) for value in self.prompt_values)
+        chats = [value for value in self.prompt_values if is_chat(value)]
         if chats and not getattr(own, "chat_template", None):
             raise ConfigError(
                 "the prompts are chats but the reward model's own tokenizer has no chat_template; give the "
                 "reward model a tokenizer with one (reward_tokenizer= from Python), or use text prompts"
             )
+        try:  # the first prompt with a placeholder response, so a template that cannot fails now
+            reward_model_sequences(own, [chats[0] if chats else "x"], ["ok"], [True])
+        except TetherError as error:
+            raise ConfigError(f"the reward model's own tokenizer cannot encode a prompt and its response: {error}") from None
         console.print(
             "note: the reward model has its own tokenizer: it scores prompt + response text encoded with it"
         )
@@ -486,8 +491,9 @@ class PPOTrainer:
         checkpoint = self.parallel.share(
             lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
         )
-        if checkpoint is not None:
-            self._resume(checkpoint)  # refuses a changed config before anything is written
+        if checkpoint is not None:  # refuses a changed config before anything is written
+            self.parallel.together(lambda: self._resume(checkpoint))
+            console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
             self.reporters.resume_after(self.update)
         if main:
             save_config(config, self.output_dir / "config.yaml")
@@ -564,14 +570,20 @@ class PPOTrainer:
                 f"checkpoint {checkpoint} was written by {written_by} processes, this run has "
                 f"{self.parallel.world_size}; resume with {written_by} (the data order depends on it)"
             )
-        self.update = state["update"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        self.history = state["history"]
-        say_extension(changes, self.scheduler, self.update, self.plan.num_total_batches, say)
-        if self.parallel.is_main:
-            console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
+        try:
+            kl = state["kl_controller"]
+            kl = {name: float(kl[name]) for name in ("value", "target", "horizon")}
+            nonfinite, history, sampler = int(state["nonfinite_in_a_row"]), list(state["history"]), state["sampler"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"checkpoint {checkpoint}: its trainer state has no valid {error}; it is not a PPO checkpoint") from None
+        self.update = check_progress(checkpoint, state.get("update"), self.plan.num_total_batches)
+        try:
+            self.sampler.load_state_dict(sampler)
+        except DataError as error:
+            raise ConfigError(f"checkpoint {checkpoint}: {error}") from None
+        self.kl_controller.load_state_dict(kl)
+        self.nonfinite_in_a_row, self.history = nonfinite, history
+        say_extension(changes, self.scheduler, self.plan.num_total_batches, say)
 
     def _show_samples(self, progress, rows: int = 4) -> dict[str, float]:
         if self.eval_prompts:
