@@ -101,6 +101,36 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, models, capsys, monkeyp
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
 
 
+IMPOSSIBLE = {  # issue 20.7: refused in one line, exit 2, before any model loads
+    "learning_rate nan": ({"learning_rate": "nan"}, "config field learning_rate must be a finite number, got nan"),
+    "learning_rate inf": ({"learning_rate": "inf"}, "learning_rate must be a finite number, got inf"),
+    "temperature inf": ({"temperature": "inf"}, "temperature must be a finite number"),
+    "kl_coef nan": ({"kl_coef": "nan"}, "kl_coef must be a finite number"),
+    "missing_eos_penalty inf": ({"missing_eos_penalty": "-inf"}, "missing_eos_penalty must be a finite number"),
+    "negative cliprange": ({"cliprange": "-0.2"}, "cliprange must be >= 0, got -0.2"),
+    "stop_token and stop_token_id": ({"stop_token": "eos", "stop_token_id": "2"}, "stop_token ('eos') and stop_token_id (2) are both set"),
+    "empty stop_token_id": ({"stop_token_id": "[]"}, "stop_token_id is an empty list"),
+    "prompt_truncation": ({"prompt_truncation": "right"}, "prompt_truncation: expected 'left' or 'error'"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_config_values_that_cannot_be_right_are_refused_before_loading(case, tmp_path, models, capsys, monkeypatch):
+    import tether.models.loading as loading
+
+    loads = []
+    monkeypatch.setattr(loading, "load_pretrained", lambda *args, **kwargs: loads.append(args) or 1 / 0)
+    fields, expected = IMPOSSIBLE[case]
+    args = [item for key, value in fields.items() for item in (f"--{key}", value)]
+    config = {"model_name_or_path": str(models / "policy"), "reward_model_path": str(models / "reward"),
+              "dataset_name": "prompts.jsonl", "output_dir": str(tmp_path / "out")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    status = main(["ppo", "--config", str(tmp_path / "run.yaml"), *args])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and expected in errors[0], errors
+    assert loads == []
+
+
 def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, capsys, monkeypatch):
     """max_prompt_length 1: the policy sees each prompt's last token, and one warning says so."""
     from tether.trainers.ppo import PPOTrainer

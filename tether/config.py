@@ -136,6 +136,9 @@ class TrainingConfig:
     def validate(self) -> None:
         """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
         check_types(self)
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config field {name} must be a finite number, got {value}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -259,6 +262,16 @@ class PPOConfig(LoraFields, TrainingConfig):
             raise ConfigError(f"config field response_length must be at least 1, got {self.response_length}")
         if self.temperature <= 0:
             raise ConfigError(f"config field temperature must be > 0, got {self.temperature}")
+        for name in ("cliprange", "cliprange_value", "kl_coef", "vf_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field {name} must be >= 0, got {getattr(self, name)}")
+        if self.stop_token is not None and self.stop_token_id is not None:
+            raise ConfigError(
+                f"config fields stop_token ({self.stop_token!r}) and stop_token_id ({self.stop_token_id}) are both set; "
+                "set one (stop_token: eos means the tokenizer's EOS)"
+            )
+        if self.stop_token_id == []:
+            raise ConfigError("config field stop_token_id is an empty list; give one or more ids, or leave it unset")
         if self.total_episodes is not None and self.total_episodes < 1:
             raise ConfigError(f"config field total_episodes must be at least 1, got {self.total_episodes}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

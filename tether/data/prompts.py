@@ -241,7 +241,7 @@ def _encode_checked(values: list, tokenizer, column: str, max_prompt_length: int
 
 def _check_truncation(max_prompt_length: int | None, truncation: str) -> None:
     if truncation not in ("left", "error"):
-        raise DataError(f"truncation must be 'left' or 'error', got {truncation!r}")
+        raise DataError(f"prompt_truncation must be 'left' or 'error', got {truncation!r}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise DataError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
 
@@ -395,7 +395,7 @@ def _truncate(prompts: list[list[int]], column: str, max_length: int, truncation
         row = too_long[0]
         raise DataError(
             f"row {row} of column {column!r} has {len(prompts[row])} tokens, more than "
-            f"max_prompt_length={max_length}; raise max_prompt_length or set truncation='left'"
+            f"max_prompt_length={max_length}; raise max_prompt_length or set prompt_truncation: left"
         )
     # Keep the tail: the end of a prompt (the question, the generation prompt) is what the
     # response continues from.
