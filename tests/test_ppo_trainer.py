@@ -812,6 +812,56 @@ def test_a_reward_model_with_its_own_tokenizer_scores_its_own_tokens(tmp_path, p
     assert torch.equal(trainer.value_model.get_input_embeddings().weight, policy_embeddings)
 
 
+def test_a_causal_lm_as_value_model_gets_a_fresh_scalar_head(tmp_path):
+    """Issue 20.3: as TRL, a value model from any checkpoint: its backbone, a new one-label head
+    (zeros), said once; through the command from a causal LM folder, and as an object."""
+    tokenizer = make_tokenizer()
+    lm = make_policy(tokenizer, seed=3)
+    trainer = PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer), w5_fraction, PROMPTS, value_model=lm)
+    assert torch.count_nonzero(trainer.value_model.score.weight) == 0
+    assert torch.equal(trainer.value_model.get_input_embeddings().weight, lm.get_input_embeddings().weight)
+    assert_finite_metrics(trainer.step())
+
+
+def test_the_value_model_path_may_name_a_causal_lm(tmp_path, capsys):
+    from tether.cli import main
+
+    tokenizer = make_tokenizer()
+    make_policy(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    code = main(["ppo", "--model_name_or_path", str(tmp_path / "policy"), "--value_model_path", str(tmp_path / "policy"),
+                 "--reward_model_path", "tests.test_ppo_trainer:w5_fraction", "--dataset_name",
+                 str(tmp_path / "prompts.jsonl"), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                 "--total_episodes", "8", "--response_length", "3", "--num_ppo_epochs", "1"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0, err
+    assert err.count("has no one-label scalar head: the value model starts from a fresh one (zeros)") == 1
+
+
+class Judge(nn.Module):
+    """A reward written as a module whose forward takes the texts: not a reward *model*."""
+
+    def __init__(self):
+        super().__init__()
+        self.bonus = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, prompts, responses):
+        return torch.stack([self.bonus * r.split().count("w5") for r in responses]).unsqueeze(1)  # [B, 1]
+
+
+def test_a_module_that_scores_texts_is_a_reward_function(tmp_path):
+    """Issue 20.4: told apart from a reward model by what it is (no config, no scalar head)."""
+    judge = Judge()
+    trainer = make_trainer(tmp_path, reward=judge, biases={W5: 1.0})
+    trainer.step()
+    rollout = trainer.last_rollout
+    _, responses = decode_kept(trainer.tokenizer, rollout)
+    expected = torch.tensor([2.0 * r.split().count("w5") for r in responses])
+    assert expected.sum() > 0
+    torch.testing.assert_close(rollout.scores.cpu(), expected)
+
+
 def test_a_reward_model_folder_brings_its_own_tokenizer(tmp_path):
     """Named by path, a reward model is scored with the tokenizer saved beside it, when that one
     makes other ids; with the policy's own tokenizer the ids are used as they are."""

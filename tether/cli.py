@@ -133,7 +133,7 @@ def run_ppo(args: list[str]) -> int:
     check_output_dir_early(config)
 
     from tether.data import load_table, load_test_split
-    from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.models.loading import load_causal_lm, load_scalar_backbone, load_tokenizer, zero_head
     from tether.trainers.ppo import PPOTrainer
 
     tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn)
@@ -141,8 +141,9 @@ def run_ppo(args: list[str]) -> int:
     eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split)
     console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
     policy = load_causal_lm(config.policy_path(), config.trust_remote_code)
-    value_model = (
-        load_scalar_model(config.value_model_path, "value model", config.trust_remote_code)
+    value_model = (  # any checkpoint: a causal LM gets a fresh scalar head, as TRL's value models do
+        load_scalar_backbone(config.value_model_path, "value model", zero_head, "zeros", config.trust_remote_code,
+                             say=lambda message: console.print(f"note: {message}"))
         if config.value_model_path
         else None
     )

@@ -70,6 +70,55 @@ def load_scalar_model(path: str, what: str, trust_remote_code: bool = False) -> 
     return model
 
 
+def load_scalar_backbone(path: str, what: str, init_head, how: str, trust_remote_code: bool = False, say=print):
+    """A one-label ``AutoModelForSequenceClassification`` from any checkpoint: a scalar model
+    keeps its head; from a causal LM (or a classifier with other labels) Hugging Face builds the
+    backbone with a new head, which ``init_head(model)`` draws (``how`` says how), said once."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report lists the new head; we say it below
+    try:
+        model, info = load_pretrained(
+            AutoModelForSequenceClassification, path, f"{what} backbone", num_labels=1,
+            ignore_mismatched_sizes=True, output_loading_info=True, trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_scalar_model(model, what, path)
+    head_prefix = "score." if hasattr(model, "score") else "classifier."
+    new_keys = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]
+    if any(key.startswith(head_prefix) for key in new_keys):
+        init_head(model)
+        say(f"{path} has no one-label scalar head: the {what} starts from a fresh one ({how})")
+    if model.config.pad_token_id is None:  # HF's own pooling needs it; a trainer sets the tokenizer's
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def zero_head(model: nn.Module) -> None:
+    """A scalar head of zeros: every value starts at 0, as in lm-human-preferences."""
+    for layer in scalar_head(model).modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def is_scalar_model(model) -> bool:
+    """A reward or value model: a Hugging Face sequence classifier (a config and a ``score`` or
+    ``classifier`` head), as opposed to any other callable that returns scores."""
+    return isinstance(model, nn.Module) and hasattr(model, "config") and (
+        hasattr(model, "score") or hasattr(model, "classifier")
+    )
+
+
+def is_causal_lm(model) -> bool:
+    return isinstance(model, nn.Module) and hasattr(model, "config") and type(model).__name__.endswith("ForCausalLM")
+
+
 def check_scalar_model(model: nn.Module, what: str, path: str = "") -> None:
     labels = getattr(model.config, "num_labels", 1)
     where = f" at {path!r}" if path else ""
@@ -90,10 +139,7 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     value_model = AutoModelForSequenceClassification.from_config(config)
     backbone = getattr(policy, policy.base_model_prefix)
     getattr(value_model, value_model.base_model_prefix).load_state_dict(backbone.state_dict())
-    head = scalar_head(value_model)
-    nn.init.zeros_(head.weight)
-    if getattr(head, "bias", None) is not None:
-        nn.init.zeros_(head.bias)
+    zero_head(value_model)
     return value_model.to(dtype=next(policy.parameters()).dtype)
 
 

@@ -69,6 +69,8 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     ensure_pad_token,
     freeze,
+    is_causal_lm,
+    is_scalar_model,
     value_model_from_policy,
 )
 from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_save, policy_and_reference
@@ -180,6 +182,9 @@ class PPOTrainer:
                         "the policy's backbone with a fresh scalar head, not from the reward model"
                     )
                 value_model = value_model_from_policy(merged_copy(policy) if is_peft_model(policy) else policy)
+        if is_causal_lm(value_model):  # as TRL does: the same backbone with a one-label head
+            console.print("note: value_model is a causal LM: the value model is its backbone with a fresh scalar head (zeros)")
+            value_model = value_model_from_policy(value_model)
         check_scalar_model(value_model, "value model")
         self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.peft_config)
         self.value_model = value_model
@@ -238,7 +243,7 @@ class PPOTrainer:
             reward = load_scalar_model(path, "reward model", self.config.trust_remote_code)
             if self.reward_tokenizer is None:
                 self.reward_tokenizer = load_own_tokenizer(path, self.config.trust_remote_code, warn=console.print)
-        if isinstance(reward, nn.Module):
+        if is_scalar_model(reward):  # a sequence classifier; any other callable (a judge module too) is a function
             check_scalar_model(reward, "reward model")
             return freeze(reward), None
         if callable(reward):

@@ -34,9 +34,8 @@ from collections.abc import Sequence as SequenceOf
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from tether.checkpoint import check_output_dir_early
 from tether.config import RewardConfig, load_command_config
@@ -51,7 +50,7 @@ from tether.models.loading import (
     disable_dropout,
     enable_gradient_checkpointing,
     ensure_pad_token,
-    load_pretrained,
+    load_scalar_backbone,
     load_tokenizer,
     scalar_head,
 )
@@ -81,31 +80,10 @@ def load_reward_backbone(path: str, trust_remote_code: bool = False) -> PreTrain
     labels), is re-drawn as detail 18 says. A checkpoint that already has a one-label head
     keeps it. The caller seeds the random generator first for a reproducible head.
     """
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the load report lists the new head; we say it below
-    try:
-        model, info = load_pretrained(
-            AutoModelForSequenceClassification,
-            path,
-            "reward model backbone",
-            num_labels=1,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
-        )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    check_scalar_model(model, "reward model", path)
-    head_prefix = "score." if hasattr(model, "score") else "classifier."
-    new_keys = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]
-    if any(key.startswith(head_prefix) for key in new_keys):
-        init_reward_head(model)
-        console.print(f"{path} has no one-label scalar head: starting from a fresh one (std 1/sqrt(d+1))")
-    if model.config.pad_token_id is None:  # HF's own pooling needs it; the trainer sets the tokenizer's
-        eos = model.config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return model
+    return load_scalar_backbone(
+        path, "reward model", init_reward_head, "std 1/sqrt(d+1)", trust_remote_code,
+        say=lambda message: console.print(message),
+    )
 
 
 def init_reward_head(model: nn.Module) -> None:
