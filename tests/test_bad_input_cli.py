@@ -75,9 +75,9 @@ CASES = {
     "wrong type": (None, {"kl_coef": "lots"}, "config field kl_coef: expected a number, got 'lots'"),
     "unknown key": (None, {"clip_range": 0.2}, "unknown config field 'clip_range'; did you mean 'cliprange'?"),
     "reward function raises": (None, {"reward_model_path": "{models}/rewards.py:raises"}, "reward function raises raised RuntimeError: judge offline"),
-    "reward function short": (None, {"reward_model_path": "{models}/rewards.py:short"}, "returned 7 scores for 8 responses"),
-    "reward function NaN": (None, {"reward_model_path": "{models}/rewards.py:nan"}, "returned nan for prompt 0"),
-    "reward function words": (None, {"reward_model_path": "{models}/rewards.py:words"}, "returned 'good' for prompt 0"),
+    "reward function short": (None, {"reward_model_path": "{models}/rewards.py:short"}, "returned 7 scores for 8 completions"),
+    "reward function NaN": (None, {"reward_model_path": "{models}/rewards.py:nan"}, "returned nan for completion 0"),
+    "reward function words": (None, {"reward_model_path": "{models}/rewards.py:words"}, "returned 'good' for completion 0"),
     "missing model": (None, {"model_name_or_path": "{models}/nope"}, "cannot load tokenizer from"),
     "missing reward module": (None, {"reward_model_path": "{models}/nope.py:fn"}, "reward function file not found"),
 }
@@ -137,7 +137,7 @@ def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, c
 
     seen = []
     rollout = PPOTrainer.rollout
-    monkeypatch.setattr(PPOTrainer, "rollout", lambda self, ids, *rest: seen.extend(ids) or rollout(self, ids, *rest))
+    monkeypatch.setattr(PPOTrainer, "rollout", lambda self, prompts: seen.extend(prompts.ids) or rollout(self, prompts))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     status = main([

@@ -157,7 +157,8 @@ def make_trainer(
         reward = w5_fraction
     elif reward == "model":
         reward = tiny_reward_model(tokenizer, seed=1, arch=arch, **TINY)
-    return PPOTrainer(make_config(tmp_path, **config), tokenizer, policy, reward, list(prompts))
+    prompts = prompts if hasattr(prompts, "column_names") else list(prompts)  # a datasets.Dataset as it is
+    return PPOTrainer(make_config(tmp_path, **config), tokenizer, policy, reward, prompts)
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -191,6 +192,11 @@ def decode_kept(tokenizer, rollout):
         keep = int(rollout.lengths[b]) - int(rollout.terminated[b])
         responses.append(tokenizer.decode(rollout.responses[b, :keep].tolist(), skip_special_tokens=True))
     return prompts, responses
+
+
+def held_prompts(trainer) -> list:
+    """The last update's prompts as the dataset held them, in the rollout's order."""
+    return [trainer.train_set.values[i] for i in trainer.batch]
 
 
 class RecordingReward:
@@ -691,8 +697,8 @@ def test_pad_equal_to_eos(tmp_path, reward):
 
     if reward == "function":
         seen_prompts, seen_responses, values = recorder.calls[-1]
-        expected_prompts, expected_responses = decode_kept(tokenizer, rollout)
-        assert seen_prompts == expected_prompts
+        _, expected_responses = decode_kept(tokenizer, rollout)
+        assert seen_prompts == held_prompts(trainer)  # as the dataset held them, pad id and all
         assert seen_responses == expected_responses
         assert all("<eos>" not in text for text in seen_responses)
         torch.testing.assert_close(rollout.scores, torch.tensor(values, dtype=torch.float32, device=trainer.device))
@@ -749,8 +755,8 @@ def test_reward_function_sees_decoded_prompts_and_responses(tmp_path):
     assert len(recorder.calls) == 1
     check_lengths_and_masks(rollout, [EOS])
     seen_prompts, seen_responses, values = recorder.calls[0]
-    expected_prompts, expected_responses = decode_kept(trainer.tokenizer, rollout)
-    assert seen_prompts == expected_prompts
+    _, expected_responses = decode_kept(trainer.tokenizer, rollout)
+    assert seen_prompts == held_prompts(trainer)
     assert set(seen_prompts) <= set(PROMPTS)
     assert seen_responses == expected_responses
     assert rollout.terminated.any() and not rollout.terminated.all()
@@ -794,7 +800,7 @@ def test_a_reward_model_with_its_own_tokenizer_scores_its_own_tokens(tmp_path, p
     trainer = PPOTrainer(make_config(tmp_path), tokenizer, policy, reward, prompts, reward_tokenizer=reward_tokenizer)
     assert trainer.reward_tokenizer is reward_tokenizer
     rows = list(range(8))
-    rollout = trainer.rollout([trainer.prompts[i] for i in rows], [prompts[i] for i in rows])
+    rollout = trainer.rollout(trainer.train_set.take(rows))
     _, responses = decode_kept(tokenizer, rollout)
     assert rollout.terminated.any() and not rollout.terminated.all()
     expected = [
@@ -892,6 +898,37 @@ def test_chat_prompts_need_a_usable_chat_template_in_the_reward_tokenizer(tmp_pa
     with pytest.raises(ConfigError, match=said):
         PPOTrainer(make_config(tmp_path), tokenizer, make_policy(tokenizer),
                    tiny_reward_model(reward_tokenizer, seed=1, **TINY), prompts, reward_tokenizer=reward_tokenizer)
+
+
+def test_a_reward_function_sees_what_the_dataset_held_in_trls_convention(tmp_path):
+    """Issue 20.5: chat prompts as their message lists (whole, though max_prompt_length cut
+    what the policy saw), completions as one assistant message, completion_ids with the stop
+    token the text drops, every other column of the rows; samples.jsonl shows the same."""
+    import datasets
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    rows = [{"prompt": [{"role": "user", "content": p}], "answer": f"a{i}"} for i, p in enumerate(PROMPTS)]
+    seen = []
+
+    def checker(prompts, completions, completion_ids, answer, **kwargs):
+        seen.append((prompts, completions, completion_ids, answer))
+        return [float(len(ids)) for ids in completion_ids]
+
+    trainer = make_trainer(tmp_path, reward=checker, tokenizer=tokenizer, prompts=datasets.Dataset.from_list(rows), biases={EOS: 1.0},
+                           max_prompt_length=2, num_sample_generations=1, total_episodes=8)
+    trainer.train()
+    prompts, completions, completion_ids, answer = seen[0]
+    batch = trainer.batch
+    assert prompts == [rows[i]["prompt"] for i in batch]  # whole, not the 2 tokens the policy saw
+    assert answer == [rows[i]["answer"] for i in batch]
+    rollout = trainer.last_rollout
+    _, texts = decode_kept(tokenizer, rollout)
+    assert completions == [[{"role": "assistant", "content": t}] for t in texts]
+    assert completion_ids == [rollout.responses[b, : int(rollout.lengths[b])].tolist() for b in range(8)]
+    assert any(ids[-1] == EOS for ids in completion_ids)  # the text drops it; the ids keep it
+    shown = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert shown[0]["prompt"] == prompts[0] and shown[0]["response"] == texts[0]
 
 
 @pytest.mark.parametrize(

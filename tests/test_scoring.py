@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 
 import numpy as np
@@ -23,13 +24,8 @@ import tether
 from tether.errors import ConfigError, RewardError
 from tether.models.forward import reward_bias
 from tether.ops import masks
-from tether.scoring.reward import (
-    apply_missing_stop_penalty,
-    call_reward_function,
-    get_reward,
-    import_reward_function,
-    is_function_spec,
-)
+from tether.scoring.functions import call_reward_function, import_reward_function, is_function_spec
+from tether.scoring.reward import apply_missing_stop_penalty, get_reward
 from tether.tiny import numbered_words, tiny_reward_model, word_tokenizer
 
 PAD, EOS = 0, 2
@@ -261,18 +257,17 @@ def test_reward_function_receives_prompts_and_responses():
         ([1.0, 0.0, float("inf")], 2),
         ([-math.inf, 0.0, 0.0], 0),
         ([1.0, "high", 0.0], 1),
-        ([1.0, 0.0, None], 2),
         ([True, 0.0, 0.0], 0),
         ([1.0, [0.5], 0.0], 1),
         (torch.tensor([0.0, float("nan"), 0.0]), 1),
     ],
-    ids=["nan", "inf", "-inf", "string", "none", "bool", "nested", "tensor-nan"],
+    ids=["nan", "inf", "-inf", "string", "bool", "nested", "tensor-nan"],
 )
-def test_bad_item_names_the_prompt_index(value, index):
+def test_bad_item_names_the_completion_index(value, index):
     with pytest.raises(RewardError) as excinfo:
         call_reward_function(returning(value), PROMPTS, ANSWERS)
     message = one_line(excinfo)
-    assert f"prompt {index}" in message
+    assert f"completion {index}" in message
     assert "reward_fn" in message
 
 
@@ -422,3 +417,71 @@ def test_seed_helpers_are_public():
     assert tether.truncate_response is masks.truncate_response
     assert tether.get_reward is get_reward
     assert tether.first_true_indices(torch.tensor([[False, False, False], [False, True, True]])).tolist() == [3, 1]
+
+
+# ---------------------------------------------------------------- calling conventions and answers (issue 20.5-6)
+
+
+def test_none_is_no_opinion_and_combine_leaves_it_out():
+    from tether.scoring.functions import combine
+
+    first = call_reward_function(returning([1.0, None, 2.0]), PROMPTS, ANSWERS)
+    assert first[0] == 1.0 and math.isnan(first[1])
+    second = torch.tensor([10.0, 3.0, float("nan")])
+    assert combine([first, second], [1.0, 0.5], ["a", "b"]).tolist() == [6.0, 1.5, 2.0]
+    with pytest.raises(RewardError, match="no reward function scored completion 1 \\(all of a returned None\\)"):
+        combine([first], [1.0], ["a"])
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ({"a": 1.0, "b": 2.0, "c": 3.0}, "returned a dict (keys a, b, c)"),
+        ([1.0, 1e39, 0.0], "returned 1e+39 for completion 1, which overflows float32"),
+        (np.ones((3, 2)), "returned an array of shape (3, 2)"),
+        (torch.ones(3, 2), "returned an array of shape (3, 2)"),
+    ],
+    ids=["dict", "float32-overflow", "numpy-two-columns", "tensor-two-columns"],
+)
+def test_answers_that_cannot_be_scores_are_refused_one_way(value, said):
+    with pytest.raises(RewardError, match=re.escape(said)):
+        call_reward_function(returning(value), PROMPTS, ANSWERS)
+
+
+def test_column_arrays_are_scores_from_numpy_and_torch():
+    for value in (np.array([[1.0], [0.5], [-2.0]]), torch.tensor([[1.0], [0.5], [-2.0]])):
+        assert call_reward_function(returning(value), PROMPTS, ANSWERS).tolist() == [1.0, 0.5, -2.0]
+
+
+def test_an_exception_keeps_the_file_and_line_it_came_from(tmp_path):
+    path = tmp_path / "judge.py"
+    path.write_text("def helper(r):\n    return 1 / 0\n\ndef score(prompts, responses):\n    return [helper(r) for r in responses]\n")
+    function = import_reward_function(f"{path}:score")
+    with pytest.raises(RewardError) as excinfo:
+        call_reward_function(function, PROMPTS, ANSWERS)
+    assert f"ZeroDivisionError: division by zero ({path}:2)" in one_line(excinfo)
+
+
+def test_trl_style_functions_get_keywords_and_the_names_they_declare():
+    from tether.scoring.functions import RewardFunction
+
+    seen = {}
+
+    def declared(prompts, completions, answer):
+        seen["declared"] = (prompts, completions, answer)
+        return [0.0] * len(prompts)
+
+    def anything(completions, **kwargs):
+        seen["anything"] = sorted(kwargs)
+        return [1.0] * len(completions)
+
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    completions = [[{"role": "assistant", "content": a}] for a in ANSWERS]
+    columns = {"answer": ["x", "y", "z"], "level": [1, 2, 3]}
+    RewardFunction(declared)(chats, completions, [[5], [6], [7]], columns)
+    assert seen["declared"] == (chats, completions, ["x", "y", "z"])
+    RewardFunction(anything)(chats, completions, [[5], [6], [7]], columns)
+    assert seen["anything"] == ["answer", "completion_ids", "level", "prompts"]
+    legacy = {}
+    RewardFunction(lambda prompts, responses: legacy.update(r=responses) or [0.0] * 3)(chats, completions, [[]] * 3, {})
+    assert legacy["r"] == ANSWERS  # tether's first convention: the response texts

@@ -16,6 +16,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -202,6 +203,50 @@ def encode_prompts(
     _check_truncation(max_prompt_length, truncation)
     column, values = prompt_column_values(dataset, column)
     return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
+
+
+@dataclass
+class Prompts:
+    """Every prompt of a dataset: its token ids, its value as the dataset held it (text, chat
+    messages or ids: what reward functions and sample tables show), and the row's other
+    columns (a task's ``answer``, handed to reward functions)."""
+
+    ids: list[list[int]]
+    values: list | None  # None: given as ids alone (decoded where text is needed)
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, rows: Sequence[int]) -> Prompts:
+        return Prompts(
+            [self.ids[r] for r in rows], None if self.values is None else [self.values[r] for r in rows],
+            {name: [values[r] for r in rows] for name, values in self.columns.items()},
+        )
+
+
+def load_prompts(
+    dataset, tokenizer, column: str | None = None, max_prompt_length: int | None = None, truncation: str = "left"
+) -> Prompts:
+    """``Prompts`` of a ``datasets.Dataset`` (``column``: the prompt column, else the first of
+    PROMPT_COLUMNS present) or of a plain list of prompts."""
+    if isinstance(dataset, (list, tuple)):
+        column, values, columns = column or "prompt", list(dataset), {}
+    else:
+        column, values = prompt_column_values(dataset, column)
+        rows = dataset.with_format(None)
+        columns = {name: rows[name][:] for name in dataset.column_names if name != column}
+    ids = encode_prompt_values(values, tokenizer, column, max_prompt_length, truncation)
+    return Prompts(ids, [v.tolist() if hasattr(v, "tolist") else v for v in values], columns)
+
+
+def prompt_text(value, tokenizer=None) -> str:
+    """A prompt value as one text for a table: a chat as ``role: content`` lines, ids decoded."""
+    if isinstance(value, str):
+        return value
+    if is_chat(value):
+        return "\n".join(f"{message['role']}: {message['content']}" for message in value)
+    return tokenizer.decode(value, skip_special_tokens=True) if tokenizer is not None else str(value)
 
 
 def prompt_column_values(dataset: datasets.Dataset, column: str | None = None) -> tuple[str, list]:

@@ -1,4 +1,5 @@
-"""Scores for finished responses: a reward model read at the terminating token, or a function.
+"""Scores for finished responses from a reward model, read at the terminating token (reward
+functions: ``scoring/functions.py``).
 
 Seed note 3: the reward model sees the *postprocessed* query_response (cut after the first
 stop token, the rest padded and masked), so tokens after the stop cannot move the score.
@@ -6,26 +7,13 @@ stop token, the rest padded and masked), so tokens after the stop cannot move th
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
-import os
-import re
-import sys
-from collections.abc import Callable, Sequence
-from numbers import Real
-from pathlib import Path
-
 import torch
 
 from tether.data.prompts import is_chat
 from tether.data.sequences import encode_prompt_completions
-from tether.errors import ConfigError, RewardError
 from tether.models.forward import Critic, last_hidden_state, scalar_outputs
 from tether.models.loading import bare_model
 from tether.ops import first_true_indices, position_ids_from_mask
-
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 def get_reward(
@@ -89,84 +77,6 @@ def reward_model_sequences(reward_tokenizer, prompts: list, responses: list[str]
     ]
     sequences = encode_prompt_completions(list(prompts), completions, reward_tokenizer, "response")
     return [sequence.ids if ended else sequence.ids[:-1] for sequence, ended in zip(sequences, terminated)]
-
-
-# --- reward functions ---------------------------------------------------------------------
-
-_FUNCTION_SPEC = re.compile(r"^(?P<module>[^:]+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
-
-
-def is_function_spec(spec: str) -> bool:
-    """``module:function`` or ``path/file.py:function`` (and not an existing model folder)."""
-    return bool(_FUNCTION_SPEC.match(spec)) and not os.path.isdir(spec)
-
-
-def import_reward_function(spec: str) -> RewardFn:
-    """The function ``spec`` names: ``module:function``, found as ``python -m`` would find it
-    (the working folder first, then the installed packages), or ``path/file.py:function``."""
-    match = _FUNCTION_SPEC.match(spec)
-    if match is None:
-        raise ConfigError(f"reward_model_path {spec!r} is not of the form module:function")
-    module_name, name = match["module"], match["name"]
-    try:
-        if module_name.endswith(".py"):
-            module = _import_file(Path(module_name))
-        else:
-            # ``python -m tether`` has the working folder on the import path; the ``tether``
-            # command (a console script) has its own folder there instead.
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
-    except ConfigError:
-        raise
-    except Exception as error:  # the user's module failed to import: say which and why
-        raise ConfigError(f"cannot import reward module {module_name!r}: {type(error).__name__}: {error}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"reward module {module_name!r} has no function {name!r}")
-    return function
-
-
-def _import_file(path: Path):
-    """Run ``path`` as a module registered in ``sys.modules`` (``dataclasses`` and postponed
-    annotations look their module up there), under a name of its own."""
-    if not path.is_file():
-        raise ConfigError(f"reward function file not found: {path}")
-    name = f"tether_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-    loader_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[name] = module
-    try:
-        loader_spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def call_reward_function(function: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """Call ``function(prompts, responses)`` and check its answer: one finite number per response."""
-    name = getattr(function, "__name__", repr(function))
-    try:
-        values = function(prompts, responses)
-    except Exception as error:
-        raise RewardError(f"reward function {name} raised {type(error).__name__}: {error}") from error
-    if isinstance(values, torch.Tensor):
-        values = values.detach().flatten().tolist()
-    try:
-        values = list(values)
-    except TypeError:
-        raise RewardError(f"reward function {name} must return a list of floats, got {type(values).__name__}") from None
-    if len(values) != len(prompts):
-        raise RewardError(f"reward function {name} returned {len(values)} scores for {len(prompts)} responses")
-    for index, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise RewardError(
-                f"reward function {name} returned {value!r} for prompt {index}; every score must be a number"
-            )
-        if not math.isfinite(value):
-            raise RewardError(f"reward function {name} returned {value} for prompt {index}; scores must be finite")
-    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 def apply_missing_stop_penalty(scores: torch.Tensor, terminated: torch.Tensor, penalty: float | None) -> torch.Tensor:

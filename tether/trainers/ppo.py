@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_values, save_config
-from tether.data import PromptSampler, encode_prompt_values, is_chat, prompt_column_values
+from tether.data import Prompts, PromptSampler, is_chat, load_prompts, prompt_text
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -77,7 +77,8 @@ from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.reward import import_reward_function, is_function_spec, reward_model_sequences, same_tokenization
+from tether.scoring.functions import MetricFunction, RewardFunction, import_reward_function, is_function_spec
+from tether.scoring.reward import reward_model_sequences, same_tokenization
 from tether.trainers.common import (
     autocast,
     clock,
@@ -90,17 +91,6 @@ from tether.trainers.common import (
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
-
-
-def prompts_from(dataset, tokenizer, config: PPOConfig) -> tuple[list, list[list[int]]]:
-    """``(values, ids)`` of every prompt of a ``datasets.Dataset`` or a plain Python list: the
-    prompts as the dataset holds them (text, chat messages or token ids) and their token ids."""
-    if isinstance(dataset, (list, tuple)):
-        column, values = config.prompt_column or "prompt", list(dataset)
-    else:
-        column, values = prompt_column_values(dataset, config.prompt_column)
-    ids = encode_prompt_values(values, tokenizer, column, config.max_prompt_length, config.prompt_truncation)
-    return values, ids
 
 
 def refuse_shared_models(**models: nn.Module | None) -> None:
@@ -142,10 +132,13 @@ class PPOTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
-        self.prompt_values, self.prompts = prompts_from(train_dataset, tokenizer, config)
-        self.eval_prompt_values, self.eval_prompts = (
-            prompts_from(eval_dataset, tokenizer, config) if eval_dataset is not None else (None, None)
+        load = lambda data: load_prompts(  # noqa: E731
+            data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation
         )
+        self.train_set: Prompts = load(train_dataset)
+        self.eval_set: Prompts | None = load(eval_dataset) if eval_dataset is not None else None
+        self.prompts = self.train_set.ids  # token ids of every prompt
+        self.eval_prompts = self.eval_set.ids if self.eval_set is not None else None
         self.plan = config.batch_plan(len(self.prompts), launched_processes())
         # One optimizer step per minibatch, in micro-batches: Accelerate divides each loss by
         # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.
@@ -170,7 +163,7 @@ class PPOTrainer:
         self.reward_tokenizer = reward_tokenizer
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
         self.reward_tokenizer = self._own_reward_tokenizer()
-        self.metric_fn = import_reward_function(config.metric_function) if config.metric_function else None
+        self.metric_fn = MetricFunction(import_reward_function(config.metric_function)) if config.metric_function else None
         refuse_shared_models(policy=policy, ref_policy=ref_policy, reward=self.reward_model, value_model=value_model)
         if value_model is None:
             if self.reward_model is not None and self.reward_tokenizer is None:
@@ -236,7 +229,7 @@ class PPOTrainer:
     def _resolve_reward(self, reward):
         if isinstance(reward, str):
             if is_function_spec(reward):
-                return None, import_reward_function(reward)
+                return None, RewardFunction(import_reward_function(reward))
             from tether.models.loading import load_own_tokenizer, load_scalar_model
 
             path = reward
@@ -247,7 +240,7 @@ class PPOTrainer:
             check_scalar_model(reward, "reward model")
             return freeze(reward), None
         if callable(reward):
-            return None, reward
+            return None, RewardFunction(reward)
         raise ConfigError(
             f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}"
         )
@@ -259,7 +252,7 @@ class PPOTrainer:
             return None
         own = self.reward_tokenizer
         ensure_pad_token(own, warn=lambda message: console.print(f"[yellow]reward tokenizer: {message}"))
-        chats = [value for value in self.prompt_values if is_chat(value)]
+        chats = [value for value in self.train_set.values if is_chat(value)]
         if chats and not getattr(own, "chat_template", None):
             raise ConfigError(
                 "the prompts are chats but the reward model's own tokenizer has no chat_template; give the "
@@ -298,10 +291,10 @@ class PPOTrainer:
         """Scores ``[B]`` of sampled responses, after the missing-stop penalty."""
         return self.rollout_maker.score(samples)
 
-    def rollout(self, prompt_ids: Sequence[list[int]], prompt_values: Sequence | None = None) -> Rollout:
-        """Sample responses to ``prompt_ids`` and score them (no advantages yet); the time it
-        takes goes into ``timing``. ``prompt_values``: the same prompts as the dataset held them."""
-        return self.rollout_maker.rollout(prompt_ids, self.timing, prompt_values)
+    def rollout(self, prompts: Prompts | Sequence[list[int]]) -> Rollout:
+        """Sample responses to ``prompts`` (``Prompts``, or token ids alone) and score them (no
+        advantages yet); the time it takes goes into ``timing``."""
+        return self.rollout_maker.rollout(prompts, self.timing)
 
     def evaluate(self, max_prompts: int = 64) -> tuple[dict[str, float], list[dict]]:
         """Sample and score responses to the first ``max_prompts`` eval prompts.
@@ -313,7 +306,7 @@ class PPOTrainer:
         seed = (self.config.seed * 1_000_003 + self.update) * 1_009 + self.parallel.rank
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            return self.rollout_maker.evaluate(self.eval_prompts[:max_prompts], self.eval_prompt_values[:max_prompts])
+            return self.rollout_maker.evaluate(self.eval_set.take(range(min(max_prompts, len(self.eval_set)))))
 
     def decode(self, queries, query_mask, responses, lengths, terminated) -> tuple[list[str], list[str]]:
         """Prompt and response texts; the response without its stop token."""
@@ -325,9 +318,9 @@ class PPOTrainer:
     def next_prompt_indices(self) -> list[int]:
         """This process's slice of the next global batch, which every process draws alike
         (one seeded shuffle, then sharding: ppo-details 11)."""
-        batch = self.sampler.next_batch()
+        self.batch = self.sampler.next_batch()  # the global batch: the gathered rollout's rows, in order
         local = self.plan.local_batch_size
-        return batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
+        return self.batch[self.parallel.rank * local : (self.parallel.rank + 1) * local]
 
     def gather(self, rollout: Rollout) -> Rollout:
         """Every process's rollout as one global batch (itself in one process)."""
@@ -445,8 +438,7 @@ class PPOTrainer:
         """One PPO update: rollout, advantages, optimisation. Returns its metrics."""
         self.timing: dict[str, float] = {}
         start = clock(self.device)
-        indices = self.next_prompt_indices()
-        rollout = self.gather(self.rollout([self.prompts[i] for i in indices], [self.prompt_values[i] for i in indices]))
+        rollout = self.gather(self.rollout(self.train_set.take(self.next_prompt_indices())))
         advantage_start = clock(self.device)
         metrics = self.compute_advantages(rollout)
         update_start = clock(self.device)
@@ -468,15 +460,9 @@ class PPOTrainer:
         return metrics
 
     def _extra_metrics(self, rollout: Rollout) -> dict[str, float]:
-        prompts, responses = self.decode(
-            rollout.queries, rollout.query_mask, rollout.responses, rollout.lengths, rollout.terminated
-        )
-        name = getattr(self.metric_fn, "__name__", "metric_function")
-        try:
-            values = self.metric_fn(prompts, responses)
-            return {str(key): float(value) for key, value in dict(values).items()}
-        except Exception as error:
-            raise ConfigError(f"metric function {name} failed: {type(error).__name__}: {error}") from error
+        """``metric_function`` on the update's (global) rollout, called as reward functions are."""
+        texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        return self.metric_fn(*self.rollout_maker.function_inputs(self.train_set.take(self.batch), **texts))
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
         """Run every update of the plan; returns the per-update metrics (also in metrics.jsonl).
@@ -595,17 +581,15 @@ class PPOTrainer:
             metrics, samples = self.evaluate()
         else:
             rollout, metrics = self.last_rollout, {}
-            prompts, responses = self.decode(
-                rollout.queries, rollout.query_mask, rollout.responses, rollout.lengths, rollout.terminated
-            )
-            samples = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, rollout.scores.tolist())]
+            texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+            samples = self.rollout_maker.sample_rows(self.train_set.take(self.batch), rollout.scores, **texts)
         shown = samples[:rows]
         if not self.parallel.is_main:
             return metrics
         progress.console.print(
             sample_table(
                 f"samples at update {self.update}",
-                [row["prompt"] for row in shown],
+                [prompt_text(row["prompt"], self.tokenizer) for row in shown],
                 [row["response"] for row in shown],
                 [row["score"] for row in shown],
             )

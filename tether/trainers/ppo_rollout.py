@@ -21,19 +21,15 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig
-from tether.data import is_chat, left_pad
+from tether.data import Prompts, is_chat, left_pad
 from tether.data.sequences import right_pad
 from tether.errors import ConfigError
 from tether.models.forward import critic_values, policy_logprobs
 from tether.ops import ended_on_stop, lengths_to_mask, response_lengths
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import generate_responses
-from tether.scoring.reward import (
-    apply_missing_stop_penalty,
-    call_reward_function,
-    get_reward,
-    reward_model_sequences,
-)
+from tether.scoring.functions import combine
+from tether.scoring.reward import apply_missing_stop_penalty, get_reward, reward_model_sequences
 from tether.trainers.common import autocast, clock
 from tether.trainers.parallel import Parallel
 
@@ -133,15 +129,16 @@ class RolloutMaker:
         }
 
     @torch.no_grad()
-    def score(self, samples: dict[str, torch.Tensor], prompt_values: Sequence | None = None) -> torch.Tensor:
-        """Scores ``[B]`` of sampled responses, after the missing-stop penalty. ``prompt_values``:
-        the prompts as the dataset held them (text, chat or ids), for a reward model with its
-        own tokenizer (without them, the prompt ids are decoded)."""
+    def score(self, samples: dict[str, torch.Tensor], prompts: Prompts | None = None) -> torch.Tensor:
+        """Scores ``[B]`` of sampled responses, after the missing-stop penalty. ``prompts``: the
+        rows' ``Prompts`` (their values as the dataset held them and their other columns), for
+        reward functions and a reward model with its own tokenizer; without them the prompt ids
+        are decoded."""
         if self.reward_fn is not None:
-            texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
-            scores = call_reward_function(self.reward_fn, *texts)
+            scores = self.reward_fn(*self.function_inputs(prompts, **_texts_of(samples)))
+            scores = combine([scores], [1.0], [self.reward_fn.name])  # a None is refused: nothing else scores it
         elif self.reward_tokenizer is not None:
-            scores = self._own_tokenizer_scores(samples, prompt_values)
+            scores = self._own_tokenizer_scores(samples, prompts)
         else:
             chunk_rows = self.config.local_rollout_forward_batch_size
             scores = []
@@ -154,11 +151,9 @@ class RolloutMaker:
         return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
 
     @torch.no_grad()
-    def rollout(
-        self, prompt_ids: Sequence[list[int]], timing: dict[str, float], prompt_values: Sequence | None = None
-    ) -> Rollout:
-        """Sample responses to ``prompt_ids`` and score them (no advantages yet); the seconds
-        spent generating and scoring go into ``timing``. ``prompt_values``: see ``score``.
+    def rollout(self, prompts: Prompts | Sequence[list[int]], timing: dict[str, float]) -> Rollout:
+        """Sample responses to ``prompts`` (``Prompts``, or token ids alone) and score them (no
+        advantages yet); the seconds spent generating and scoring go into ``timing``.
 
         In full precision the old logprobs are the ones the sampler computed (ppo-details 10:
         equal to a forward pass to fp32 rounding, one forward pass cheaper). Under bf16 a cached
@@ -167,12 +162,13 @@ class RolloutMaker:
         """
         config = self.config
         start = clock(self.device)
-        samples = self.sample(prompt_ids)
+        prompts = prompts if isinstance(prompts, Prompts) else _bare(prompts)
+        samples = self.sample(prompts.ids)
         sampling_logprobs = samples.pop("sampling_logprobs")
         score_start = clock(self.device)
         timing["timing/generate"] = score_start - start
 
-        scores = self.score(samples, prompt_values)
+        scores = self.score(samples, prompts)
         recompute = config.bf16 or config.fp16
         logprobs, ref_logprobs, values = [], [], []
         for start_row in range(0, samples["queries"].size(0), config.local_rollout_forward_batch_size):
@@ -202,18 +198,16 @@ class RolloutMaker:
         )
 
     @torch.no_grad()
-    def evaluate(
-        self, prompt_ids: Sequence[list[int]], prompt_values: Sequence | None = None
-    ) -> tuple[dict[str, float], list[dict]]:
-        """Sample and score responses to ``prompt_ids``: ``eval/*`` metrics and the sample rows
+    def evaluate(self, prompts: Prompts | Sequence[list[int]]) -> tuple[dict[str, float], list[dict]]:
+        """Sample and score responses to ``prompts``: ``eval/*`` metrics and the sample rows
         (prompt, response, score), in prompt order. Several processes split the prompts (each
         samples its share) and every process returns the same global figures and rows."""
         parallel = self.parallel
-        prompts, counted = parallel.my_share(list(prompt_ids))
-        values = parallel.my_share(list(prompt_values))[0] if prompt_values is not None else None
-        samples = self.sample(prompts)
-        scores = self.score(samples, values)
-        texts = self.decode(**{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")})
+        prompts = prompts if isinstance(prompts, Prompts) else _bare(prompts)
+        rows, counted = parallel.my_share(list(range(len(prompts))))
+        mine = prompts.take(rows)
+        samples = self.sample(mine.ids)
+        scores = self.score(samples, mine)
         real = torch.tensor(counted, device=self.device)
         sums = torch.stack([
             scores[real].sum(), samples["lengths"][real].float().sum(),
@@ -225,11 +219,25 @@ class RolloutMaker:
             "eval/response_length": length_sum / count,
             "eval/num_eos_tokens": int(terminated),
         }
-        rows = [
-            {"prompt": p, "response": r, "score": s}
-            for p, r, s, keep in zip(*texts, scores.tolist(), counted) if keep
-        ]
-        return metrics, parallel.gather_shares(rows)
+        shown = self.sample_rows(mine, scores, **_texts_of(samples))
+        return metrics, parallel.gather_shares([row for row, keep in zip(shown, counted) if keep])
+
+    def function_inputs(self, prompts: Prompts | None, queries, query_mask, responses, lengths, terminated):
+        """What a reward or metric function is called with: ``(prompts, completions,
+        completion_ids, columns)`` (see ``tether.scoring.functions``), the prompts as the dataset
+        held them (decoded from the ids when only ids were given)."""
+        prompt_texts, texts = self.decode(queries, query_mask, responses, lengths, terminated)
+        values = prompts.values if prompts is not None and prompts.values is not None else prompt_texts
+        completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t for p, t in zip(values, texts)]
+        completion_ids = [row[:n].tolist() for row, n in zip(responses, lengths.tolist())]
+        return list(values), completions, completion_ids, dict(prompts.columns) if prompts is not None else {}
+
+    def sample_rows(self, prompts: Prompts | None, scores: torch.Tensor, **texts) -> list[dict]:
+        """Rows of a sample table and ``samples.jsonl``: the prompt and response a reward
+        function sees (the prompt as the dataset held it) and the score."""
+        values, completions, _, _ = self.function_inputs(prompts, **texts)
+        responses = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return [{"prompt": p, "response": r, "score": s} for p, r, s in zip(values, responses, scores.tolist())]
 
     def reference_logprobs(self, *chunk) -> torch.Tensor:
         """Reference logprobs ``[B, T]`` of one chunk; a LoRA policy's are its own with the
@@ -250,13 +258,11 @@ class RolloutMaker:
         )
         return scores.float()
 
-    def _own_tokenizer_scores(self, samples: dict[str, torch.Tensor], prompt_values: Sequence | None) -> torch.Tensor:
+    def _own_tokenizer_scores(self, samples: dict[str, torch.Tensor], prompts: Prompts | None) -> torch.Tensor:
         """The reward model on prompt + response text re-encoded by its own tokenizer (see
         ``reward_model_sequences``), read at each row's last real token."""
-        prompt_texts, responses = self.decode(
-            **{k: samples[k] for k in ("queries", "query_mask", "responses", "lengths", "terminated")}
-        )
-        values = list(prompt_values) if prompt_values is not None else [None] * len(prompt_texts)
+        prompt_texts, responses = self.decode(**_texts_of(samples))
+        values = prompts.values if prompts is not None else prompt_texts
         # text and chats as the dataset held them; a prompt of policy ids only as its text
         prompts = [v if isinstance(v, str) or is_chat(v) else t for v, t in zip(values, prompt_texts)]
         sequences = reward_model_sequences(self.reward_tokenizer, prompts, responses, samples["terminated"].tolist())
@@ -278,3 +284,14 @@ class RolloutMaker:
             self.tokenizer.batch_decode(prompts, skip_special_tokens=True),
             self.tokenizer.batch_decode(texts, skip_special_tokens=True),
         )
+
+
+def _texts_of(samples) -> dict[str, torch.Tensor]:
+    """The tensors decoding needs, from a samples dict or a ``Rollout``."""
+    names = ("queries", "query_mask", "responses", "lengths", "terminated")
+    return {name: samples[name] if isinstance(samples, dict) else getattr(samples, name) for name in names}
+
+
+def _bare(prompt_ids: Sequence[list[int]]) -> Prompts:
+    """Prompts given as token ids alone: no values (decoded when needed), no other columns."""
+    return Prompts([list(ids) for ids in prompt_ids], None, {})
