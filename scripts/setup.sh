@@ -8,5 +8,5 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"  # the tested versions exactly
 echo "tether installed in .venv"
