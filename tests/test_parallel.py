@@ -384,13 +384,13 @@ def test_evaluation_is_split_between_processes(command, tmp_path, monkeypatch):
     from tether.trainers.sft import SFTTrainer
 
     tokenizer = word_tokenizer(numbered_words(20))
-    common = dict(output_dir=str(tmp_path), device="cpu", per_device_train_batch_size=2)
+    common = dict(output_dir=str(tmp_path), device="cpu", per_device_train_batch_size=2, per_device_eval_batch_size=2)
     seen = []  # rows handed to the model, per evaluation
     if command == "sft":
         rows = [{"prompt": f"w{i}", "completion": f"w{i + 1} w{i + 2}"} for i in range(3)]
         trainer = SFTTrainer(SFTConfig(**common), tokenizer, tiny_causal_lm(tokenizer), rows[:1], eval_dataset=rows)
         batches = trainer._micro_batches
-        monkeypatch.setattr(trainer, "_micro_batches", lambda rows: seen.append(len(rows)) or batches(rows))
+        monkeypatch.setattr(trainer, "_micro_batches", lambda rows, *size: seen.append(len(rows)) or batches(rows, *size))
     else:
         import datasets
 

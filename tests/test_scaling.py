@@ -346,6 +346,6 @@ def test_trainers_set_the_allocator_on_cpu_only(monkeypatch, device, applied):
     calls = []
     monkeypatch.setattr(common, "keep_freed_memory_for_reuse", lambda: calls.append(1))
     monkeypatch.setattr(common, "resolve_device", lambda name: torch.device(name))
-    config = types.SimpleNamespace(device=device, bf16=False, full_determinism=False)
+    config = types.SimpleNamespace(device=device, bf16=False, full_determinism=False, tf32=None)
     assert common.training_device(config, Parallel(None), lambda message: None) == torch.device(device)
     assert bool(calls) == applied

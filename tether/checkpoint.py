@@ -74,8 +74,8 @@ class Interrupted(TetherError):
 
     def __init__(self, signum: int, checkpoint: Path | None):
         name = signal.Signals(signum).name
-        if checkpoint is None:  # an engine without checkpoints (DeepSpeed, FSDP)
-            super().__init__(f"stopped by {name}; no checkpoint (not supported with this engine)")
+        if checkpoint is None:  # save_strategy no, or an engine without checkpoints (DeepSpeed, FSDP)
+            super().__init__(f"stopped by {name}; no checkpoint written (save_strategy no, or this engine has none)")
         else:
             super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
         self.exit_code = 128 + signum
@@ -366,11 +366,12 @@ def _check_optimizer_state(optimizer, state, path: Path) -> None:
     ):
         refuse("other parameter groups; resume with the model and settings the checkpoint was made with")
     params = {index: p for g, s in zip(groups, saved) for index, p in zip(s["params"], g["params"])}
+    shaped = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))  # moments shaped like their parameter
     for index, entries in state["state"].items():
         if index not in params or not isinstance(entries, dict):
             refuse(f"state for a parameter {index!r} this run does not have")
         for key, value in entries.items():
-            if key == "step":
+            if key == "step" or not shaped:
                 continue
             if not torch.is_tensor(value) or value.shape != params[index].shape or not value.is_floating_point():
                 shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__

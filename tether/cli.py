@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if command in TRAINING_COMMANDS and ("-h" in rest or "--help" in rest):
         print(command_help(command))
         return 0
+    if command in TRAINING_COMMANDS and "--print-config" in rest:
+        from tether import config
+
+        print(config.config_template(getattr(config, TRAINING_COMMANDS[command])), end="")
+        return 0
     try:
         match command:
             case "ppo":
@@ -76,8 +81,9 @@ def command_help(command: str) -> str:
     return (
         f"usage: tether {command} --config {command}.yaml [--field value ...]\n\n"
         "Every field below can be set in the YAML file or overridden as --field value.\n"
-        "--resume [CHECKPOINT] continues a run; --overwrite replaces an earlier run in output_dir.\n\n"
-        f"fields:\n{fields}"
+        "--resume [CHECKPOINT] continues a run; --overwrite replaces an earlier run in output_dir;\n"
+        "--extend lets a resumed run go further; --print-config writes a config with every default.\n"
+        f"{fields}"
     )
 
 
@@ -136,14 +142,17 @@ def run_ppo(args: list[str]) -> int:
     from tether.models.loading import load_causal_lm, load_scalar_backbone, load_tokenizer, zero_head
     from tether.trainers.ppo import PPOTrainer
 
-    tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn)
-    train_dataset = load_table(config.dataset_name, config.dataset_train_split)
-    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split)
+    revision = config.model_revision if config.model_name_or_path else None  # the revision names model_name_or_path's
+    tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn, revision)
+    train_dataset = load_table(config.dataset_name, config.dataset_train_split, config.dataset_config)
+    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
     console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
-    policy = load_causal_lm(config.policy_path(), config.trust_remote_code)
+    policy = load_causal_lm(config.policy_path(), **config.model_options(own_revision=not config.sft_model_path))
+    value_options = config.model_options(own_revision=False)
+    value_options.pop("quantization_config", None)  # only the policy is quantized
     value_model = (  # any checkpoint: a causal LM gets a fresh scalar head, as TRL's value models do
-        load_scalar_backbone(config.value_model_path, "value model", zero_head, "zeros", config.trust_remote_code,
-                             say=lambda message: console.print(f"note: {message}"))
+        load_scalar_backbone(config.value_model_path, "value model", zero_head, "zeros",
+                             say=lambda message: console.print(f"note: {message}"), **value_options)
         if config.value_model_path
         else None
     )

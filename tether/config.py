@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -21,18 +22,65 @@ import yaml
 
 from tether.errors import ConfigError
 
-# Fields a TRL PPO config may carry that have no effect in tether; accepted with a warning so
-# the config moves over unchanged.
-IGNORED_TRL_FIELDS = {
-    "exp_name", "run_name", "push_to_hub", "hub_model_id", "dataset_num_proc", "ds3_gather_for_generation",
-    "model_adapter_name", "ref_adapter_name", "world_size", "num_total_batches", "micro_batch_size",
-    "local_batch_size", "batch_size", "local_mini_batch_size", "mini_batch_size", "eval_strategy",
-    "eval_steps", "logging_first_step", "use_cpu", "save_strategy", "do_train", "do_eval",
-    "torch_dtype", "dtype", "attn_implementation",
+# TRL 1.12's PPOConfig (with TrainingArguments), ModelConfig and ScriptArguments fields that
+# tether accepts with a one-line note, because they have no effect here and that is harmless:
+# what they would change does not exist in tether (a dataloader, Hub pushing, evaluation
+# metrics), or tether always does what they ask for. Every other TRL field is a field of the
+# config classes below and has its effect (tests/test_trl_fields.py); anything else is unknown.
+NOTED_FIELDS = {
+    **dict.fromkeys(("push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
+                     "hub_always_push", "hub_revision"), "tether does not push to the Hub"),
+    **dict.fromkeys(("trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
+                    "tether does not sync trackio to the Hub"),
+    **dict.fromkeys(("dataloader_drop_last", "dataloader_num_workers", "dataloader_pin_memory",
+                     "dataloader_persistent_workers", "dataloader_prefetch_factor",
+                     "dataloader_multiprocessing_context", "dataloader_in_order", "train_sampling_strategy",
+                     "length_column_name", "label_names", "dataset_num_proc", "dataset_streaming"),
+                    "tether encodes the data up front, in one process, and draws its own batches"),
+    **dict.fromkeys(("bf16_full_eval", "fp16_full_eval", "prediction_loss_only", "eval_delay", "eval_on_start",
+                     "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
+                     "include_for_metrics", "batch_eval_metrics", "load_best_model_at_end", "metric_for_best_model",
+                     "greater_is_better"), "tether's evaluation has its own fixed metrics and keeps the last model"),
+    **dict.fromkeys(("world_size", "num_total_batches", "micro_batch_size", "local_batch_size", "batch_size",
+                     "local_mini_batch_size", "mini_batch_size"), "tether derives the batch sizes itself"),
+    **dict.fromkeys(("do_train", "do_eval", "do_predict", "local_rank", "debug", "skip_memory_metrics",
+                     "include_num_input_tokens_seen", "logging_nan_inf_filter", "log_on_each_node",
+                     "save_on_each_node", "torch_empty_cache_steps", "auto_find_batch_size", "use_cache",
+                     "enable_jit_checkpoint", "ignore_data_skip", "restore_callback_states_from_checkpoint",
+                     "average_tokens_across_devices", "accelerator_config", "parallelism_config",
+                     "ignore_bias_buffers", "exp_name", "log_level", "log_level_replica"),
+                    "it concerns HF Trainer, which tether does not use"),
+    "save_only_model": "tether's checkpoints always hold what an exact resume needs",
+    "ds3_gather_for_generation": "under ZeRO-3 tether always gathers the policy once per rollout",
+    "model_adapter_name": "tether trains the adapter it makes (the reference is that adapter switched off)",
+    "ref_adapter_name": "the reference is the policy's adapter switched off",
+    "lora_dropout": "dropout is switched off in every model tether trains",
+    "label_smoothing_factor": "tether's losses are their own (no label smoothing)",
+    "neftune_noise_alpha": "tether adds no noise to embeddings",
+    "use_liger_kernel": "tether's output layer is already chunked",
+    "liger_kernel_config": "tether's output layer is already chunked",
+    "optim_target_modules": "it serves GaLore / APOLLO optimizers, which tether does not offer",
+    "fsdp": "FSDP comes from an Accelerate config: accelerate launch --config_file examples/accelerate/fsdp.yaml",
+    "fsdp_config": "FSDP comes from an Accelerate config: accelerate launch --config_file examples/accelerate/fsdp.yaml",
+}
+ALIASES = {  # other names TRL and transformers configs use for tether's fields
+    "torch_dtype": "dtype", "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
 }
 
 
 FLAG_ALIASES = {"resume": "resume_from_checkpoint", "overwrite": "overwrite_output_dir", "extend": "extend_run"}
+
+# The schedules transformers' get_scheduler builds from a run's length alone (plateau needs a
+# metric, greedy a model of its own), and the optimizers tether makes.
+SCHEDULES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)
+OPTIMIZERS = (
+    "adamw_torch_fused", "adamw_torch", "sgd", "adagrad", "rmsprop", "adafactor",
+    "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
+)
 
 # What a resumed run may change. Actions are what one command does with its output folder and
 # are never written to a run's config.yaml (rerunning that file reruns the training, nothing
@@ -73,9 +121,24 @@ class TrainingConfig:
     # --- model and data -------------------------------------------------------------------
     model_name_or_path: str | None = None
     """Starting model (and its tokenizer): a local folder or a Hub name."""
+    model_revision: str = "main"
+    """The Hub revision (branch, tag or commit) of ``model_name_or_path``."""
     trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """The dtype models load in (``torch_dtype`` is read as this too); ``auto``: the checkpoint's."""
+    attn_implementation: str | None = None
+    """transformers' attention kernel for the models: ``sdpa``, ``eager``, ``flash_attention_2`` ..."""
+    load_in_8bit: bool = False
+    """QLoRA: the trained model's weights in 8 bits through bitsandbytes (CUDA; needs LoRA)."""
+    load_in_4bit: bool = False
+    """QLoRA: the trained model's weights in 4 bits through bitsandbytes (CUDA; needs LoRA)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    use_bnb_nested_quant: bool = False
+    bnb_4bit_quant_storage: str | None = None
     dataset_name: str | None = None
     """A local .jsonl/.json/.parquet/.csv file or a Hub dataset name."""
+    dataset_config: str | None = None
+    """The Hub dataset's configuration (subset) name."""
     dataset_train_split: str = "train"
     dataset_test_split: str = "test"
 
@@ -86,6 +149,9 @@ class TrainingConfig:
     num_train_epochs: float = 3.0
 
     # --- optimizer ------------------------------------------------------------------------
+    max_steps: int = -1
+    """Optimizer steps of the run (PPO: updates); when positive it replaces ``num_train_epochs``
+    (and ``total_episodes``)."""
     learning_rate: float = 5e-5
     adam_epsilon: float = 1e-8
     adam_beta1: float = 0.9
@@ -93,28 +159,97 @@ class TrainingConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm (HF Trainer's default 1.0); unset: no clipping."""
-    lr_scheduler_type: Literal["linear", "constant"] = "linear"
-    """``linear``: from ``learning_rate`` to 0 over the run."""
+    optim: str = "adamw_torch_fused"
+    """``adamw_torch_fused``, ``adamw_torch``, ``sgd``, ``adagrad``, ``rmsprop``, ``adafactor``,
+    or bitsandbytes' ``adamw_8bit`` / ``adamw_bnb_8bit`` / ``paged_adamw_8bit`` /
+    ``paged_adamw_32bit`` / ``lion_8bit`` / ``paged_lion_8bit`` (with bitsandbytes installed)."""
+    optim_args: str | None = None
+    """Extra optimizer arguments, ``key=value,key=value`` (e.g. ``momentum=0.9`` for sgd)."""
+    lr_scheduler_type: str = "linear"
+    """Any schedule transformers offers (``linear``, ``cosine``, ``cosine_with_restarts``,
+    ``polynomial``, ``constant``, ``constant_with_warmup``, ``inverse_sqrt``,
+    ``cosine_with_min_lr``, ``cosine_warmup_with_min_lr``, ``warmup_stable_decay``), built by its
+    ``get_scheduler`` over the run's optimizer steps (PPO: updates)."""
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    """Arguments of the schedule, e.g. ``{num_cycles: 2}`` or ``{min_lr_rate: 0.1}``."""
+    warmup_steps: float = 0
+    """Steps of linear warm-up; a value below 1 is a fraction of the run."""
+    warmup_ratio: float | None = None
+    """The warm-up as a fraction of the run (TRL's older name); refused together with warmup_steps."""
 
     # --- run ------------------------------------------------------------------------------
     output_dir: str = "runs/tether"
     seed: int = 42
+    data_seed: int | None = None
+    """The seed of the data order alone (shuffles, held-out rows); unset: ``seed``."""
     full_determinism: bool = False
     """Deterministic CUDA kernels, so that a GPU run repeats bit for bit and a resumed run
     matches a straight one; somewhat slower. CPU runs repeat without it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    use_cpu: bool = False
+    """Run on the CPU even when a GPU is there (the same as ``device: cpu``)."""
+    tf32: bool | None = None
+    """TensorFloat-32 matrix multiplies on Ampere and newer GPUs (faster fp32; unset: torch's default)."""
     bf16: bool = False
     """Autocast forwards (and generation) to bfloat16; weights stay fp32."""
     fp16: bool = False
     """Autocast to float16 with a loss scaler (through Accelerate); needs a CUDA device."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (policy and value
-    model, the value model's backbone included): less memory, about a third more compute."""
+    model, the value model's backbone included): less memory, about a third more compute.
+    ``activation_checkpointing`` (transformers 5's name) is read as this too."""
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    """Passed to the checkpointing: ``{use_reentrant: true}`` for the reentrant variant (tether's
+    default is non-reentrant)."""
+    torch_compile: bool = False
+    """Not available yet: true is refused (a compiled training path is being built)."""
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
+    per_device_eval_batch_size: int = 8
+    """Rows per evaluation micro-batch (SFT, RM) and per evaluation sampling chunk (PPO)."""
+    logging_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """``steps``: a metrics line every ``logging_steps``; ``epoch``: at the end of each pass over
+    the data; ``no``: only evaluation steps and the last (metrics.jsonl, trackers)."""
     logging_steps: int = 1
+    logging_first_step: bool = False
+    """Also log the first step whatever ``logging_steps`` says."""
     report_to: str | list[str] = "none"
     """Trackers besides metrics.jsonl: tensorboard, wandb, trackio."""
+    run_name: str | None = None
+    """The trackers' name for the run."""
+    project: str | None = None
+    """The W&B / trackio project (unset: the tracker's default)."""
+    disable_tqdm: bool = False
+    """No progress bars (messages and metrics files stay)."""
+    remove_unused_columns: bool = False
+    """PPO: true keeps only the prompt column, so reward functions get no other column (TRL's
+    trainers drop columns their model does not take; tether keeps them for reward functions by
+    default). SFT and RM read only their data columns either way."""
+    ddp_find_unused_parameters: bool | None = None
+    """Several processes: let DDP allow parameters that get no gradient (slower)."""
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
+    ddp_static_graph: bool | None = None
+    ddp_timeout: int = 1800
+    """Seconds a process waits for the others in a collective before failing."""
+    ddp_backend: str | None = None
+    """The process group backend (``nccl``, ``gloo``); unset: Accelerate's choice."""
+    deepspeed: str | dict[str, Any] | None = None
+    """A DeepSpeed config (a JSON file's path or the mapping itself), handed to Accelerate; the
+    same as launching with an Accelerate DeepSpeed config."""
+
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    """Evaluation on held-out data (SFT, RM: held-out rows; PPO: sampling the eval prompts):
+    ``steps`` every ``eval_steps``, ``epoch`` after each pass over the data, ``no`` never. Unset:
+    SFT and RM every ``eval_steps`` (when set) and at the end; PPO with its sample tables."""
+    eval_steps: int | None = None
+    """With ``eval_strategy`` steps (or unset, in SFT and RM): evaluate every this many steps."""
 
     # --- checkpoints ----------------------------------------------------------------------
+    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    """``steps``: a checkpoint every ``save_steps`` (and at the end and on SIGTERM / SIGINT);
+    ``epoch``: after each pass over the data (and at the end, on a signal); ``no``: none at all
+    (the run cannot be resumed)."""
     save_steps: int | None = None
     """Write a checkpoint every this many updates / optimizer steps (always at the end and on
     SIGTERM / SIGINT)."""
@@ -136,6 +271,10 @@ class TrainingConfig:
     def validate(self) -> None:
         """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
         check_types(self)
+        if getattr(self, "lora_settings", None):
+            self.lora_settings()  # refuses use_peft with peft_config
+        if self.load_in_4bit or self.load_in_8bit:
+            self._quantization()  # refused here, before any model loads, where it cannot run
         for name, value in dataclasses.asdict(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config field {name} must be a finite number, got {value}")
@@ -152,8 +291,84 @@ class TrainingConfig:
             raise ConfigError(f"config field num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.bf16 and self.fp16:
             raise ConfigError("config fields bf16 and fp16 are both set; choose one mixed precision")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ConfigError(
+                f"config field lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULES)}"
+            )
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"config field optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.warmup_steps < 0 or (self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1):
+            raise ConfigError("config fields warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ConfigError("config fields warmup_steps and warmup_ratio are both set; give one")
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            raise ConfigError(
+                f"config field warmup_steps must be a whole number of steps or a fraction below 1, got {self.warmup_steps}"
+            )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"config field max_steps must be positive (or -1: use num_train_epochs), got {self.max_steps}")
+        if self.use_cpu:
+            self.device = "cpu"
         if self.fp16 and self.device == "cpu":
             raise ConfigError("config field fp16 needs a CUDA device; use bf16 on CPU")
+        if self.torch_compile:
+            raise ConfigError("torch_compile is not available in tether yet; set it to false")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ConfigError(f"config field eval_steps must be at least 1, got {self.eval_steps}")
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ConfigError("config field eval_strategy is steps but eval_steps is unset; set eval_steps")
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def model_options(self, own_revision: bool = True) -> dict[str, Any]:
+        """``from_pretrained`` arguments for the models this config loads: dtype, attention
+        kernel, remote code, quantization; ``own_revision``: ``model_revision`` too (it names a
+        revision of ``model_name_or_path``, not of a reward or value model)."""
+        import torch
+
+        options: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        options["dtype"] = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+        if self.attn_implementation:
+            options["attn_implementation"] = self.attn_implementation
+        if own_revision and self.model_revision != "main":
+            options["revision"] = self.model_revision
+        if self.load_in_4bit or self.load_in_8bit:
+            options["quantization_config"] = self._quantization()
+        return options
+
+    def _quantization(self):
+        import torch
+
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("config fields load_in_4bit and load_in_8bit are both set; choose one")
+        if not torch.cuda.is_available() or self.device == "cpu":
+            raise ConfigError("load_in_4bit / load_in_8bit quantize through bitsandbytes on a CUDA device; none here")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("load_in_4bit / load_in_8bit need bitsandbytes: pip install bitsandbytes") from None
+        if not (getattr(self, "use_peft", False) or getattr(self, "peft_config", None)):
+            raise ConfigError("a quantized model trains through LoRA: set use_peft (or peft_config) as well")
+        from transformers import BitsAndBytesConfig
+
+        storage = self.bnb_4bit_quant_storage
+        return BitsAndBytesConfig(
+            load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit,
+            bnb_4bit_compute_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type, bnb_4bit_use_double_quant=self.use_bnb_nested_quant,
+            **({"bnb_4bit_quant_storage": getattr(torch, storage)} if storage else {}),
+        )
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: ``warmup_steps``, or a fraction of it."""
+        if self.warmup_ratio is not None:
+            fraction = self.warmup_ratio
+        else:
+            fraction = self.warmup_steps if self.warmup_steps < 1 else None
+        return math.ceil(fraction * total_steps) if fraction is not None else int(self.warmup_steps)
 
 
 @dataclass
@@ -168,6 +383,34 @@ class LoraFields:
     save_merged: bool = True
     """With ``peft_config``: ``save_model`` writes the model with the adapter merged in (a plain
     model); false: the adapter alone, in PEFT's format."""
+    use_peft: bool = False
+    """TRL's way to ask for LoRA: the ``lora_*`` fields below make the adapter (the same one
+    ``peft_config`` would); giving both is refused."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: list[str] | None = None
+    """Modules the adapter wraps; unset: PEFT's choice for the architecture."""
+    lora_target_parameters: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapter."""
+    lora_task_type: str = "CAUSAL_LM"
+    """Accepted for TRL configs; tether sets each model's own task type (the policy's
+    ``CAUSAL_LM``, a reward or value model's ``SEQ_CLS``)."""
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def lora_settings(self) -> dict[str, Any] | None:
+        """The adapter's ``peft.LoraConfig`` fields: ``peft_config``, or those of the ``lora_*``
+        fields with ``use_peft``; None: no adapter."""
+        if self.use_peft and self.peft_config:
+            raise ConfigError("config fields use_peft and peft_config both ask for LoRA; give one")
+        if not self.use_peft:
+            return self.peft_config
+        settings = {"r": self.lora_r, "lora_alpha": self.lora_alpha,
+                    "target_modules": self.lora_target_modules, "target_parameters": self.lora_target_parameters,
+                    "modules_to_save": self.lora_modules_to_save, "use_rslora": self.use_rslora,
+                    "use_dora": self.use_dora}
+        return {key: value for key, value in settings.items() if value is not None}
 
 
 @dataclass
@@ -278,7 +521,7 @@ class PPOConfig(LoraFields, TrainingConfig):
             raise ConfigError(f"config field max_prompt_length must be at least 1, got {self.max_prompt_length}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ConfigError(f"config fields gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
-        if self.value_model_peft and not self.peft_config:
+        if self.value_model_peft and not self.lora_settings():
             raise ConfigError("config field value_model_peft needs peft_config (the LoRA settings); set both or neither")
         local = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if local % self.num_mini_batches:
@@ -290,13 +533,16 @@ class PPOConfig(LoraFields, TrainingConfig):
     def batch_plan(self, num_prompts: int, world_size: int = 1) -> BatchPlan:
         local = self.per_device_train_batch_size * self.gradient_accumulation_steps
         batch = local * world_size
-        total = self.total_episodes or int(self.num_train_epochs * num_prompts)
-        if total < batch:
-            raise ConfigError(
-                f"total_episodes={total} is smaller than one rollout batch ({batch} prompts); "
-                "raise total_episodes or num_train_epochs, or lower the batch size"
-            )
-        num_total_batches = math.ceil(total / batch)
+        if self.max_steps > 0:  # updates, as TRL's max_steps overrides the episodes
+            num_total_batches = self.max_steps
+        else:
+            total = self.total_episodes or int(self.num_train_epochs * num_prompts)
+            if total < batch:
+                raise ConfigError(
+                    f"total_episodes={total} is smaller than one rollout batch ({batch} prompts); "
+                    "raise total_episodes or num_train_epochs, or lower the batch size"
+                )
+            num_total_batches = math.ceil(total / batch)
         local_mini = local // self.num_mini_batches
         return BatchPlan(
             world_size=world_size,
@@ -324,8 +570,6 @@ class SFTConfig(LoraFields, TrainingConfig):
     """Loss on completion tokens only (True) or on every token, the prompt's too (False)."""
     eval_fraction: float = 0.0
     """Share of the rows held out for evaluation when the dataset has no ``dataset_test_split``."""
-    eval_steps: int | None = None
-    """Evaluate every this many optimizer steps (and always at the end)."""
     learning_rate: float = 2e-5
     output_dir: str = "runs/sft"
 
@@ -346,7 +590,6 @@ class RewardConfig(LoraFields, TrainingConfig):
     Pairs whose chosen and rejected end up the same tokens are dropped; both are counted."""
     eval_fraction: float = 0.1
     """Share of the pairs held out for accuracy when the dataset has no ``dataset_test_split``."""
-    eval_steps: int | None = None
     normalize_rewards: bool = False
     """After training, store a bias so the reference set scores mean 0 (``get_reward`` applies it)."""
     normalization_dataset: str | None = None
@@ -364,8 +607,7 @@ def _check_common_supervised(config) -> None:
         raise ConfigError(f"config field max_length must be at least 2, got {config.max_length}")
     if not 0.0 <= config.eval_fraction < 1.0:
         raise ConfigError(f"config field eval_fraction must lie in [0, 1), got {config.eval_fraction}")
-    if config.eval_steps is not None and config.eval_steps < 1:
-        raise ConfigError(f"config field eval_steps must be at least 1, got {config.eval_steps}")
+
 
 
 # --- loading and type checking -------------------------------------------------------------
@@ -505,12 +747,17 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(loaded).__name__}")
         values.update(loaded)
     values.update(overrides or {})
+    for alias, name in ALIASES.items():
+        if alias in values:
+            if name in values:
+                raise ConfigError(f"config fields {name} and {alias} are both set; give {name}")
+            values[name] = values.pop(alias)
     known = set(_field_types(cls))
     for key in list(values):
         if key in known:
             continue
-        if key in IGNORED_TRL_FIELDS:
-            warn(f"note: config field {key!r} has no effect in tether; ignored")
+        if key in NOTED_FIELDS:
+            warn(f"note: config field {key!r} has no effect in tether: {NOTED_FIELDS[key]}")
             del values[key]
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -553,16 +800,86 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+FIELD_GROUPS = {  # how --help and --print-config lay the fields out
+    "model": (
+        "model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path", "model_revision",
+        "trust_remote_code", "dtype", "attn_implementation", "load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type",
+        "use_bnb_nested_quant", "bnb_4bit_quant_storage", "peft_config", "use_peft", "lora_r", "lora_alpha",
+        "lora_target_modules", "lora_target_parameters", "lora_modules_to_save", "lora_task_type",
+        "use_rslora", "use_dora", "value_model_peft",
+    ),
+    "data": (
+        "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "prompt_column",
+        "max_prompt_length", "prompt_truncation", "max_length", "truncation_mode", "eval_fraction",
+        "normalization_dataset", "remove_unused_columns", "data_seed",
+    ),
+    "generation": (
+        "response_length", "temperature", "stop_token", "stop_token_id", "local_rollout_forward_batch_size",
+        "cuda_graphs",
+    ),
+    "algorithm": (
+        "num_ppo_epochs", "num_mini_batches", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
+        "whiten_rewards", "whiten_advantages", "cliprange", "cliprange_value", "vf_coef", "entropy_coef", "gamma",
+        "lam", "missing_eos_penalty", "completion_only_loss", "normalize_rewards",
+    ),
+    "optimisation": (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "total_episodes",
+        "max_steps", "learning_rate", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+        "weight_decay", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+        "seed", "full_determinism", "bf16", "fp16", "tf32", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+        "logprob_chunk_size", "per_device_eval_batch_size", "torch_compile", "torch_compile_backend",
+        "torch_compile_mode", "max_nonfinite_steps",
+    ),
+    "logging and checkpoints": (
+        "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "report_to", "run_name", "project",
+        "disable_tqdm", "num_sample_generations", "metric_function", "eval_strategy", "eval_steps", "save_strategy",
+        "save_steps", "save_total_limit", "save_merged", "resume_from_checkpoint", "overwrite_output_dir",
+        "extend_run",
+    ),
+    "processes": (
+        "device", "use_cpu", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers",
+        "ddp_static_graph", "ddp_timeout", "ddp_backend", "deepspeed",
+    ),
+}
+
+
+def grouped_fields(cls) -> dict[str, list[str]]:
+    """``cls``'s fields by ``FIELD_GROUPS`` (a field in no group lands in ``other``)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    groups = {group: [n for n in members if n in names] for group, members in FIELD_GROUPS.items()}
+    placed = {n for members in groups.values() for n in members}
+    groups["other"] = [n for n in names if n not in placed]
+    return {group: members for group, members in groups.items() if members}
+
+
 def describe_fields(cls) -> str:
-    """Every field of ``cls``: name, type, default and its docstring, one paragraph each."""
-    docs = field_docs(cls)
+    """Every field of ``cls``, grouped: name, type, default and its docstring."""
+    docs, types_ = field_docs(cls), _field_types(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     lines = []
-    for name, tp in _field_types(cls).items():
-        default = next(f for f in dataclasses.fields(cls) if f.name == name).default
-        lines.append(f"  --{name} ({_describe(tp)}, default {default!r})")
-        if docs.get(name):
-            lines.append(f"      {docs[name]}")
+    for group, names in grouped_fields(cls).items():
+        lines.append(f"\n{group}:")
+        for name in names:
+            lines.append(f"  --{name} ({_describe(types_[name])}, default {defaults[name]!r})")
+            if docs.get(name):
+                lines.append(f"      {docs[name]}")
     return "\n".join(lines)
+
+
+def config_template(cls) -> str:
+    """A YAML config of every field at its default, grouped, each with its docstring as a
+    comment: ``tether <command> --print-config`` (the command-line actions left out)."""
+    docs, defaults = field_docs(cls), config_values(cls())
+    lines = [f"# tether config ({cls.__name__}): every field at its default; edit and run with --config"]
+    for group, names in grouped_fields(cls).items():
+        lines.append(f"\n# --- {group} " + "-" * max(0, 70 - len(group)))
+        for name in names:
+            if name not in defaults:
+                continue
+            if docs.get(name):
+                lines.extend(f"# {line}" for line in textwrap.wrap(docs[name], 92))
+            lines.append(yaml.safe_dump({name: defaults[name]}, default_flow_style=False, width=10_000).strip())
+    return "\n".join(lines) + "\n"
 
 
 def config_values(config) -> dict[str, Any]:

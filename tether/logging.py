@@ -90,13 +90,16 @@ class Reporters:
 
                 run_id = self._run_id(name, lambda: wandb.util.generate_id())
                 self._writers[name] = wandb.init(
-                    config=self.config, dir=str(self.output_dir), id=run_id, resume="allow"
+                    config=self.config, dir=str(self.output_dir), id=run_id, resume="allow",
+                    project=self.config.get("project"), name=self.config.get("run_name"),
                 )
             elif name == "trackio":
                 import trackio
 
-                run_name = self._run_id(name, lambda: f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}")
-                self._writers[name] = trackio.init(project="tether", name=run_name, config=self.config, resume="allow")
+                given = self.config.get("run_name")
+                run_name = self._run_id(name, lambda: given or f"{self.output_dir.name}-{uuid.uuid4().hex[:8]}")
+                project = self.config.get("project") or "tether"
+                self._writers[name] = trackio.init(project=project, name=run_name, config=self.config, resume="allow")
         return self._writers[name]
 
     def _run_id(self, tracker: str, new) -> str:

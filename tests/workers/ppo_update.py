@@ -61,9 +61,9 @@ def record_sampled_rows(trainer: PPOTrainer) -> list:
     """The number of rows of each ``sample`` call of ``trainer``'s rollout maker from now on."""
     rows, sample = [], trainer.rollout_maker.sample
 
-    def recorded(prompt_ids):
+    def recorded(prompt_ids, *chunking):
         rows.append(len(prompt_ids))
-        return sample(prompt_ids)
+        return sample(prompt_ids, *chunking)
 
     trainer.rollout_maker.sample = recorded
     return rows

@@ -33,8 +33,9 @@ PROMPT_COLUMNS = ("prompt", "messages", "input_ids", "query", "text")
 # ---------------------------------------------------------------- loading
 
 
-def load_table(source: str, split: str = "train") -> datasets.Dataset:
-    """Rows of a local file (.jsonl, .json, .parquet, .csv), a ``save_to_disk`` directory, or a Hub dataset.
+def load_table(source: str, split: str = "train", subset: str | None = None) -> datasets.Dataset:
+    """Rows of a local file (.jsonl, .json, .parquet, .csv), a ``save_to_disk`` directory, or a Hub
+    dataset (``subset``: its configuration, ``dataset_config``).
 
     Raises DataError for a missing or unreadable file, a Hub name that cannot be loaded, and a
     table with no rows.
@@ -47,13 +48,13 @@ def load_table(source: str, split: str = "train") -> datasets.Dataset:
     elif source.lower().endswith(LOCAL_EXTENSIONS) or source.startswith((".", "/", "~")):
         raise DataError(f"dataset file not found: {source}")
     else:
-        table = _load_hub(source, split)
+        table = _load_hub(source, split, subset)
     if table.num_rows == 0:
         raise DataError(f"dataset {source} (split {split}) has no rows; add prompts to it")
     return table
 
 
-def load_test_split(source: str, split: str) -> datasets.Dataset | None:
+def load_test_split(source: str, split: str, subset: str | None = None) -> datasets.Dataset | None:
     """The ``split`` of a dataset that really has splits (a Hub dataset or a saved DatasetDict).
 
     None for a single file or a saved single Dataset (those hold one table, which would come
@@ -74,7 +75,7 @@ def load_test_split(source: str, split: str) -> datasets.Dataset | None:
             )
             return None
     try:
-        return load_table(source, split)
+        return load_table(source, split, subset)
     except DataError as error:
         warnings.warn(f"no test split {split!r} is used: {error}", stacklevel=2)
         return None
@@ -168,11 +169,11 @@ def _load_saved(path: str, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
+def _load_hub(name: str, split: str, subset: str | None = None) -> datasets.Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, *([subset] if subset else []), split=split)
     except Exception as error:
         raise DataError(
             f"cannot load Hub dataset {name!r} (split {split}): {_one_line(error)}; "
@@ -226,16 +227,19 @@ class Prompts:
 
 
 def load_prompts(
-    dataset, tokenizer, column: str | None = None, max_prompt_length: int | None = None, truncation: str = "left"
+    dataset, tokenizer, column: str | None = None, max_prompt_length: int | None = None, truncation: str = "left",
+    other_columns: bool = True,
 ) -> Prompts:
     """``Prompts`` of a ``datasets.Dataset`` (``column``: the prompt column, else the first of
-    PROMPT_COLUMNS present) or of a plain list of prompts."""
+    PROMPT_COLUMNS present) or of a plain list of prompts; ``other_columns`` False keeps none
+    of the rows' other columns (``remove_unused_columns``)."""
     if isinstance(dataset, (list, tuple)):
         column, values, columns = column or "prompt", list(dataset), {}
     else:
         column, values = prompt_column_values(dataset, column)
         rows = dataset.with_format(None)
-        columns = {name: rows[name][:] for name in dataset.column_names if name != column}
+        kept = [name for name in dataset.column_names if name != column] if other_columns else []
+        columns = {name: rows[name][:] for name in kept}
     ids = encode_prompt_values(values, tokenizer, column, max_prompt_length, truncation)
     return Prompts(ids, [v.tolist() if hasattr(v, "tolist") else v for v in values], columns)
 

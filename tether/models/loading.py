@@ -23,9 +23,12 @@ def load_pretrained(loader, path: str, what: str, **kwargs):
         raise ConfigError(f"cannot load {what} from {path!r}: {reason}") from None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.warn):
+def load_tokenizer(path: str, trust_remote_code: bool = False, warn=warnings.warn, revision: str | None = None):
     """Tokenizer with left padding; a missing pad token becomes EOS (masks make that safe)."""
-    tokenizer = load_pretrained(AutoTokenizer, path, "tokenizer", padding_side="left", trust_remote_code=trust_remote_code)
+    options = {"revision": revision} if revision and revision != "main" else {}
+    tokenizer = load_pretrained(
+        AutoTokenizer, path, "tokenizer", padding_side="left", trust_remote_code=trust_remote_code, **options
+    )
     tokenizer.padding_side = "left"
     ensure_pad_token(tokenizer, warn)
     return tokenizer
@@ -57,20 +60,19 @@ def ensure_pad_token(tokenizer, warn=warnings.warn) -> None:
     warn(f"the tokenizer has no pad token; using EOS ({tokenizer.eos_token!r}) for padding, which tether's masks make safe")
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    return load_pretrained(AutoModelForCausalLM, path, "policy model", trust_remote_code=trust_remote_code, dtype=torch.float32)
+def load_causal_lm(path: str, **options) -> PreTrainedModel:
+    """``options``: ``from_pretrained`` arguments (``TrainingConfig.model_options``; fp32 by default)."""
+    return load_pretrained(AutoModelForCausalLM, path, "policy model", **{"dtype": torch.float32, **options})
 
 
-def load_scalar_model(path: str, what: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_scalar_model(path: str, what: str, **options) -> PreTrainedModel:
     """An ``AutoModelForSequenceClassification`` with one label (reward or value model)."""
-    model = load_pretrained(
-        AutoModelForSequenceClassification, path, what, trust_remote_code=trust_remote_code, dtype=torch.float32
-    )
+    model = load_pretrained(AutoModelForSequenceClassification, path, what, **{"dtype": torch.float32, **options})
     check_scalar_model(model, what, path)
     return model
 
 
-def load_scalar_backbone(path: str, what: str, init_head, how: str, trust_remote_code: bool = False, say=print):
+def load_scalar_backbone(path: str, what: str, init_head, how: str, say=print, **options):
     """A one-label ``AutoModelForSequenceClassification`` from any checkpoint: a scalar model
     keeps its head; from a causal LM (or a classifier with other labels) Hugging Face builds the
     backbone with a new head, which ``init_head(model)`` draws (``how`` says how), said once."""
@@ -81,8 +83,7 @@ def load_scalar_backbone(path: str, what: str, init_head, how: str, trust_remote
     try:
         model, info = load_pretrained(
             AutoModelForSequenceClassification, path, f"{what} backbone", num_labels=1,
-            ignore_mismatched_sizes=True, output_loading_info=True, trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
+            ignore_mismatched_sizes=True, output_loading_info=True, **{"dtype": torch.float32, **options},
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -174,14 +175,15 @@ def probing(model: nn.Module, device: torch.device):
         model.train(training)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, options: dict | None = None) -> None:
     """Recompute each layer's activations in backward (the value model's backbone too: the
-    flag is set on every layer that supports it). Non-reentrant checkpointing needs no input
-    that requires grad, so a LoRA model with frozen embeddings works as well."""
+    flag is set on every layer that supports it). Non-reentrant checkpointing by default (it
+    needs no input that requires grad, so a LoRA model with frozen embeddings works as well);
+    ``options``: ``gradient_checkpointing_kwargs``."""
     bare = bare_model(model)
     if not getattr(bare, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(bare).__name__} does not support it; set it to false")
-    options = {"use_reentrant": False}
+    options = {"use_reentrant": False, **(options or {})}
     if hasattr(bare, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         bare.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:

@@ -8,6 +8,7 @@ import os
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ def training_device(config: TrainingConfig, parallel, warn) -> torch.device:
     a CPU freed memory is kept for reuse."""
     device = parallel.device if parallel.accelerator else resolve_device(config.device)
     warn_if_bf16_is_slow(config.bf16, device, warn)
+    if config.tf32 is not None:  # process-wide, as torch's switches are
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
     if config.full_determinism:
         use_deterministic_kernels(warn)
     if device.type == "cpu":
@@ -122,22 +126,71 @@ def seeded_split(num_rows: int, held_out: int, seed: int) -> tuple[list[int], li
     return sorted(order[held_out:]), sorted(order[:held_out])
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-        fused=True,  # one kernel per parameter group instead of a chain of foreach ops
-    )
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config.optim`` names over the trainable ``params``, with the config's
+    learning rate, betas, epsilon and weight decay where it takes them, plus ``optim_args``."""
+    params = [p for p in params if p.requires_grad]
+    extra = _optim_args(config.optim_args)
+    adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    common = dict(lr=config.learning_rate, weight_decay=config.weight_decay)
+    match config.optim:
+        case "adamw_torch_fused":  # one kernel per parameter group instead of a chain of foreach ops
+            return torch.optim.AdamW(params, **common, **adam, fused=True, **extra)
+        case "adamw_torch":
+            return torch.optim.AdamW(params, **common, **adam, foreach=True, **extra)
+        case "sgd":
+            return torch.optim.SGD(params, **common, **extra)
+        case "adagrad":
+            return torch.optim.Adagrad(params, **common, **extra)
+        case "rmsprop":
+            return torch.optim.RMSprop(params, **common, **extra)
+        case "adafactor":
+            from transformers.optimization import Adafactor
+
+            options = dict(scale_parameter=False, relative_step=False, warmup_init=False, **extra)
+            return Adafactor(params, **common, **options)
+    try:
+        import bitsandbytes.optim as bnb
+    except ImportError:
+        raise ConfigError(
+            f"optim {config.optim} needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
+            "or use adamw_torch_fused"
+        ) from None
+    classes = {"adamw_8bit": bnb.AdamW8bit, "adamw_bnb_8bit": bnb.AdamW8bit, "paged_adamw_8bit": bnb.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.PagedAdamW32bit, "lion_8bit": bnb.Lion8bit, "paged_lion_8bit": bnb.PagedLion8bit}
+    options = {} if "lion" in config.optim else adam
+    return classes[config.optim](params, **common, **options, **extra)
+
+
+def _optim_args(text: str | None) -> dict[str, float | int | bool | str]:
+    """``optim_args`` (``key=value,key=value``) as keyword arguments, numbers and booleans parsed."""
+    import yaml
+
+    values = {}
+    for part in filter(None, (text or "").split(",")):
+        key, separator, value = part.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"config field optim_args: {part!r} is not key=value")
+        values[key.strip()] = yaml.safe_load(value.strip())
+    return values
 
 
 def make_scheduler(optimizer, total_steps: int, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """``linear``: ``lr * (1 - u / total_steps)`` after ``u`` scheduler steps, never below 0."""
-    if config.lr_scheduler_type == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    """transformers' schedule ``lr_scheduler_type`` over ``total_steps`` optimizer steps (PPO:
+    updates), after ``warmup_steps`` of linear warm-up; its ``lr_scheduler_kwargs`` passed on.
+    ``linear`` with no warm-up is ``lr * (1 - u / total_steps)`` after ``u`` steps (ppo-details 32)."""
+    from transformers import get_scheduler
+
+    try:
+        return get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_for(total_steps),
+            num_training_steps=total_steps, scheduler_specific_kwargs=dict(config.lr_scheduler_kwargs or {}),
+        )
+    except (TypeError, ValueError) as error:  # a keyword the schedule does not take, a missing one
+        raise ConfigError(
+            f"lr_scheduler_type {config.lr_scheduler_type} with lr_scheduler_kwargs {config.lr_scheduler_kwargs}: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
 
 
 def autocast(device: torch.device, bf16: bool, fp16: bool = False):
@@ -170,3 +223,39 @@ def stop_if_nonfinite(in_a_row: int, limit: int, where: str) -> None:
             f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient and were skipped "
             f"({where}); lower learning_rate, set max_grad_norm, or check the data and reward"
         )
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a run's step (PPO: update) ``step`` of ``total`` logs, evaluates and checkpoints,
+    by the config's ``*_strategy`` and ``*_steps`` fields; ``per_epoch``: steps in one pass over
+    the data (the ``epoch`` strategies)."""
+
+    config: TrainingConfig
+    total: int
+    per_epoch: int
+
+    def _every(self, step: int, strategy: str | None, steps: int | None) -> bool:
+        if strategy == "epoch":
+            return step % max(self.per_epoch, 1) == 0
+        return strategy == "steps" and bool(steps) and step % steps == 0
+
+    def logs(self, step: int, evaluated: bool = False) -> bool:
+        config = self.config
+        first = config.logging_first_step and step == 1
+        return step == self.total or evaluated or first or self._every(step, config.logging_strategy, config.logging_steps)
+
+    def evaluates(self, step: int, default: bool) -> bool:
+        """``default``: the trainer's own schedule, used while ``eval_strategy`` is unset."""
+        strategy = self.config.eval_strategy
+        if strategy is None:
+            return default
+        return strategy != "no" and (step == self.total or self._every(step, strategy, self.config.eval_steps))
+
+    def saves(self, step: int) -> bool:
+        strategy = self.config.save_strategy
+        return strategy != "no" and (step == self.total or self._every(step, strategy, self.config.save_steps))
+
+    @property
+    def saves_on_signal(self) -> bool:
+        return self.config.save_strategy != "no"

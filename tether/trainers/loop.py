@@ -33,13 +33,14 @@ from tether.config import TrainingConfig, config_values, save_config
 from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
 from tether.models.loading import DropoutOff
-from tether.trainers.common import stop_if_nonfinite
+from tether.trainers.common import Cadence, stop_if_nonfinite
 from tether.trainers.parallel import Parallel
 
 
 class SteppedTrainer(Protocol):
     config: TrainingConfig
     dropout: DropoutOff
+    cadence: Cadence
     parallel: Parallel
     step_count: int
     total_steps: int
@@ -113,20 +114,22 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
             truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
+    cadence = trainer.cadence
     trainer.dropout.apply()
     try:
-        with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main) as progress:
+        with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main and not config.disable_tqdm) as progress:
             task = progress.add_task(name.lower(), total=trainer.total_steps, completed=trainer.step_count, status="")
             while trainer.step_count < trainer.total_steps:
                 metrics, evaluated = trainer.advance()
-                step, last = trainer.step_count, trainer.step_count == trainer.total_steps
+                step = trainer.step_count
                 history.append(metrics)
-                if parallel.is_main and (evaluated or last or step % config.logging_steps == 0):
+                if parallel.is_main and cadence.logs(step, evaluated):
                     metrics_file.write(metrics)
                     trainer.reporters.log(metrics, step=step)
                 stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}")
                 stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step
-                if last or stopping or (config.save_steps and step % config.save_steps == 0):
+                saved = None
+                if cadence.saves(step) or (stopping and cadence.saves_on_signal):
                     saved = save_checkpoint(trainer)
                 if stopping:
                     raise Interrupted(stop.requested or signal.SIGTERM, saved)

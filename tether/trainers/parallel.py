@@ -80,6 +80,34 @@ def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) 
         )
 
 
+def process_group_options(config) -> list:
+    """Accelerate's handlers for the ``ddp_*`` fields: DDP's own options and the process
+    group's timeout and backend."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ddp = {name: getattr(config, f"ddp_{name}") for name in ("find_unused_parameters", "bucket_cap_mb",
+                                                             "broadcast_buffers", "static_graph")}
+    group = {"timeout": timedelta(seconds=config.ddp_timeout)}
+    if config.ddp_backend:
+        group["backend"] = config.ddp_backend
+    return [DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}), InitProcessGroupKwargs(**group)]
+
+
+def deepspeed_plugin(settings):
+    """The ``deepspeed`` field (a JSON file's path or the mapping) as Accelerate's plugin."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError("config field deepspeed needs the deepspeed package: pip install deepspeed") from None
+    if isinstance(settings, str) and not Path(settings).is_file():
+        raise ConfigError(f"config field deepspeed: no DeepSpeed config file {settings}")
+    return DeepSpeedPlugin(hf_ds_config=settings)
+
+
 def keys_inside(state_dict: dict, outer: nn.Module, model: nn.Module) -> dict:
     """``outer``'s ``state_dict`` as ``model``'s own, where ``model`` sits inside ``outer`` (a
     reward model inside its ``Critic``: ``model.`` comes off every key); unchanged otherwise."""
@@ -111,7 +139,7 @@ class Parallel:
         after that many; every engine divides each loss by it).
         """
         sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("DEEPSPEED", "FSDP"))
-        if launched_processes() == 1 and not config.fp16 and not sharded:
+        if launched_processes() == 1 and not config.fp16 and not sharded and not config.deepspeed:
             return cls(None)
         from accelerate import Accelerator
 
@@ -119,8 +147,12 @@ class Parallel:
         # ``auto`` without a GPU is the CPU backend (gloo): asked for a GPU that is not there,
         # Accelerate would set every process up as a run of its own.
         cpu = resolve_device(config.device).type == "cpu"
+        options = dict(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps,
+                       kwargs_handlers=process_group_options(config))
+        if config.deepspeed:
+            options["deepspeed_plugin"] = deepspeed_plugin(config.deepspeed)
         try:
-            accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps)
+            accelerator = Accelerator(**options)
         except (ValueError, RuntimeError) as error:  # e.g. WORLD_SIZE set by hand, with no rendezvous
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ConfigError(

@@ -80,6 +80,7 @@ from tether.rollout.generate import sampling_config, sampling_temperature
 from tether.scoring.functions import MetricFunction, RewardFunction, import_reward_function, is_function_spec
 from tether.scoring.reward import reward_model_sequences, same_tokenization
 from tether.trainers.common import (
+    Cadence,
     autocast,
     clock,
     make_optimizer,
@@ -133,7 +134,8 @@ class PPOTrainer:
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
         load = lambda data: load_prompts(  # noqa: E731
-            data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation
+            data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation,
+            other_columns=not config.remove_unused_columns,
         )
         self.train_set: Prompts = load(train_dataset)
         self.eval_set: Prompts | None = load(eval_dataset) if eval_dataset is not None else None
@@ -149,7 +151,7 @@ class PPOTrainer:
         )
         # Global batches, shuffled alike on every process under the global seed; each process
         # rolls out its own slice (ppo-details 11).
-        self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.seed)
+        self.sampler = PromptSampler(len(self.prompts), self.plan.batch_size, config.order_seed)
         if self.sampler.repeats:
             console.print(
                 f"[yellow]note: the dataset has {len(self.prompts)} prompts, fewer than one rollout batch of "
@@ -179,10 +181,10 @@ class PPOTrainer:
             console.print("note: value_model is a causal LM: the value model is its backbone with a fresh scalar head (zeros)")
             value_model = value_model_from_policy(value_model)
         check_scalar_model(value_model, "value model")
-        self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.peft_config)
+        self.policy, self.ref_policy = policy_and_reference(policy, ref_policy, config.lora_settings())
         self.value_model = value_model
         if config.value_model_peft:
-            self.value_model = apply_lora(value_model, config.peft_config, "SEQ_CLS")
+            self.value_model = apply_lora(value_model, config.lora_settings(), "SEQ_CLS")
         else:
             self.value_model.requires_grad_(True)
         longest = max(map(len, [*self.prompts, *(self.eval_prompts or [])])) + config.response_length
@@ -195,8 +197,8 @@ class PPOTrainer:
             model.to(self.device)
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
-            enable_gradient_checkpointing(self.value_model)
+            enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
+            enable_gradient_checkpointing(self.value_model, config.gradient_checkpointing_kwargs)
 
         optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
         # What forward passes run through: the models themselves in one process, the engine's
@@ -233,7 +235,9 @@ class PPOTrainer:
             from tether.models.loading import load_own_tokenizer, load_scalar_model
 
             path = reward
-            reward = load_scalar_model(path, "reward model", self.config.trust_remote_code)
+            options = self.config.model_options(own_revision=False)
+            options.pop("quantization_config", None)  # only the trained model is quantized
+            reward = load_scalar_model(path, "reward model", **options)
             if self.reward_tokenizer is None:
                 self.reward_tokenizer = load_own_tokenizer(path, self.config.trust_remote_code, warn=console.print)
         if is_scalar_model(reward):  # a sequence classifier; any other callable (a judge module too) is a function
@@ -494,28 +498,29 @@ class PPOTrainer:
                 truncate_jsonl(self.output_dir / name, keep=lambda update: update <= self.update, key="update")
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
-        saved_at = self.update
+        cadence = Cadence(config, total, per_epoch=max(1, len(self.prompts) // self.plan.batch_size))
         self.dropout.apply()
         try:
-            with StopSignals() as stop, progress_bar("PPO", enabled=main) as progress:
+            with StopSignals() as stop, progress_bar("PPO", enabled=main and not config.disable_tqdm) as progress:
                 task = progress.add_task("ppo", total=total, completed=self.update, status="")
                 while self.update < total:
                     metrics = self.step()
-                    if self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1):
-                        metrics.update(self._show_samples(progress))
+                    table = self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1)
+                    # evaluation: with the sample tables, unless eval_strategy gives it a cadence of its own
+                    evaluate = self.eval_set is not None and cadence.evaluates(self.update, default=bool(table))
+                    if table or evaluate:
+                        metrics.update(self._show_samples(progress, evaluate))
                     self.history.append(metrics)
-                    if main and (self.update % config.logging_steps == 0 or self.update == total):
+                    if main and cadence.logs(self.update, evaluated=evaluate):
                         metrics_file.write(metrics)
                         self.reporters.log(metrics, step=self.update)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
                     if self.parallel.any_process(stop.requested is not None):  # all stop at the same update
-                        raise Interrupted(stop.requested or signal.SIGTERM, self.save_checkpoint())
-                    if config.save_steps and self.update % config.save_steps == 0:
-                        saved_at = self.update
+                        saved = self.save_checkpoint() if cadence.saves_on_signal else None
+                        raise Interrupted(stop.requested or signal.SIGTERM, saved)
+                    if cadence.saves(self.update):
                         self.save_checkpoint()
-                if saved_at != self.update:
-                    self.save_checkpoint()
         finally:
             self.reporters.close()
             self.dropout.restore()  # the caller's models as they came
@@ -576,8 +581,10 @@ class PPOTrainer:
         self.nonfinite_in_a_row, self.history = nonfinite, history
         say_extension(changes, self.scheduler, self.plan.num_total_batches, say)
 
-    def _show_samples(self, progress, rows: int = 4) -> dict[str, float]:
-        if self.eval_prompts:
+    def _show_samples(self, progress, evaluate: bool, rows: int = 4) -> dict[str, float]:
+        """A table of samples: from an evaluation of the eval prompts (whose ``eval/*``
+        metrics are returned) when ``evaluate``, else from the update's rollout."""
+        if evaluate:
             metrics, samples = self.evaluate()
         else:
             rollout, metrics = self.last_rollout, {}

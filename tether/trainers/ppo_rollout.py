@@ -107,14 +107,15 @@ class RolloutMaker:
         return autocast(self.device, self.config.bf16, self.config.fp16)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-        """Left-pad the prompts, sample responses, and find where each response ends."""
+    def sample(self, prompt_ids: Sequence[list[int]], chunk_rows: int | None = None) -> dict[str, torch.Tensor]:
+        """Left-pad the prompts, sample responses (``chunk_rows`` at a time: default
+        ``local_rollout_forward_batch_size``), and find where each response ends."""
         queries, query_mask = left_pad(list(prompt_ids), self.pad_token_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         self.policy.eval()
         with self._autocast(), self.parallel.gathered_for_generation(self.policy_forward):
             responses, logprobs, _ = generate_responses(
-                self.policy, queries, query_mask, self.sampling, self.config.local_rollout_forward_batch_size,
+                self.policy, queries, query_mask, self.sampling, chunk_rows or self.config.local_rollout_forward_batch_size,
                 cuda_graphs=self.config.cuda_graphs,
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
@@ -206,7 +207,7 @@ class RolloutMaker:
         prompts = prompts if isinstance(prompts, Prompts) else _bare(prompts)
         rows, counted = parallel.my_share(list(range(len(prompts))))
         mine = prompts.take(rows)
-        samples = self.sample(mine.ids)
+        samples = self.sample(mine.ids, self.config.per_device_eval_batch_size)
         scores = self.score(samples, mine)
         real = torch.tensor(counted, device=self.device)
         sums = torch.stack([

@@ -59,6 +59,7 @@ from tether.models.forward import Critic
 from tether.models.lora import model_to_save, with_lora
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
+    Cadence,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -72,7 +73,7 @@ from tether.trainers.parallel import Parallel, launched_processes
 
 # --- the model ------------------------------------------------------------------------------
 
-def load_reward_backbone(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_reward_backbone(path: str, **options) -> PreTrainedModel:
     """A one-label ``AutoModelForSequenceClassification`` from a causal-LM or reward checkpoint.
 
     From a causal LM (the SFT model, detail 35) Hugging Face builds the backbone and a new
@@ -81,8 +82,8 @@ def load_reward_backbone(path: str, trust_remote_code: bool = False) -> PreTrain
     keeps it. The caller seeds the random generator first for a reproducible head.
     """
     return load_scalar_backbone(
-        path, "reward model", init_reward_head, "std 1/sqrt(d+1)", trust_remote_code,
-        say=lambda message: console.print(message),
+        path, "reward model", init_reward_head, "std 1/sqrt(d+1)", say=lambda message: console.print(message),
+        **options,
     )
 
 
@@ -136,11 +137,12 @@ class RewardTrainer:
         if eval_dataset is not None:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset)
         else:
-            self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
+            self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.order_seed)
         processes = launched_processes()
         self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
-        self.total_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
+        epochs_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
+        self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
         if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
             raise DataError(
                 f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
@@ -149,7 +151,7 @@ class RewardTrainer:
             )
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
         # gave overlapping shards).
-        self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.seed)
+        self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.order_seed)
         self.reference_sequences = self._reference_sequences()
 
         check_scalar_model(model, "reward model")
@@ -160,11 +162,11 @@ class RewardTrainer:
                         warn=lambda message: console.print(f"[yellow]warning: {message}"))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
-        model = with_lora(model, config.peft_config, "SEQ_CLS")  # the scalar head trains in full
+        model = with_lora(model, config.lora_settings(), "SEQ_CLS")  # the scalar head trains in full
         self.dropout = disable_dropout(model)  # undone after train(), and in saved configs
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
         # ``_scorer`` is what forward passes run through: backbone + head as one module, wrapped
         # by the engine in several processes (DDP must see the forward to average gradients).
         self._scorer, self.optimizer = self.parallel.prepare_trained(
@@ -275,7 +277,7 @@ class RewardTrainer:
         pairs, counted = self.parallel.my_share(self.eval_pairs)  # several processes split the pairs
         names = ("loss", "accuracy", "margin")
         totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        chunk = self.config.per_device_train_batch_size
+        chunk = self.config.per_device_eval_batch_size
         for start in range(0, len(pairs), chunk):
             chosen, rejected = self.score_pairs(pairs[start : start + chunk])
             keep = torch.tensor(counted[start : start + chunk], device=chosen.device)
@@ -361,11 +363,15 @@ class RewardTrainer:
         config = self.config
         metrics = self.step()
         last = self.step_count == self.total_steps
-        if last or (config.eval_steps and self.step_count % config.eval_steps == 0):
+        if self.cadence.evaluates(self.step_count, last or bool(config.eval_steps and self.step_count % config.eval_steps == 0)):
             metrics.update(self.evaluate())
         if last and self.reference_sequences is not None:
             metrics.update(self.normalize(self.reference_sequences))
         return metrics, "eval/accuracy" in metrics
+
+    @property
+    def cadence(self) -> Cadence:
+        return Cadence(self.config, self.total_steps, len(self.train_pairs) // self.batch_pairs)
 
     def status(self, metrics: dict[str, float]) -> str:
         status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
@@ -411,16 +417,16 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     check_output_dir_early(config)
 
     seed_everything(config.seed)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn, config.model_revision)
     # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
     encode = lambda table, what: encode_pairs(  # noqa: E731
         table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs"
     )
-    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split)
+    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
+    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
     eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
     console.print(f"loading the reward model backbone from {config.model_name_or_path}")
-    model = load_reward_backbone(config.model_name_or_path, config.trust_remote_code)
+    model = load_reward_backbone(config.model_name_or_path, **config.model_options())
     trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)
     trainer.train()
     target = trainer.save_model()

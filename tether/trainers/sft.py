@@ -48,6 +48,7 @@ from tether.models.loading import (
 )
 from tether.models.lora import model_to_save, with_lora
 from tether.trainers.common import (
+    Cadence,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -147,7 +148,7 @@ class SFTTrainer:
         if eval_dataset is not None:
             self.train_sequences, self.eval_sequences = sequences, self._encode(eval_dataset, "evaluation")
         else:
-            train_rows, eval_rows = split_held_out(len(sequences), config.eval_fraction, config.seed)
+            train_rows, eval_rows = split_held_out(len(sequences), config.eval_fraction, config.order_seed)
             self.train_sequences = [sequences[i] for i in train_rows]
             self.eval_sequences = [sequences[i] for i in eval_rows]
         check_vocabulary(tokenizer, model, "model")
@@ -155,15 +156,16 @@ class SFTTrainer:
         longest = max(len(s.ids) for s in [*self.train_sequences, *self.eval_sequences])
         check_positions(model, longest, "model", f"the longest row (max_length={config.max_length}) needs", warn)
 
-        model = with_lora(model, config.peft_config, "CAUSAL_LM")
+        model = with_lora(model, config.lora_settings(), "CAUSAL_LM")
         self.model = model
         self.dropout = disable_dropout(model)  # undone after train(), and in saved configs
         model.to(self.device)
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
         self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
-        self.total_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        epochs_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
+        self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
         # ``_model`` is what forward passes run through: the loss pass itself, or the engine's
         # wrapper around it (around the bare model under DeepSpeed and FSDP).
         self._model, self.optimizer = self.parallel.prepare_trained(
@@ -214,8 +216,8 @@ class SFTTrainer:
                         "the ids were made with a different tokenizer"
                     )
 
-    def _micro_batches(self, sequences: list[Sequence]) -> list[SFTBatch]:
-        size = self.config.per_device_train_batch_size
+    def _micro_batches(self, sequences: list[Sequence], size: int | None = None) -> list[SFTBatch]:
+        size = size or self.config.per_device_train_batch_size
         return [
             collate(sequences[start : start + size], self.pad_token_id, self.config.completion_only_loss)
             for start in range(0, len(sequences), size)
@@ -225,7 +227,7 @@ class SFTTrainer:
         """Rows of the next step: epoch ``e`` is ``randperm`` under seed ``seed + e``."""
         epoch, position = divmod(self.step_count, self.steps_per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.config.seed + epoch)
+            generator = torch.Generator().manual_seed(self.config.order_seed + epoch)
             self._epoch_order = (epoch, torch.randperm(len(self.train_sequences), generator=generator).tolist())
         start = position * self.batch_rows
         return self._epoch_order[1][start : start + self.batch_rows]
@@ -275,9 +277,9 @@ class SFTTrainer:
             return {}
         self.model.eval()
         sequences, counted = self.parallel.my_share(self.eval_sequences)
-        size = self.config.per_device_train_batch_size
+        size = self.config.per_device_eval_batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll, tokens
-        for start, batch in zip(range(0, len(sequences), size), self._micro_batches(sequences)):
+        for start, batch in zip(range(0, len(sequences), size), self._micro_batches(sequences, size)):
             uncounted = torch.tensor([not keep for keep in counted[start : start + size]])
             batch.loss_mask[uncounted] = False  # a filler row (see my_share) adds nothing
             batch = batch.to(self.device)
@@ -297,7 +299,7 @@ class SFTTrainer:
         """
         return {
             "step": self.step_count,
-            "seed": self.config.seed,
+            "seed": self.config.order_seed,
             "train_rows": len(self.train_sequences),
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -313,10 +315,10 @@ class SFTTrainer:
             raise ConfigError(
                 f"the checkpoint's trainer state has no valid {error}; it is not an SFT checkpoint"
             ) from None
-        if (seed, rows) != (self.config.seed, len(self.train_sequences)):
+        if (seed, rows) != (self.config.order_seed, len(self.train_sequences)):
             raise ConfigError(
                 f"the checkpoint was trained on {rows} rows with seed {seed}, this run has "
-                f"{len(self.train_sequences)} rows and seed {self.config.seed}; resume with the same data and seed"
+                f"{len(self.train_sequences)} rows and seed {self.config.order_seed}; resume with the same data and seed"
             )
         self._epoch_order = None
 
@@ -327,12 +329,15 @@ class SFTTrainer:
         config = self.config
         metrics = self.step(self._next_rows())
         last = self.step_count == self.total_steps
-        evaluated = bool(self.eval_sequences) and (
-            last or (config.eval_steps is not None and self.step_count % config.eval_steps == 0)
-        )
+        default = last or (config.eval_steps is not None and self.step_count % config.eval_steps == 0)
+        evaluated = bool(self.eval_sequences) and self.cadence.evaluates(self.step_count, default)
         if evaluated:
             metrics.update(self.evaluate())
         return metrics, evaluated
+
+    @property
+    def cadence(self) -> Cadence:
+        return Cadence(self.config, self.total_steps, self.steps_per_epoch)
 
     def status(self, metrics: dict[str, float]) -> str:
         status = f"loss {metrics['loss']:.4f}"
@@ -371,17 +376,17 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
     config = load_command_config(SFTConfig, config_path, override_args, required, warn)
     check_output_dir_early(config)
 
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn, config.model_revision)
     # Every row through the encoder before the (possibly slow) model load: a wrong column or a
     # bad row fails at once, and what max_length cuts is said once.
     encode = lambda table, what: encode_sequences(  # noqa: E731
         table, tokenizer, config.max_length, config.truncation_mode, f"{what} rows"
     )
-    train_rows = encode(load_table(config.dataset_name, config.dataset_train_split), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split)
+    train_rows = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
+    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
     eval_rows = encode(eval_table, "evaluation") if eval_table is not None else None
     console.print(f"loading the model from {config.model_name_or_path}")
-    model = load_causal_lm(config.model_name_or_path, config.trust_remote_code)
+    model = load_causal_lm(config.model_name_or_path, **config.model_options())
     trainer = SFTTrainer(config, tokenizer, model, train_rows, eval_rows)
     trainer.train()
     target = trainer.save_model()
