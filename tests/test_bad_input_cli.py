@@ -148,7 +148,7 @@ def test_long_prompts_are_cut_from_the_left_with_one_warning(tmp_path, models, c
     ])
     assert status == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 16 of 16 prompts were longer than max_prompt_length=1 and lost their first tokens"]
+    assert warnings == ["warning: 16 of 16 training prompts were longer than max_prompt_length=1 and lost their first tokens"]
     tokenizer = word_tokenizer(numbered_words(20))
     last_words = {prompt.split()[-1] for prompt in PROMPTS}
     assert len(seen) == 8 and all(len(ids) == 1 for ids in seen)

@@ -72,7 +72,7 @@ def test_rotary_positions_past_the_trained_range_are_a_warning(tokenizer, tmp_pa
     rows = [{"prompt": " ".join(WORDS[:12]), "completion": "w1 w2 w3 w4 w5 w6"}] * 2
     config = SFTConfig(output_dir=str(tmp_path), device="cpu", per_device_train_batch_size=2, num_train_epochs=1.0)
     trainer = SFTTrainer(config, tokenizer, tiny_causal_lm(tokenizer, max_positions=16), rows)
-    assert "needs 19 positions, past the 16 the model was trained on" in " ".join(capsys.readouterr().err.split())
+    assert "needs 19 positions, past the 16 (max_position_embeddings) of the model" in " ".join(capsys.readouterr().err.split())
     trainer.train()
 
 

@@ -350,17 +350,15 @@ def test_trls_documented_ppo_examples_run(example, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = word_tokenizer(WORDS)
     config = yaml.safe_load(example)
-    for field, make in (("model_name_or_path", tiny_causal_lm), ("sft_model_path", tiny_causal_lm),
-                        ("reward_model_path", tiny_reward_model)):
-        folder = tmp_path / config[field].replace("/", "_")
-        if not folder.exists():  # the descriptiveness example names one model for all three
+    # Each hub name becomes a tiny local model of its kind. The descriptiveness example names one
+    # causal LM for all three, which TRL ran with a random reward head; tether refuses a reward
+    # model without a trained head, so its reward is a (tiny) trained-format reward model.
+    for field, make, kind in (("model_name_or_path", tiny_causal_lm, "lm"), ("sft_model_path", tiny_causal_lm, "lm"),
+                              ("reward_model_path", tiny_reward_model, "rm")):
+        folder = tmp_path / f"{config[field].replace('/', '_')}-{kind}"
+        if not folder.exists():
             make(tokenizer).save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-        if field == "reward_model_path" and config[field] == config["sft_model_path"]:
-            # a causal LM as reward model: TRL loaded it as a one-label classifier with a fresh head
-            tiny_reward_model(tokenizer).save_pretrained(folder.with_name(folder.name + "-rm"))
-            tokenizer.save_pretrained(folder.with_name(folder.name + "-rm"))
-            folder = folder.with_name(folder.name + "-rm")
         config[field] = str(folder)
     rows = datasets.Dataset.from_list([{"prompt": p, "chosen": "w1", "rejected": "w2"} for p in PROMPTS])
     splits = {config.get("dataset_train_split", "train"): rows, config.get("dataset_test_split", "test"): rows.select(range(4))}

@@ -138,6 +138,8 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
         remove_stale_temporaries(folder)
         if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
             path = Path(resume)
+            if not path.exists():
+                raise ConfigError(f"--resume {path}: no such checkpoint; name a checkpoint-<step> folder, or --resume alone")
             if not (path / STATE_FILE).is_file():
                 raise ConfigError(f"cannot resume from {path}: not a tether checkpoint (no {STATE_FILE})")
             return path
@@ -221,7 +223,8 @@ def write_checkpoint(
     process 0's, ``rng-rank<r>.pt`` process r's); by default, this process's.
     """
     if not all_finite(models):
-        raise TetherError(f"not writing checkpoint {step}: the weights are not finite; the previous checkpoint is kept")
+        kept = "the previous checkpoint is kept" if checkpoints(output_dir) else "there is no earlier checkpoint"
+        raise TetherError(f"not writing checkpoint {step}: the weights are not finite; {kept}")
     folder = Path(output_dir)
     final = folder / f"{PREFIX}{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=folder))
@@ -424,13 +427,17 @@ def check_progress(checkpoint: Path, done, total_steps: int) -> int:
     return done
 
 
-def check_resumed_config(checkpoint: Path, config, say) -> dict[str, list[str]]:
+def check_resumed_config(checkpoint: Path, config, say, command: str) -> dict[str, list[str]]:
     """Before anything is restored: refuse a resume whose config changes what is trained (each
     changed field named with its two values), or the run's length without ``extend_run``; say
     once which logging, saving or evaluation fields changed. Returns the changes by kind."""
     from tether.config import resume_differences
 
-    saved = read_state(checkpoint).get("config")
+    state = read_state(checkpoint)
+    made_by = state.get("command")
+    if made_by is not None and made_by != command:
+        raise ConfigError(f"checkpoint {checkpoint} was written by tether {made_by}, not tether {command}; resume it with that")
+    saved = state.get("config")
     if saved is None:  # written by a tether that did not record its config
         return {}
     changes = resume_differences(saved, config)
@@ -438,6 +445,11 @@ def check_resumed_config(checkpoint: Path, config, say) -> dict[str, list[str]]:
         raise ConfigError(
             f"cannot resume from {checkpoint} with other training settings: {'; '.join(changes['training'])}; "
             "resume with the checkpoint's values (its config is in trainer_state.json) or start a new run"
+        )
+    if changes["shorter"]:
+        raise ConfigError(
+            f"{'; '.join(changes['shorter'])} would make the run in {checkpoint} shorter: a run can be extended, "
+            "not cut back; resume with the checkpoint's length, or start a new run"
         )
     if changes["length"] and not config.extend_run:
         raise ConfigError(

@@ -29,6 +29,8 @@ several processes (ppo, sft, rm):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] in ("-h", "--help", "help") and argv[1] in TRAINING_COMMANDS:
+        argv = [argv[1], "--help"]  # tether help ppo, tether --help sft
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2

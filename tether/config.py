@@ -69,6 +69,12 @@ ALIASES = {  # other names TRL and transformers configs use for tether's fields
 }
 
 
+class _BareFlag(str):
+    """``--field`` given with no value: true for a true/false field, refused for any other."""
+
+
+BARE_FLAG = _BareFlag("true")
+
 FLAG_ALIASES = {"resume": "resume_from_checkpoint", "overwrite": "overwrite_output_dir", "extend": "extend_run"}
 
 # The schedules transformers' get_scheduler builds from a run's length alone (plateau needs a
@@ -90,7 +96,7 @@ OPTIMIZERS = (
 ACTION_FIELDS = ("resume_from_checkpoint", "overwrite_output_dir", "extend_run")
 DISPLAY_FIELDS = (
     "output_dir", "logging_steps", "report_to", "save_steps", "save_total_limit", "num_sample_generations",
-    "eval_steps", "dataset_test_split", "metric_function", "device", "full_determinism", "cuda_graphs",
+    "eval_steps", "metric_function", "device", "full_determinism", "cuda_graphs",
     "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
 )
 LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
@@ -279,11 +285,24 @@ class TrainingConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config field {name} must be a finite number, got {value}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                     "max_nonfinite_steps"):
+                     "max_nonfinite_steps", "per_device_eval_batch_size", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate < 0:
             raise ConfigError(f"config field learning_rate must be >= 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(
+                f"config field max_grad_norm must be > 0, got {self.max_grad_norm}; leave it unset (null) for no clipping"
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"config field adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"config field weight_decay must be >= 0, got {self.weight_decay}")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("--resume and --overwrite are both given: continue the run in output_dir, or replace it")
         for name in ("save_steps", "save_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"config field {name} must be at least 1 (or unset), got {getattr(self, name)}")
@@ -719,7 +738,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             key, value = key.split("=", 1)
         else:
             if index + 1 >= len(args) or args[index + 1].startswith("--"):
-                value = "true"  # a bare flag
+                value = BARE_FLAG  # --bf16 alone: true, for a true/false field
             else:
                 index += 1
                 value = args[index]
@@ -740,7 +759,9 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             loaded = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"config file {path} is not valid YAML: {reason}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {reason}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -752,9 +773,13 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             if name in values:
                 raise ConfigError(f"config fields {name} and {alias} are both set; give {name}")
             values[name] = values.pop(alias)
-    known = set(_field_types(cls))
+    types_ = _field_types(cls)
+    known = set(types_)
     for key in list(values):
         if key in known:
+            takes_true = types_[key] is bool or bool in typing.get_args(types_[key])
+            if isinstance(values[key], _BareFlag) and not takes_true:
+                raise ConfigError(f"--{key} needs a value (it is {_describe(types_[key])}): --{key} VALUE")
             continue
         if key in NOTED_FIELDS:
             warn(f"note: config field {key!r} has no effect in tether: {NOTED_FIELDS[key]}")
@@ -899,13 +924,23 @@ def resume_differences(saved: dict[str, Any], config) -> dict[str, list[str]]:
     import json
 
     current = json.loads(json.dumps(config_values(config)))
-    changes: dict[str, list[str]] = {"training": [], "length": [], "display": []}
+    changes: dict[str, list[str]] = {"training": [], "length": [], "shorter": [], "display": []}
     for name, value in current.items():
         if name not in saved or saved[name] == value:
             continue
         kind = "display" if name in DISPLAY_FIELDS else "length" if name in LENGTH_FIELDS else "training"
+        if kind == "length" and _shorter(saved[name], value):
+            kind = "shorter"
         changes[kind].append(f"{name} {saved[name]!r} -> {value!r}")
     return changes
+
+
+def _shorter(before, after) -> bool:
+    """Whether a run-length field's new value asks for a shorter run (``None`` and -1: unset)."""
+    unset = (None, -1)
+    if before in unset or after in unset:
+        return False
+    return float(after) < float(before)
 
 
 def save_config(config, path: str | Path) -> None:

@@ -16,7 +16,7 @@ from tether.saving import write_text_atomic
 
 # Several processes (torchrun, accelerate launch): one copy of every message, from process 0.
 # Errors are raised, not printed, so every process still reports its own.
-console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0, soft_wrap=True)  # a message is one line
 
 
 class MetricsFile:

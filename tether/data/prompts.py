@@ -50,7 +50,7 @@ def load_table(source: str, split: str = "train", subset: str | None = None) -> 
     else:
         table = _load_hub(source, split, subset)
     if table.num_rows == 0:
-        raise DataError(f"dataset {source} (split {split}) has no rows; add prompts to it")
+        raise DataError(f"dataset {source} (split {split}) has no rows; add rows to it")
     return table
 
 
@@ -228,7 +228,7 @@ class Prompts:
 
 def load_prompts(
     dataset, tokenizer, column: str | None = None, max_prompt_length: int | None = None, truncation: str = "left",
-    other_columns: bool = True,
+    other_columns: bool = True, what: str = "",
 ) -> Prompts:
     """``Prompts`` of a ``datasets.Dataset`` (``column``: the prompt column, else the first of
     PROMPT_COLUMNS present) or of a plain list of prompts; ``other_columns`` False keeps none
@@ -240,7 +240,7 @@ def load_prompts(
         rows = dataset.with_format(None)
         kept = [name for name in dataset.column_names if name != column] if other_columns else []
         columns = {name: rows[name][:] for name in kept}
-    ids = encode_prompt_values(values, tokenizer, column, max_prompt_length, truncation)
+    ids = encode_prompt_values(values, tokenizer, column, max_prompt_length, truncation, what)
     return Prompts(ids, [v.tolist() if hasattr(v, "tolist") else v for v in values], columns)
 
 
@@ -272,20 +272,24 @@ def encode_prompt_values(
     column: str = "prompt",
     max_prompt_length: int | None = None,
     truncation: str = "left",
+    what: str = "",
 ) -> list[list[int]]:
-    """``encode_prompts`` of a plain list of prompts; ``column`` names them in error messages.
-    Token ids may come as numpy arrays or tensors, as a table would have converted them."""
+    """``encode_prompts`` of a plain list of prompts; ``column`` names them in error messages,
+    ``what`` in the truncation warning ("training", "evaluation"). Token ids may come as numpy
+    arrays or tensors, as a table would have converted them."""
     _check_truncation(max_prompt_length, truncation)
     values = [value.tolist() if hasattr(value, "tolist") else value for value in values]
-    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation)
+    return _encode_checked(values, tokenizer, column, max_prompt_length, truncation, what)
 
 
-def _encode_checked(values: list, tokenizer, column: str, max_prompt_length: int | None, truncation: str):
+def _encode_checked(
+    values: list, tokenizer, column: str, max_prompt_length: int | None, truncation: str, what: str = ""
+):
     prompts = _encode_values(values, column, tokenizer)
     _check_prompts(prompts, column, len(tokenizer))
     if max_prompt_length is None:
         return prompts
-    return _truncate(prompts, column, max_prompt_length, truncation)
+    return _truncate(prompts, column, max_prompt_length, truncation, what)
 
 
 def _check_truncation(max_prompt_length: int | None, truncation: str) -> None:
@@ -436,7 +440,7 @@ def _check_prompts(prompts: list[list[int]], column: str, vocab_size: int) -> No
             )
 
 
-def _truncate(prompts: list[list[int]], column: str, max_length: int, truncation: str) -> list[list[int]]:
+def _truncate(prompts: list[list[int]], column: str, max_length: int, truncation: str, what: str = "") -> list[list[int]]:
     too_long = [row for row, ids in enumerate(prompts) if len(ids) > max_length]
     if not too_long:
         return prompts
@@ -449,7 +453,7 @@ def _truncate(prompts: list[list[int]], column: str, max_length: int, truncation
     # Keep the tail: the end of a prompt (the question, the generation prompt) is what the
     # response continues from.
     warnings.warn(
-        f"{len(too_long)} of {len(prompts)} prompts were longer than max_prompt_length="
+        f"{len(too_long)} of {len(prompts)} {what + ' ' if what else ''}prompts were longer than max_prompt_length="
         f"{max_length} and lost their first tokens",
         stacklevel=3,
     )

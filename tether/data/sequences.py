@@ -90,6 +90,10 @@ def _completion_ids(tokenizer, prompt_value, prompt_ids: list[int], completion, 
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     elif is_chat(completion):
         check_messages(completion, row, column)
+        if isinstance(prompt_value, str) and prompt_value:
+            raise DataError(
+                f"row {row}: the prompt is text but column {column!r} is a chat; give both as chats or both as text"
+            )
         prior = prompt_value if isinstance(prompt_value, list) else []
         try:
             full = _render(tokenizer, [*prior, *completion], generation_prompt=False)
@@ -134,7 +138,7 @@ def encode_sequences(
         column = "text"
     else:
         raise DataError(
-            "SFT data needs prompt+completion, messages, or text columns; the dataset has "
+            "prompt/completion data needs prompt+completion, messages, or text columns; the dataset has "
             f"{', '.join(columns) or 'no columns'}"
         )
     prompt_column = "messages" if column == "messages" else "prompt"
@@ -306,8 +310,15 @@ def _implicit_prompt(chosen, rejected, row: int) -> tuple:
     their longest common run of first messages as the prompt; they must part at their last
     assistant turn, not before (a pair of different conversations compares nothing). Texts
     have no prompt."""
-    if not (is_chat(chosen) and is_chat(rejected)):
+    if is_chat(chosen) != is_chat(rejected):
+        raise DataError(
+            f"row {row}: chosen is {'a chat' if is_chat(chosen) else 'text'} but rejected is "
+            f"{'a chat' if is_chat(rejected) else 'text'}; give both in one form"
+        )
+    if not is_chat(chosen):
         return "", chosen, rejected
+    check_messages(chosen, row, "chosen")  # indices in the whole conversation, before it is split
+    check_messages(rejected, row, "rejected")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1

@@ -66,8 +66,26 @@ def load_causal_lm(path: str, **options) -> PreTrainedModel:
 
 
 def load_scalar_model(path: str, what: str, **options) -> PreTrainedModel:
-    """An ``AutoModelForSequenceClassification`` with one label (reward or value model)."""
-    model = load_pretrained(AutoModelForSequenceClassification, path, what, **{"dtype": torch.float32, **options})
+    """A trained ``AutoModelForSequenceClassification`` with one label (a reward model): a
+    checkpoint without a trained one-label head (a causal LM, a classifier of other labels) is
+    refused, since Hugging Face would give it a random head that scores nothing."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its report of new weights: said below, in one line
+    try:
+        model, info = load_pretrained(
+            AutoModelForSequenceClassification, path, what, output_loading_info=True,
+            **{"dtype": torch.float32, **options},
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    head = "score." if hasattr(model, "score") else "classifier."
+    if any(key.startswith(head) for key in [*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])]):
+        raise ConfigError(
+            f"the {what} at {path!r} has no trained scalar head (it looks like a causal LM): train one with "
+            "tether rm, or name a reward function (module:function)"
+        )
     check_scalar_model(model, what, path)
     return model
 
@@ -254,28 +272,23 @@ def freeze(model: nn.Module) -> nn.Module:
 POSITION_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
 
 
-def check_positions(model: nn.Module, needed: int, what: str, because: str, warn) -> None:
+def check_positions(model: nn.Module, needed: int, what: str, because: str, fix: str) -> str | None:
     """Refuse ``needed`` positions where ``model`` learned fewer absolute ones (a GPT-2 with 1024
-    would fail with an index error, or a device-side assert on a GPU); warn where its positions
-    are rotary and the rest would be extrapolated. ``because`` says what needs them."""
+    would fail with an index error, or a device-side assert on a GPU); where its positions are
+    rotary, return the warning that the rest are extrapolated (None: they fit). ``because`` says
+    what needs them, ``fix`` which fields to lower."""
     config = getattr(bare_model(model), "config", None)
     found = [(name, getattr(config, name)) for name in POSITION_FIELDS if isinstance(getattr(config, name, None), int)]
     if not found or needed <= found[0][1]:
-        return
+        return None
     name, limit = found[0]
     learned = any(
         isinstance(module, nn.Embedding) and ("pos" in module_name.rsplit(".", 1)[-1] or module_name.endswith("wpe"))
         for module_name, module in bare_model(model).named_modules()
     )
     if learned:
-        raise ConfigError(
-            f"{because} {needed} positions but the {what} has {limit} ({name}); shorten the sequences "
-            f"(max_length, max_prompt_length, response_length) to fit {limit}"
-        )
-    warn(
-        f"{because} {needed} positions, past the {limit} the {what} was trained on ({name}): "
-        "its rotary positions beyond that are extrapolated"
-    )
+        raise ConfigError(f"{because} {needed} positions but the {what} has {limit} ({name}); {fix} to fit {limit}")
+    return f"{because} {needed} positions, past the {limit} ({name}) of the model: rotary positions beyond are extrapolated"
 
 
 def check_vocabulary(tokenizer, model: nn.Module, what: str) -> None:

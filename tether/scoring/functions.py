@@ -37,6 +37,7 @@ import torch
 from tether.errors import ConfigError, RewardError
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+PASSED_NAMES = ("prompts", "completions", "completion_ids")  # what tether passes; no column may take a name
 _FUNCTION_SPEC = re.compile(r"^(?P<module>[^:]+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 
 
@@ -65,8 +66,13 @@ def import_reward_function(spec: str) -> Callable:
             module = importlib.import_module(module_name)
     except ConfigError:
         raise
-    except Exception as error:  # the user's module failed to import: say which and why
-        raise ConfigError(f"cannot import reward module {module_name!r}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # the user's module failed to import: say which, why and where
+        frames = traceback.extract_tb(error.__traceback__)
+        own = [f for f in frames if "importlib" not in f.filename and not f.filename.startswith("<")]
+        where = f" ({own[-1].filename}:{own[-1].lineno})" if own and own[-1].filename != __file__ else ""
+        raise ConfigError(
+            f"cannot import reward module {module_name!r}: {type(error).__name__}: {error}{where}"
+        ) from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ConfigError(f"reward module {module_name!r} has no function {name!r}")
@@ -106,6 +112,8 @@ class UserFunction:
     def __init__(self, function: Callable, name: str | None = None):
         self.function = function
         self.name = name or function_name(function)
+        if isinstance(function, torch.nn.Module):
+            function.eval()  # a judge scores as a reward model does: no dropout
         target = function.forward if isinstance(function, torch.nn.Module) else function
         try:
             parameters = inspect.signature(target).parameters
@@ -126,6 +134,14 @@ class UserFunction:
             given = offered if self.takes_any else {k: v for k, v in offered.items() if k in self.declared}
             return self.function(**given)
         except Exception as error:
+            if isinstance(error, TypeError) and len(traceback.extract_tb(error.__traceback__)) == 1:
+                # raised by the call itself: the function's parameters do not fit what it is given
+                given = "fn(prompts, responses)" if not self.keywords else (
+                    f"keywords {', '.join([*PASSED_NAMES, *columns])}")
+                raise RewardError(
+                    f"{self.what} {self.name} cannot be called with {given}: {error}; take (prompts, responses), or "
+                    f"completions and **kwargs (TRL's convention; the dataset's columns: {', '.join(columns) or 'none'})"
+                ) from error
             raise RewardError(
                 f"{self.what} {self.name} raised {type(error).__name__}: {error} ({_where(error, self.function)})"
             ) from error
@@ -161,7 +177,7 @@ class MetricFunction(UserFunction):
             raise RewardError(f"metric function {self.name} must return a dict of name: number, got {type(values).__name__}")
         try:
             return {str(key): float(value) for key, value in values.items()}
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise RewardError(f"metric function {self.name} returned a value that is not a number: {error}") from None
 
 
@@ -196,7 +212,10 @@ def check_scores(values, name: str, count: int) -> torch.Tensor:
             value = value.item()
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
             refuse(f"returned {value!r} for completion {index}; every score must be a number (or None)")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past any float
+            refuse(f"returned a number for completion {index} that overflows float32 (largest {FLOAT32_MAX:.3g})")
         if not math.isfinite(value):
             refuse(f"returned {value} for completion {index}; scores must be finite (None: no opinion)")
         if abs(value) > FLOAT32_MAX:

@@ -38,6 +38,7 @@ from tether.trainers.parallel import Parallel
 
 
 class SteppedTrainer(Protocol):
+    command: str  # "sft", "rm": recorded in its checkpoints
     config: TrainingConfig
     dropout: DropoutOff
     cadence: Cadence
@@ -62,7 +63,8 @@ def save_checkpoint(trainer) -> Path | None:
     parallel = trainer.parallel
     if parallel.skip_checkpoint():
         return None
-    state = {**trainer.state_dict(), "world_size": parallel.world_size, "config": config_values(trainer.config)}
+    state = {**trainer.state_dict(), "world_size": parallel.world_size, "config": config_values(trainer.config),
+             "command": trainer.command}
     rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
     with trainer.dropout.original_configs():
         return parallel.share(
@@ -77,9 +79,10 @@ def resume(trainer, checkpoint: Path) -> None:
     parallel = trainer.parallel
     parallel.check_resumable()
     say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    changes = check_resumed_config(checkpoint, trainer.config, say)
+    changes = check_resumed_config(checkpoint, trainer.config, say, trainer.command)
     state = restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, parallel.rank)
-    state.pop("config", None)
+    for recorded in ("config", "command"):  # checked before the restore
+        state.pop(recorded, None)
     written_by = state.pop("world_size", 1)
     if written_by != parallel.world_size:
         raise ConfigError(

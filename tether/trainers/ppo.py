@@ -58,7 +58,7 @@ from tether.checkpoint import (
     truncate_jsonl,
     write_checkpoint,
 )
-from tether.errors import ConfigError, DataError, TetherError
+from tether.errors import ConfigError, DataError, RewardError, TetherError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
@@ -77,7 +77,7 @@ from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.functions import MetricFunction, RewardFunction, import_reward_function, is_function_spec
+from tether.scoring.functions import PASSED_NAMES, MetricFunction, RewardFunction, import_reward_function, is_function_spec
 from tether.scoring.reward import reward_model_sequences, same_tokenization
 from tether.trainers.common import (
     Cadence,
@@ -133,12 +133,12 @@ class PPOTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
-        load = lambda data: load_prompts(  # noqa: E731
+        load = lambda data, what: load_prompts(  # noqa: E731
             data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation,
-            other_columns=not config.remove_unused_columns,
+            other_columns=not config.remove_unused_columns, what=what,
         )
-        self.train_set: Prompts = load(train_dataset)
-        self.eval_set: Prompts | None = load(eval_dataset) if eval_dataset is not None else None
+        self.train_set: Prompts = load(train_dataset, "training")
+        self.eval_set: Prompts | None = load(eval_dataset, "evaluation") if eval_dataset is not None else None
         self.prompts = self.train_set.ids  # token ids of every prompt
         self.eval_prompts = self.eval_set.ids if self.eval_set is not None else None
         self.plan = config.batch_plan(len(self.prompts), launched_processes())
@@ -166,6 +166,13 @@ class PPOTrainer:
         self.reward_model, self.reward_fn = self._resolve_reward(reward)
         self.reward_tokenizer = self._own_reward_tokenizer()
         self.metric_fn = MetricFunction(import_reward_function(config.metric_function)) if config.metric_function else None
+        for function in (self.reward_fn, self.metric_fn):
+            clash = sorted(set(self.train_set.columns) & set(PASSED_NAMES)) if function and function.keywords else []
+            if clash:
+                raise DataError(
+                    f"dataset column(s) {', '.join(clash)} have the name of an argument tether passes {function.name} "
+                    f"({', '.join(PASSED_NAMES)}); rename the column(s)"
+                )
         refuse_shared_models(policy=policy, ref_policy=ref_policy, reward=self.reward_model, value_model=value_model)
         if value_model is None:
             if self.reward_model is not None and self.reward_tokenizer is None:
@@ -188,13 +195,18 @@ class PPOTrainer:
         else:
             self.value_model.requires_grad_(True)
         longest = max(map(len, [*self.prompts, *(self.eval_prompts or [])])) + config.response_length
+        extrapolated = set()  # said once, not once per model
         for name, model in self._models().items():
             own = self.reward_tokenizer is not None and model is self.reward_model
             check_vocabulary(self.reward_tokenizer if own else tokenizer, model, name)
             if not own:  # its own tokens are counted when the text is re-encoded
-                check_positions(model, longest, name, f"the longest prompt + response_length={config.response_length} needs",
-                                warn=lambda message: console.print(f"[yellow]warning: {message}"))
+                extrapolated.add(check_positions(
+                    model, longest, name, f"the longest prompt + response_length={config.response_length} needs",
+                    "lower response_length or max_prompt_length",
+                ))
             model.to(self.device)
+        for message in sorted(filter(None, extrapolated)):
+            console.print(f"[yellow]warning: {message}")
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
@@ -459,7 +471,14 @@ class PPOTrainer:
         self.timing["timing/total"] = clock(self.device) - start
         metrics.update(self.timing)
         if self.metric_fn is not None:
-            metrics.update(self._extra_metrics(rollout))
+            extra = self._extra_metrics(rollout)
+            clash = sorted(set(extra) & set(metrics))
+            if clash:
+                raise RewardError(
+                    f"metric function {self.metric_fn.name} returned {', '.join(clash)}, which tether logs itself; "
+                    "give its metrics other names (e.g. custom/...)"
+                )
+            metrics.update(extra)
         self.last_rollout = rollout
         return metrics
 
@@ -505,7 +524,7 @@ class PPOTrainer:
                 task = progress.add_task("ppo", total=total, completed=self.update, status="")
                 while self.update < total:
                     metrics = self.step()
-                    table = self.plan.sample_every and (self.update % self.plan.sample_every == 0 or self.update == 1)
+                    table = self.plan.sample_every and self.update % self.plan.sample_every == 0
                     # evaluation: with the sample tables, unless eval_strategy gives it a cadence of its own
                     evaluate = self.eval_set is not None and cadence.evaluates(self.update, default=bool(table))
                     if table or evaluate:
@@ -545,6 +564,7 @@ class PPOTrainer:
             "history": self.history,
             "world_size": self.parallel.world_size,
             "config": config_values(self.config),
+            "command": "ppo",
         }
         rng_states = self.parallel.gather_objects(rng_state()) if self.parallel.distributed else None
         with self.dropout.original_configs():
@@ -558,7 +578,7 @@ class PPOTrainer:
     def _resume(self, checkpoint: Path) -> None:
         self.parallel.check_resumable()
         say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-        changes = check_resumed_config(checkpoint, self.config, say)
+        changes = check_resumed_config(checkpoint, self.config, say, "ppo")
         state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler, self.parallel.rank)
         written_by = state.get("world_size", 1)
         if written_by != self.parallel.world_size:

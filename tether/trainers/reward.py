@@ -121,6 +121,8 @@ class RewardTrainer:
     out (one permutation under ``config.seed``).
     """
 
+    command = "rm"
+
     def __init__(self, config: RewardConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
         self.config = config
@@ -158,8 +160,10 @@ class RewardTrainer:
         check_vocabulary(tokenizer, model, "reward model")
         sides = [s.ids for p in [*self.train_pairs, *self.eval_pairs] for s in (p.chosen, p.rejected)]
         longest = max(map(len, [*sides, *(self.reference_sequences or [])]))
-        check_positions(model, longest, "reward model", f"the longest sequence (max_length={config.max_length}) needs",
-                        warn=lambda message: console.print(f"[yellow]warning: {message}"))
+        extrapolated = check_positions(model, longest, "reward model",
+                                       f"the longest sequence (max_length={config.max_length}) needs", "lower max_length")
+        if extrapolated:
+            console.print(f"[yellow]warning: {extrapolated}")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         model = with_lora(model, config.lora_settings(), "SEQ_CLS")  # the scalar head trains in full

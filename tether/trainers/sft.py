@@ -132,6 +132,8 @@ class SFTTrainer:
     rows of a seeded shuffle (the last batch of an epoch may be smaller).
     """
 
+    command = "sft"
+
     def __init__(self, config: SFTConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
         self.config = config
@@ -154,7 +156,10 @@ class SFTTrainer:
         check_vocabulary(tokenizer, model, "model")
         self._check_ids(model)
         longest = max(len(s.ids) for s in [*self.train_sequences, *self.eval_sequences])
-        check_positions(model, longest, "model", f"the longest row (max_length={config.max_length}) needs", warn)
+        extrapolated = check_positions(model, longest, "model", f"the longest row (max_length={config.max_length}) needs",
+                                       "lower max_length")
+        if extrapolated:
+            warn(extrapolated)
 
         model = with_lora(model, config.lora_settings(), "CAUSAL_LM")
         self.model = model
@@ -198,7 +203,9 @@ class SFTTrainer:
         # keeping it would give batches with nothing to divide by.
         useful = [s for s in sequences if self._loss_tokens(s) > 0]
         if not useful:
-            raise DataError(f"no row of the {what} dataset has a token to train on; give longer completions")
+            cut = " (truncation_mode keep_start cut every completion away: raise max_length or use keep_end)" if (
+                self.config.truncation_mode == "keep_start" and self.config.max_length) else ""
+            raise DataError(f"no row of the {what} dataset has a token to train on; give longer completions{cut}")
         if len(useful) < len(sequences):
             console.print(f"[yellow]{len(sequences) - len(useful)} {what} rows have no token to train on; skipped")
         return useful
