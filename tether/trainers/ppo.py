@@ -92,6 +92,7 @@ from tether.trainers.common import (
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
+from tether.trainers.rl_update import train_on_rollout
 
 
 def refuse_shared_models(**models: nn.Module | None) -> None:
@@ -378,31 +379,16 @@ class PPOTrainer:
         #5645), and its loss is normalised by the minibatch's kept-token count, so splitting it
         into micro-batches does not change the update.
         """
-        config, plan, parallel = self.config, self.plan, self.parallel
+        config, parallel = self.config, self.parallel
         self.policy.train()
         self.value_model.train()
         totals = UpdateTotals()
-        rows = rollout.scores.size(0)  # the plan's global batch, or whatever a caller rolled out
-        mini_batch_size = math.ceil(rows / config.num_mini_batches)
-        if mini_batch_size % parallel.world_size:
-            raise ConfigError(
-                f"a minibatch of {mini_batch_size} rows cannot be shared equally by {parallel.world_size} processes"
-            )
-        share = mini_batch_size // parallel.world_size  # this process's rows of every minibatch
-        for _ in range(config.num_ppo_epochs):
-            order = parallel.same_permutation(rows, self.device)
-            for mini_start in range(0, rows, mini_batch_size):
-                minibatch = order[mini_start : mini_start + mini_batch_size]
-                num_tokens = int(rollout.response_mask[minibatch].sum())  # over all processes' rows
-                if num_tokens == 0:
-                    continue  # nothing to learn from: no step, weights unchanged (fix 5)
-                mine = minibatch[parallel.rank * share : (parallel.rank + 1) * share]
-                starts = range(0, mine.numel(), plan.micro_batch_size)
-                for micro_start in starts:
-                    micro = rollout.select(mine[micro_start : micro_start + plan.micro_batch_size])
-                    with parallel.no_sync(self._policy, self._critic, skip=micro_start != starts[-1]):
-                        self._micro_batch_backward(micro, num_tokens, totals)
-                self._optimizer_step(totals)
+        train_on_rollout(
+            rollout, parallel, self.device, epochs=config.num_ppo_epochs, num_mini_batches=config.num_mini_batches,
+            micro_batch_size=self.plan.micro_batch_size, models=(self._policy, self._critic),
+            backward=lambda micro, minibatch: self._micro_batch_backward(micro, minibatch.tokens, totals),
+            step=lambda: self._optimizer_step(totals),
+        )
         return totals.metrics(parallel)
 
     def _micro_batch_backward(self, micro: Rollout, minibatch_tokens: int, totals: UpdateTotals) -> None:
