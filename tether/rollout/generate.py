@@ -42,23 +42,59 @@ def sampling_temperature(temperature: float) -> float:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Pure ancestral sampling: no top-k, top-p, repetition penalty or minimum length."""
+    """Ancestral sampling at ``temperature`` (PPO: nothing else, ppo-details 9), optionally
+    restricted to the ``top_k`` tokens, the ``top_p`` nucleus or tokens of at least ``min_p``
+    times the top probability, with a ``repetition_penalty`` on tokens already present (GRPO,
+    RLOO: TRL's sampling fields). The log-probability kept for each token is always the one of
+    the temperature-scaled distribution alone, as the training passes compute it."""
 
     max_new_tokens: int
     temperature: float  # already the effective one, ``sampling_temperature(tau)``
     stop_token_ids: tuple[int, ...]  # empty: always sample ``max_new_tokens`` (ppo-details 9a)
     pad_token_id: int
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float | None = None
+    repetition_penalty: float = 1.0  # 1: off
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.top_k) or self.top_p < 1.0 or bool(self.min_p) or self.repetition_penalty != 1.0
 
 
 def sampling_config(
-    response_length: int, temperature: float, stop_token_ids: list[int] | None, pad_token_id: int
+    response_length: int, temperature: float, stop_token_ids: list[int] | None, pad_token_id: int, **filters
 ) -> SamplingConfig:
+    """``filters``: ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty`` (see ``SamplingConfig``)."""
     return SamplingConfig(
         max_new_tokens=response_length,
         temperature=sampling_temperature(temperature),
         stop_token_ids=tuple(stop_token_ids or ()),
         pad_token_id=pad_token_id,
+        **filters,
     )
+
+
+def filtered_weights(weights: torch.Tensor, scaled: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None):
+    """Sampling weights ``[b, V]`` (``exp`` of ``scaled`` less its row maximum) restricted as
+    ``config`` asks: repetition penalty on ``seen`` tokens (CTRL's: a positive logit divided by
+    it, a negative one multiplied), then top-k, min-p and top-p. At least the most likely token
+    always keeps its weight."""
+    if config.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(scaled > 0, scaled / config.repetition_penalty, scaled * config.repetition_penalty)
+        scaled = torch.where(seen, penalised, scaled)
+        weights = (scaled - scaled.amax(-1, keepdim=True)).exp()
+    if config.top_k and config.top_k < weights.size(-1):
+        kth = torch.topk(weights, config.top_k, dim=-1).values[:, -1:]
+        weights = weights.masked_fill(weights < kth, 0.0)
+    if config.min_p:
+        weights = weights.masked_fill(weights < config.min_p * weights.amax(-1, keepdim=True), 0.0)
+    if config.top_p < 1.0:
+        ordered, order = weights.sort(dim=-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # probability mass of the tokens ranked above each
+        drop = before > config.top_p * ordered.sum(-1, keepdim=True)
+        weights = weights.scatter(-1, order, ordered.masked_fill(drop, 0.0))
+    return weights
 
 
 class Generation(NamedTuple):
@@ -349,13 +385,21 @@ def _sample_chunk(
         )[0]
         graphed = _GraphedStep(decode, model, rows, device) if graphs else None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    seen = None
+    if config.repetition_penalty != 1.0:  # the tokens of each row so far: its prompt's, then its own
+        seen = torch.zeros(rows, logits.size(-1), dtype=torch.bool, device=device)
+        seen.scatter_(1, queries.masked_fill(~query_mask.bool(), 0), query_mask.bool())
     tokens, logprobs, scores = [], [], []
     for step in range(config.max_new_tokens):
         scaled = logits.float().div_(config.temperature)  # [b, V]; the logits are not needed again
         top = scaled.amax(-1, keepdim=True)
         weights = (scaled - top).exp_()  # softmax up to its normaliser, which sampling does not need
-        token = sample_tokens(weights).masked_fill_(finished, config.pad_token_id)  # [b]
         log_normaliser = top.squeeze(1) + weights.sum(-1).log()
+        if config.filtered:
+            weights = filtered_weights(weights, scaled, config, seen)
+        token = sample_tokens(weights).masked_fill_(finished, config.pad_token_id)  # [b]
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
         chosen = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - log_normaliser
         tokens.append(token)
         logprobs.append(chosen.masked_fill_(finished, 0.0))

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_values, save_config
-from tether.data import Prompts, PromptSampler, is_chat, load_prompts, prompt_text
+from tether.data import Prompts, PromptSampler, load_prompts, prompt_text
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -58,7 +58,7 @@ from tether.checkpoint import (
     truncate_jsonl,
     write_checkpoint,
 )
-from tether.errors import ConfigError, DataError, RewardError, TetherError
+from tether.errors import ConfigError, DataError, RewardError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
@@ -68,17 +68,15 @@ from tether.models.loading import (
     disable_dropout,
     enable_gradient_checkpointing,
     ensure_pad_token,
-    freeze,
     is_causal_lm,
-    is_scalar_model,
     value_model_from_policy,
 )
 from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_save, policy_and_reference
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.functions import PASSED_NAMES, MetricFunction, RewardFunction, import_reward_function, is_function_spec
-from tether.scoring.reward import reward_model_sequences, same_tokenization
+from tether.scoring.functions import PASSED_NAMES, MetricFunction, import_reward_function
+from tether.scoring.sources import resolve_reward
 from tether.trainers.common import (
     Cadence,
     autocast,
@@ -163,9 +161,9 @@ class PPOTrainer:
         self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
         self.temperature = sampling_temperature(config.temperature)  # the value generation samples with
 
-        self.reward_tokenizer = reward_tokenizer
-        self.reward_model, self.reward_fn = self._resolve_reward(reward)
-        self.reward_tokenizer = self._own_reward_tokenizer()
+        say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
+        self.reward = resolve_reward(reward, config, tokenizer, self.train_set.values, reward_tokenizer, say)
+        self.reward_model, self.reward_fn, self.reward_tokenizer = self.reward.model, self.reward.function, self.reward.tokenizer
         self.metric_fn = MetricFunction(import_reward_function(config.metric_function)) if config.metric_function else None
         for function in (self.reward_fn, self.metric_fn):
             clash = sorted(set(self.train_set.columns) & set(PASSED_NAMES)) if function and function.keywords else []
@@ -221,12 +219,12 @@ class PPOTrainer:
         )
         frozen_rows = config.local_rollout_forward_batch_size
         self._ref = self.parallel.prepare_frozen(self.ref_policy, frozen_rows) if self.ref_policy is not None else None
-        self._reward = self.parallel.prepare_frozen(self.reward_model, frozen_rows) if self.reward_model else None
+        if self.reward_model is not None:
+            self.reward.forward = self.parallel.prepare_frozen(self.reward_model, frozen_rows)
         self.rollout_maker = RolloutMaker(
             config, tokenizer, self.parallel, self.device,
             policy=self.policy, policy_forward=self._policy, critic=self._critic, reference=self._ref,
-            reward_model=self._reward, reward_fn=self.reward_fn, reward_tokenizer=self.reward_tokenizer,
-            sampling=self.sampling,
+            rewards=[self.reward], sampling=self.sampling,
             temperature=self.temperature, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
         )
         if self.parallel.distributed:  # different samples on every process (ppo-details 11)
@@ -241,49 +239,6 @@ class PPOTrainer:
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
 
     # --- set-up helpers -------------------------------------------------------------------
-    def _resolve_reward(self, reward):
-        if isinstance(reward, str):
-            if is_function_spec(reward):
-                return None, RewardFunction(import_reward_function(reward))
-            from tether.models.loading import load_own_tokenizer, load_scalar_model
-
-            path = reward
-            options = self.config.model_options(own_revision=False)
-            options.pop("quantization_config", None)  # only the trained model is quantized
-            reward = load_scalar_model(path, "reward model", **options)
-            if self.reward_tokenizer is None:
-                self.reward_tokenizer = load_own_tokenizer(path, self.config.trust_remote_code, warn=console.print)
-        if is_scalar_model(reward):  # a sequence classifier; any other callable (a judge module too) is a function
-            check_scalar_model(reward, "reward model")
-            return freeze(reward), None
-        if callable(reward):
-            return None, RewardFunction(reward)
-        raise ConfigError(
-            f"reward must be a reward model, a callable or a string naming one; got {type(reward).__name__}"
-        )
-
-    def _own_reward_tokenizer(self):
-        """The reward model's tokenizer when it makes other ids than the policy's (then the
-        reward model scores text re-encoded with it), else None; said once."""
-        if self.reward_model is None or same_tokenization(self.tokenizer, self.reward_tokenizer):
-            return None
-        own = self.reward_tokenizer
-        ensure_pad_token(own, warn=lambda message: console.print(f"[yellow]reward tokenizer: {message}"))
-        chats = [value for value in self.train_set.values if is_chat(value)]
-        if chats and not getattr(own, "chat_template", None):
-            raise ConfigError(
-                "the prompts are chats but the reward model's own tokenizer has no chat_template; give the "
-                "reward model a tokenizer with one (reward_tokenizer= from Python), or use text prompts"
-            )
-        try:  # the first prompt with a placeholder response, so a template that cannot fails now
-            reward_model_sequences(own, [chats[0] if chats else "x"], ["ok"], [True])
-        except TetherError as error:
-            raise ConfigError(f"the reward model's own tokenizer cannot encode a prompt and its response: {error}") from None
-        console.print(
-            "note: the reward model has its own tokenizer: it scores prompt + response text encoded with it"
-        )
-        return own
-
     def _models(self) -> dict[str, nn.Module]:
         models = {"policy": self.policy, "value model": self.value_model}
         if self.ref_policy is not None:

@@ -15,7 +15,7 @@ Advantages and the update loop stay in ``ppo.py``, the micro-batch loss is in ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from tether.ops import ended_on_stop, lengths_to_mask, response_lengths
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import generate_responses
 from tether.scoring.functions import combine
+from tether.scoring.sources import RewardSource
 from tether.scoring.reward import apply_missing_stop_penalty, get_reward, reward_model_sequences
 from tether.trainers.common import autocast, clock
 from tether.trainers.parallel import Parallel
@@ -79,9 +80,8 @@ class RolloutMaker:
         policy_forward: nn.Module,
         critic: nn.Module,
         reference: nn.Module | None,
-        reward_model: nn.Module | None,
-        reward_fn: Callable | None,
-        reward_tokenizer=None,
+        rewards: list[RewardSource],
+        reward_weights: list[float] | None = None,
         sampling,
         temperature: float,
         stop_token_ids: list[int],
@@ -95,9 +95,9 @@ class RolloutMaker:
         self.policy_forward = policy_forward
         self.critic = critic
         self.reference = reference
-        self.reward_model = reward_model
-        self.reward_fn = reward_fn
-        self.reward_tokenizer = reward_tokenizer  # None: the reward model reads the policy's ids
+        self.rewards = rewards
+        self.reward_weights = reward_weights or [1.0] * len(rewards)
+        self.reward_parts: torch.Tensor | None = None  # [B, F]: each reward's scores of the last batch (NaN: None)
         self.sampling = sampling
         self.temperature = temperature
         self.stop_token_ids = stop_token_ids
@@ -131,25 +131,22 @@ class RolloutMaker:
 
     @torch.no_grad()
     def score(self, samples: dict[str, torch.Tensor], prompts: Prompts | None = None) -> torch.Tensor:
-        """Scores ``[B]`` of sampled responses, after the missing-stop penalty. ``prompts``: the
-        rows' ``Prompts`` (their values as the dataset held them and their other columns), for
-        reward functions and a reward model with its own tokenizer; without them the prompt ids
-        are decoded."""
-        if self.reward_fn is not None:
-            scores = self.reward_fn(*self.function_inputs(prompts, **_texts_of(samples)))
-            scores = combine([scores], [1.0], [self.reward_fn.name])  # a None is refused: nothing else scores it
-        elif self.reward_tokenizer is not None:
-            scores = self._own_tokenizer_scores(samples, prompts)
-        else:
-            chunk_rows = self.config.local_rollout_forward_batch_size
-            scores = []
-            for start in range(0, samples["queries"].size(0), chunk_rows):
-                rows = slice(start, start + chunk_rows)
-                with self._autocast():
-                    scores.append(self._model_scores(*(samples[k][rows] for k in _CHUNK_KEYS)))
-            scores = torch.cat(scores)
-        scores = scores.float().to(self.device)
-        return apply_missing_stop_penalty(scores, samples["terminated"], self.config.missing_eos_penalty)
+        """Scores ``[B]`` of sampled responses: every reward's (``reward_parts``), summed with
+        ``reward_weights`` (a function's ``None`` left out), then the missing-stop penalty.
+        ``prompts``: the rows' ``Prompts`` (their values as the dataset held them and their other
+        columns), for reward functions and a reward model with its own tokenizer; without them
+        the prompt ids are decoded."""
+        parts = []
+        for source in self.rewards:
+            if source.function is not None:
+                parts.append(source.function(*self.function_inputs(prompts, **_texts_of(samples))).to(self.device))
+            elif source.tokenizer is not None:
+                parts.append(self._own_tokenizer_scores(source, samples, prompts))
+            else:
+                parts.append(self._model_scores(source, samples))
+        self.reward_parts = torch.stack(parts, dim=1)  # [B, F]
+        scores = combine(parts, self.reward_weights, [source.name for source in self.rewards])
+        return apply_missing_stop_penalty(scores.float(), samples["terminated"], self.config.missing_eos_penalty)
 
     @torch.no_grad()
     def rollout(self, prompts: Prompts | Sequence[list[int]], timing: dict[str, float]) -> Rollout:
@@ -248,31 +245,39 @@ class RolloutMaker:
         with self.policy.disable_adapter():
             return policy_logprobs(self.policy_forward, *chunk, self.temperature, self.config.logprob_chunk_size)[0]
 
-    def _model_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
-        """Reward model on the postprocessed query_response: cut after the stop token, the rest
-        padded and masked out, score read at the terminating token (seed note 3)."""
-        postprocessed = torch.where(response_mask, responses, torch.full_like(responses, self.pad_token_id))
-        query_responses = torch.cat([queries, postprocessed], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        _, scores, _ = get_reward(
-            self.reward_model, query_responses, self.pad_token_id, queries.size(1), attention_mask
-        )
-        return scores.float()
+    def _model_scores(self, source: RewardSource, samples: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A reward model on the postprocessed query_response: cut after the stop token, the
+        rest padded and masked out, score read at the terminating token (seed note 3); in chunks
+        of ``local_rollout_forward_batch_size`` rows."""
+        scores, chunk_rows = [], self.config.local_rollout_forward_batch_size
+        for start in range(0, samples["queries"].size(0), chunk_rows):
+            queries, query_mask, responses, response_mask = (
+                samples[k][start : start + chunk_rows] for k in _CHUNK_KEYS
+            )
+            postprocessed = torch.where(response_mask, responses, torch.full_like(responses, self.pad_token_id))
+            query_responses = torch.cat([queries, postprocessed], dim=1)
+            attention_mask = torch.cat([query_mask, response_mask], dim=1)
+            with self._autocast():
+                _, chunk, _ = get_reward(source.forward, query_responses, self.pad_token_id, queries.size(1), attention_mask)
+            scores.append(chunk.float())
+        return torch.cat(scores)
 
-    def _own_tokenizer_scores(self, samples: dict[str, torch.Tensor], prompts: Prompts | None) -> torch.Tensor:
-        """The reward model on prompt + response text re-encoded by its own tokenizer (see
+    def _own_tokenizer_scores(
+        self, source: RewardSource, samples: dict[str, torch.Tensor], prompts: Prompts | None
+    ) -> torch.Tensor:
+        """A reward model on prompt + response text re-encoded by its own tokenizer (see
         ``reward_model_sequences``), read at each row's last real token."""
         prompt_texts, responses = self.decode(**_texts_of(samples))
-        values = prompts.values if prompts is not None else prompt_texts
+        values = prompts.values if prompts is not None and prompts.values is not None else prompt_texts
         # text and chats as the dataset held them; a prompt of policy ids only as its text
         prompts = [v if isinstance(v, str) or is_chat(v) else t for v, t in zip(values, prompt_texts)]
-        sequences = reward_model_sequences(self.reward_tokenizer, prompts, responses, samples["terminated"].tolist())
-        pad = self.reward_tokenizer.pad_token_id
+        sequences = reward_model_sequences(source.tokenizer, prompts, responses, samples["terminated"].tolist())
+        pad = source.tokenizer.pad_token_id
         scores, chunk_rows = [], self.config.local_rollout_forward_batch_size
         for start in range(0, len(sequences), chunk_rows):
             ids, mask = right_pad(sequences[start : start + chunk_rows], pad)
             with self._autocast():
-                _, chunk, _ = get_reward(self.reward_model, ids.to(self.device), pad, 0, mask.to(self.device))
+                _, chunk, _ = get_reward(source.forward, ids.to(self.device), pad, 0, mask.to(self.device))
             scores.append(chunk.float())
         return torch.cat(scores)
 
