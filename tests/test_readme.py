@@ -105,12 +105,25 @@ def base(tmp_path_factory) -> Path:
     write_jsonl(root / "rm.jsonl", [{"prompt": p, "chosen": "w5 w6", "rejected": "w7"} for p in prompts[:10]])
     for name in ("my_rewards.py", "rewards.py"):
         (root / name).write_text("def score(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n")
-    run_yaml = replaced(block_starting("model_name_or_path:"), {HUB_POLICY: "my-sft-model", **SHRINK_RUN})
+    run_yaml = replaced(block_starting(f"model_name_or_path: {HUB_POLICY}"), {HUB_POLICY: "my-sft-model", **SHRINK_RUN})
     (root / "run.yaml").write_text(run_yaml)
     small = dict(model_name_or_path="my-sft-model", per_device_train_batch_size=2, num_train_epochs=1,
                  eval_fraction=0.25)
     (root / "sft.yaml").write_text(yaml.safe_dump({**small, "dataset_name": "sft.jsonl", "output_dir": "runs/sft"}))
     (root / "rm.yaml").write_text(yaml.safe_dump({**small, "dataset_name": "rm.jsonl", "output_dir": "runs/rm"}))
+    write_jsonl(root / "tasks.jsonl", [{"prompt": p, "answer": f"w{i % 5}"} for i, p in enumerate(prompts)])
+    (root / "checks.py").write_text(
+        "def correct(completions, answer, **kwargs):\n"
+        "    return [1.0 if a in c.split() else 0.0 for c, a in zip(completions, answer)]\n\n\n"
+        "def short(completions, **kwargs):\n"
+        "    return [-len(c.split()) / 10 for c in completions]\n"
+    )
+    for method in ("grpo", "rloo"):
+        (root / f"{method}.yaml").write_text(yaml.safe_dump(dict(
+            model_name_or_path="my-sft-model", reward_funcs=["checks.py:correct"], dataset_name="tasks.jsonl",
+            output_dir=f"runs/{method}", per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+            max_steps=2,
+        )))
     (root / "ppo.yaml").write_text(yaml.safe_dump(dict(
         model_name_or_path="my-sft-model", reward_model_path="my-reward-model", dataset_name="prompts.jsonl",
         output_dir="runs/ppo", per_device_train_batch_size=4, total_episodes=8, response_length=4,
@@ -144,10 +157,10 @@ def setup_and_tests(text: str, workspace: Path) -> None:
     check_demo_outputs(workspace / "demo")
 
 
-def the_three_commands(text: str, workspace: Path) -> None:
+def the_commands(text: str, workspace: Path) -> None:
     for line in shell_lines(text):
         run(line.replace("[--field value ...]", ""), workspace)
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "grpo", "rloo"):
         assert (workspace / "runs" / stage / "model.safetensors").is_file(), stage
 
 
@@ -186,6 +199,31 @@ def python_example(text: str, workspace: Path) -> None:
     assert result.stderr.count("fewer than one rollout batch") == 1  # 2 prompts, batches of 8
     assert [line["episode"] for line in metric_lines(workspace / "runs/ppo/metrics.jsonl")] == [8, 16]
     AutoModelForCausalLM.from_pretrained(workspace / "runs/ppo")
+
+
+def grpo_yaml(text: str, workspace: Path) -> None:
+    """The GRPO config as written (shrunk), then RLOO on the same file."""
+    shrunk = replaced(text, {"Qwen/Qwen2.5-0.5B-Instruct": "my-sft-model", "per_device_train_batch_size: 16":
+                             "per_device_train_batch_size: 4", "max_completion_length: 256": "max_completion_length: 4",
+                             "max_steps: 500": "max_steps: 2"})
+    (workspace / "grpo.yaml").write_text(shrunk)
+    run("tether grpo --config grpo.yaml", workspace)
+    lines = metric_lines(workspace / "runs/my-grpo/metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2] and [line["train/optimizer_steps"] for line in lines] == [1, 2]
+    assert all("rewards/correct/mean" in line and "rewards/short/mean" in line for line in lines)
+    assert len(metric_lines(workspace / "runs/my-grpo/samples.jsonl")) == 2 * 8  # log_completions: every row
+    run("tether rloo --config grpo.yaml --output_dir runs/my-rloo --num_generations 2", workspace)
+    AutoModelForCausalLM.from_pretrained(workspace / "runs/my-rloo")
+
+
+def grpo_python(text: str, workspace: Path) -> None:
+    script = replaced(text, {"max_completion_length=64": "max_completion_length=4", "max_steps=100": "max_steps=2"})
+    (workspace / "grpo_example.py").write_text(script)
+    result = subprocess.run([sys.executable, "grpo_example.py"], cwd=workspace, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in metric_lines(workspace / "runs/grpo/metrics.jsonl")] == [1, 2]
+    AutoModelForCausalLM.from_pretrained(workspace / "runs/grpo")
 
 
 def launches_needing_gpus(text: str, workspace: Path) -> None:
@@ -237,10 +275,12 @@ def gpu_fields(text: str, workspace: Path) -> None:
 
 BLOCKS = {
     "bash scripts/setup.sh": setup_and_tests,
-    "tether sft --config sft.yaml [--field value ...]": the_three_commands,
+    "tether sft  --config sft.yaml  [--field value ...]": the_commands,
     "model_name_or_path: EleutherAI/pythia-160m-deduped": minimal_run_yaml,
     "tether ppo --config run.yaml --save_steps 50": checkpoints_and_resume,
     "from transformers import": python_example,
+    "model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct": grpo_yaml,
+    "from tether import GRPOConfig": grpo_python,
     "accelerate launch --config_file examples/accelerate/ddp.yaml -m tether ppo": launches_needing_gpus,
     "torchrun --standalone --nproc_per_node 2 -m tether ppo": launches_run_here,
     "peft_config:": lora_fields,

@@ -20,7 +20,17 @@ import torch
 import yaml
 
 from tether.cli import main
-from tether.config import ALIASES, NOTED_FIELDS, PPOConfig, RewardConfig, SFTConfig, load_config
+from tether.config import (
+    ALIASES,
+    NOTED_FIELDS,
+    UNSUPPORTED_FIELDS,
+    GRPOConfig,
+    PPOConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+    load_config,
+)
 from tether.errors import ConfigError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
@@ -53,7 +63,8 @@ def test_every_trl_field_has_its_effect_or_a_true_note(name):
 def test_the_readme_configuration_reference_names_every_field():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     reference = readme[readme.index("## Configuration reference") : readme.index("## Scaling up")]
-    names = {f.name for cls in (PPOConfig, SFTConfig, RewardConfig) for f in dataclasses.fields(cls)} | set(NOTED_FIELDS)
+    classes = (PPOConfig, SFTConfig, RewardConfig, GRPOConfig, RLOOConfig)
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS)
     missing = sorted(name for name in names if f"`{name}`" not in reference)
     assert not missing, f"README's configuration reference does not name {missing}"
 

@@ -1,4 +1,5 @@
-"""The ``tether`` command: ``tether ppo --config run.yaml [--field value ...]`` and ``tether demo``."""
+"""The ``tether`` command: ``tether ppo|grpo|rloo|sft|rm --config run.yaml [--field value ...]``
+and ``tether demo``."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ commands:
          tether ppo --config run.yaml [--field value ...]
   sft    supervised fine-tuning on prompt/completion data
          tether sft --config sft.yaml [--field value ...]
+  grpo   GRPO: a group of completions per prompt, each scored against its group's mean
+         tether grpo --config grpo.yaml [--field value ...]
+  rloo   RLOO: a group of completions per prompt, each scored against the others' mean
+         tether rloo --config rloo.yaml [--field value ...]
   rm     reward-model training on chosen/rejected pairs
          tether rm --config rm.yaml [--field value ...]
   demo   a small PPO run on a tiny model built on the fly, offline
          tether demo [--output-dir DIR] [--seed N] [--device cpu|cuda|auto] [--quick]
 
-several processes (ppo, sft, rm):
+several processes (every training command):
   accelerate launch [--config_file examples/accelerate/ddp.yaml] -m tether ppo --config run.yaml
   torchrun --nproc_per_node N -m tether ppo --config run.yaml
 """
@@ -48,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         match command:
-            case "ppo":
-                return run_ppo(rest)
-            case "sft":
-                from tether.trainers.sft import run_sft
+            case "ppo" | "grpo" | "rloo" | "sft" | "rm":
+                from tether import commands
 
-                return run_sft(*_split_config_argument(rest))
-            case "rm":
-                from tether.trainers.reward import run_reward
-
-                return run_reward(*_split_config_argument(rest))
+                if command in ("grpo", "rloo"):
+                    return commands.run_critic_free(command, *_split_config_argument(rest))
+                run = {"ppo": commands.run_ppo, "sft": commands.run_sft, "rm": commands.run_reward}[command]
+                return run(*_split_config_argument(rest))
             case "demo":
                 return run_demo(rest)
             case _:
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-TRAINING_COMMANDS = {"ppo": "PPOConfig", "sft": "SFTConfig", "rm": "RewardConfig"}
+TRAINING_COMMANDS = {
+    "ppo": "PPOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig", "sft": "SFTConfig", "rm": "RewardConfig",
+}
 
 
 def command_help(command: str) -> str:
@@ -123,49 +127,6 @@ def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
             rest.append(arg)
         index += 1
     return config_path, rest
-
-
-def run_ppo(args: list[str]) -> int:
-    from tether.checkpoint import check_output_dir_early
-    from tether.config import PPOConfig, load_command_config
-    from tether.logging import console
-
-    config_path, rest = _split_config_argument(args)
-    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    required = {
-        "model_name_or_path": PPOConfig.policy_path,
-        "reward_model_path": lambda c: c.reward_model_path,
-        "dataset_name": lambda c: c.dataset_name,
-    }
-    config = load_command_config(PPOConfig, config_path, rest, required, warn)
-    check_output_dir_early(config)
-
-    from tether.data import load_table, load_test_split
-    from tether.models.loading import load_causal_lm, load_scalar_backbone, load_tokenizer, zero_head
-    from tether.trainers.ppo import PPOTrainer
-
-    revision = config.model_revision if config.model_name_or_path else None  # the revision names model_name_or_path's
-    tokenizer = load_tokenizer(config.model_name_or_path or config.policy_path(), config.trust_remote_code, warn, revision)
-    train_dataset = load_table(config.dataset_name, config.dataset_train_split, config.dataset_config)
-    eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
-    policy = load_causal_lm(config.policy_path(), **config.model_options(own_revision=not config.sft_model_path))
-    value_options = config.model_options(own_revision=False)
-    value_options.pop("quantization_config", None)  # only the policy is quantized
-    value_model = (  # any checkpoint: a causal LM gets a fresh scalar head, as TRL's value models do
-        load_scalar_backbone(config.value_model_path, "value model", zero_head, "zeros",
-                             say=lambda message: console.print(f"note: {message}"), **value_options)
-        if config.value_model_path
-        else None
-    )
-    trainer = PPOTrainer(
-        config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model,
-        eval_dataset=eval_dataset,
-    )
-    trainer.train()
-    target = trainer.save_model()
-    console.print(f"[green]saved the trained policy to {target}")
-    return 0
 
 
 def run_demo(args: list[str]) -> int:

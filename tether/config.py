@@ -62,6 +62,39 @@ NOTED_FIELDS = {
     "optim_target_modules": "it serves GaLore / APOLLO optimizers, which tether does not offer",
     "fsdp": "FSDP comes from an Accelerate config: accelerate launch --config_file examples/accelerate/fsdp.yaml",
     "fsdp_config": "FSDP comes from an Accelerate config: accelerate launch --config_file examples/accelerate/fsdp.yaml",
+    # TRL's GRPOConfig / RLOOConfig
+    **dict.fromkeys(("vllm_mode", "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+                     "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+                     "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
+                     "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+                     "vllm_importance_sampling_cap", "vllm_importance_sampling_clip_min",
+                     "vllm_importance_sampling_clip_max"), "tether samples with its own decoding loop, not vLLM"),
+    **dict.fromkeys(("cache_implementation", "use_transformers_continuous_batching", "use_transformers_paged",
+                     "transformers_continuous_batching_config"),
+                    "tether samples with its own decoding loop over a preallocated KV cache"),
+    **dict.fromkeys(("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
+                    "they steer adaptive entropy control, which tether does not offer (use_adaptive_entropy)"),
+    **dict.fromkeys(("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_k_neg",
+                     "vespo_lambda_pos", "vespo_lambda_neg"),
+                    "they belong to loss types tether does not offer (sapo, vespo)"),
+    **dict.fromkeys(("log_multimodal", "log_unique_prompts"), "tether's completion tables show every row's text"),
+    "log_completions_hub_repo": "tether does not push to the Hub",
+    "disable_dropout": "tether always switches dropout off while training (and back on in what it saves)",
+    "pad_to_multiple_of": "tether pads each batch to its longest row",
+    "router_aux_loss_coef": "tether adds no Mixture-of-Experts load-balancing loss",
+}
+# TRL fields for what tether does not offer: accepted at TRL's default value (so a TRL config
+# that leaves them alone moves over) and refused at any other, with the reason.
+UNSUPPORTED_FIELDS = {
+    "use_vllm": (False, "tether samples with its own decoding loop, not vLLM"),
+    "generation_kwargs": (None, "set temperature, top_k, top_p, min_p and repetition_penalty as fields"),
+    "chat_template_kwargs": (None, "tether applies the tokenizer's chat template as it is"),
+    "model_init_kwargs": (None, "set dtype, attn_implementation, model_revision and trust_remote_code as fields"),
+    "cast_lm_head_to_fp32": (False, "tether's output layer runs in the training precision"),
+    "use_adaptive_entropy": (False, "tether does not offer adaptive entropy control; set entropy_coef"),
+    "off_policy_mask_threshold": (None, "tether does not offer off-policy sequence masking"),
+    "top_entropy_quantile": (1.0, "tether trains on every kept token, not a top-entropy quantile"),
+    "max_tool_calling_iterations": (None, "tether does not train tool-calling agents"),
 }
 ALIASES = {  # other names TRL and transformers configs use for tether's fields
     "torch_dtype": "dtype", "activation_checkpointing": "gradient_checkpointing",
@@ -98,6 +131,7 @@ DISPLAY_FIELDS = (
     "output_dir", "logging_steps", "report_to", "save_steps", "save_total_limit", "num_sample_generations",
     "eval_steps", "metric_function", "device", "full_determinism", "cuda_graphs",
     "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
+    "log_completions", "num_completions_to_print",
 )
 LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
 
@@ -574,6 +608,227 @@ class PPOConfig(LoraFields, TrainingConfig):
         )
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """Batch sizes of a critic-free run (GRPO, RLOO), in completions unless said otherwise.
+
+    One round samples ``generation_batch_size`` completions, ``num_generations`` per prompt, for
+    ``prompts`` prompts (``local_prompts`` on each process); its rollout is trained on for
+    ``num_iterations`` passes of ``mini_batches`` optimizer steps (``steps_per_round`` in all),
+    each of ``per_device_train_batch_size x gradient_accumulation_steps x processes`` completions
+    in micro-batches of ``per_device_train_batch_size``.
+    """
+
+    world_size: int
+    generation_batch_size: int
+    prompts: int
+    local_prompts: int
+    mini_batches: int
+    steps_per_round: int
+    num_rounds: int
+    micro_batch_size: int
+
+
+@dataclass
+class CriticFreeConfig(LoraFields, TrainingConfig):
+    """The fields GRPO and RLOO share: TRL's ``GRPOConfig`` / ``RLOOConfig`` names and meanings."""
+
+    # --- models and rewards -------------------------------------------------------------------
+    reward_funcs: str | list[str] | None = None
+    """The rewards: ``module:function`` / ``file.py:function`` names and reward-model paths (from
+    Python, ``reward_funcs=`` takes callables and models too), summed with ``reward_weights``."""
+    reward_weights: list[float] | None = None
+    """One weight per reward (default 1 each)."""
+    metric_function: str | None = None
+    """``module:function`` computing extra metrics of each round's completions (a dict of numbers)."""
+
+    # --- data -----------------------------------------------------------------------------------
+    prompt_column: str | None = None
+    """Column holding the prompts (text, chat messages or token ids); auto-detected if unset."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this many tokens are cut from the left (or refused, see below)."""
+    prompt_truncation: Literal["left", "error"] = "left"
+    shuffle_dataset: bool = True
+    """Draw the prompts in a seeded shuffle (false: in dataset order)."""
+
+    # --- generation -----------------------------------------------------------------------------
+    num_generations: int = 8
+    """Completions sampled per prompt: one group, whose rewards make each other's baseline."""
+    num_generations_eval: int | None = None
+    """Completions per evaluation prompt (default ``num_generations``)."""
+    max_completion_length: int = 512
+    generation_batch_size: int | None = None
+    """Completions sampled per round, all processes' (default: ``per_device_train_batch_size x
+    processes x steps_per_generation``); a multiple of ``num_generations``."""
+    steps_per_generation: int | None = None
+    """Micro-steps of ``per_device_train_batch_size`` each round's completions make (default
+    ``gradient_accumulation_steps``: one optimizer step per round)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k filtering."""
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_token_id: int | list[int] | None = None
+    """Ids that end a completion (default: the model's EOS ids)."""
+    cuda_graphs: bool = True
+    """On a GPU, decode by replaying a CUDA graph of one step."""
+    local_rollout_forward_batch_size: int = 64
+    """Rows per generation and scoring chunk."""
+    logprob_chunk_size: int = 1024
+    """Rows of the output layer's log-softmax computed at a time."""
+
+    # --- algorithm ------------------------------------------------------------------------------
+    num_iterations: int = 1
+    """Passes over each round's completions (μ)."""
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    """Upper clipping bound (DAPO's clip-higher; default ``epsilon``)."""
+    mask_truncated_completions: bool = False
+    """Completions that never reached a stop token are left out of the loss."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the reward of completions that did not end on a stop token."""
+    sync_ref_model: bool = False
+    """Every ``ref_model_sync_steps`` steps the reference becomes ``alpha x policy + (1 - alpha) x
+    reference`` (TR-DPO), with ``alpha`` = ``ref_model_mixup_alpha``."""
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+
+    # --- logging ----------------------------------------------------------------------------------
+    log_completions: bool = False
+    """Print a table of prompts, completions and rewards (and append them to samples.jsonl) at
+    every logged step."""
+    num_completions_to_print: int | None = None
+    """Rows of that table (default: every completion of the round)."""
+
+    def validate(self) -> None:
+        super().validate()
+        positive = ("num_generations", "max_completion_length", "num_iterations", "local_rollout_forward_batch_size",
+                    "logprob_chunk_size", "ref_model_sync_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"config field temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ConfigError("config fields top_p must lie in (0, 1], top_k be >= 0, repetition_penalty > 0")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ConfigError(f"config field min_p must lie in [0, 1], got {self.min_p}")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError("config fields epsilon and epsilon_high must be >= 0")
+        if self.beta < 0:
+            raise ConfigError(f"config field beta must be >= 0, got {self.beta}")
+        if self.stop_token_id == []:
+            raise ConfigError("config field stop_token_id is an empty list; give one or more ids, or leave it unset")
+        if self.sync_ref_model and (self.beta == 0 or self.lora_settings()):
+            raise ConfigError("sync_ref_model needs a reference model of its own: beta > 0 and no LoRA adapter")
+        for name in ("generation_batch_size", "steps_per_generation"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1 (or unset), got {getattr(self, name)}")
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ConfigError("config fields generation_batch_size and steps_per_generation are both set; give one")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"config field max_prompt_length must be at least 1, got {self.max_prompt_length}")
+
+    def group_plan(self, num_prompts: int, world_size: int = 1) -> GroupPlan:
+        """The batch sizes of a run over ``num_prompts`` prompts on ``world_size`` processes;
+        sizes that do not divide are refused naming the fields."""
+        micro = self.per_device_train_batch_size
+        step_completions = micro * self.gradient_accumulation_steps * world_size  # one optimizer step
+        if self.generation_batch_size is not None:
+            generation = self.generation_batch_size
+        else:
+            generation = micro * world_size * (self.steps_per_generation or self.gradient_accumulation_steps)
+        if generation % self.num_generations:
+            raise ConfigError(
+                f"num_generations={self.num_generations} does not divide a round's {generation} completions "
+                "(generation_batch_size, or per_device_train_batch_size x processes x steps_per_generation); "
+                "make it a divisor"
+            )
+        if generation % step_completions:
+            raise ConfigError(
+                f"a round's {generation} completions do not make whole optimizer steps of {step_completions} "
+                "(per_device_train_batch_size x gradient_accumulation_steps x processes)"
+            )
+        prompts = generation // self.num_generations
+        if prompts % world_size:
+            raise ConfigError(
+                f"a round's {prompts} prompts cannot be shared by {world_size} processes; make "
+                "generation_batch_size / num_generations a multiple of the processes"
+            )
+        mini_batches = generation // step_completions
+        rounds_per_epoch = max(1, math.ceil(num_prompts / prompts))
+        steps_per_round = mini_batches * self.num_iterations
+        if self.max_steps > 0:  # TRL's max_steps: optimizer steps
+            rounds = math.ceil(self.max_steps / steps_per_round)
+        else:
+            rounds = max(1, math.ceil(self.num_train_epochs * rounds_per_epoch))
+        return GroupPlan(world_size, generation, prompts, prompts // world_size, mini_batches, steps_per_round, rounds,
+                         micro)
+
+
+@dataclass
+class GRPOConfig(CriticFreeConfig):
+    """GRPO: group-normalised advantages over ``num_generations`` completions per prompt. TRL
+    1.12's ``GRPOConfig`` names and defaults where they apply."""
+
+    beta: float = 0.0
+    """KL coefficient (the k3 estimate per token, in the loss); 0 loads no reference model."""
+    delta: float | None = None
+    """Two-sided GRPO: the unclipped ratio is capped at ``delta`` too."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """How per-token losses become the step's loss: ``grpo`` mean of each sequence's token mean;
+    ``dapo`` mean over the step's tokens; ``bnpo`` over this process's tokens; ``dr_grpo`` sum /
+    (sequences x max_completion_length)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide each advantage by its group's reward std (``group``), the batch's (``batch``), or
+    not (``none``); true / false are read as group / none."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """The policy ratio per token, or one per sequence (GSPO: the exp of the mean log ratio)."""
+    use_bias_correction_kl: bool = True
+    """Weigh the KL term by the importance ratio, so its gradient is unbiased off-policy."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (its gradient flows through the chunked output layer)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """Several rewards: sum them (weighted), then scale as ``scale_rewards`` says; or scale each
+    within its group first, sum, and scale the sums over the batch (GDPO)."""
+    learning_rate: float = 1e-6
+    output_dir: str = "runs/grpo"
+
+    def validate(self) -> None:
+        if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "false", "True", "False"):
+            self.scale_rewards = "group" if str(self.scale_rewards).lower() == "true" else "none"
+        super().validate()
+        if self.delta is not None and self.delta <= 1:
+            raise ConfigError(f"config field delta must be > 1 (a cap on the ratio), got {self.delta}")
+
+
+@dataclass
+class RLOOConfig(CriticFreeConfig):
+    """RLOO: each completion's baseline is the mean reward of its group's others; the KL to the
+    reference is in the reward. TRL 1.12's ``RLOOConfig`` names and defaults where they apply."""
+
+    beta: float = 0.05
+    """KL coefficient: ``beta x`` the summed k1 KL of a completion is subtracted from its reward;
+    0 loads no reference model."""
+    num_generations: int = 2
+    normalize_advantages: bool = False
+    """Advantages scaled to mean 0 and std 1 over each round's batch."""
+    reward_clip_range: list[float] | None = None
+    """``[min, max]`` the rewards are clipped to before the KL is subtracted."""
+    learning_rate: float = 1e-6
+    output_dir: str = "runs/rloo"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError("config field num_generations must be at least 2: a leave-one-out baseline needs others")
+        if self.reward_clip_range is not None and (
+            len(self.reward_clip_range) != 2 or self.reward_clip_range[0] > self.reward_clip_range[1]
+        ):
+            raise ConfigError(f"config field reward_clip_range must be [min, max], got {self.reward_clip_range}")
+
+
 @dataclass
 class SFTConfig(LoraFields, TrainingConfig):
     """Supervised fine-tuning: next-token loss on prompt + completion data."""
@@ -780,6 +1035,13 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             takes_true = types_[key] is bool or bool in typing.get_args(types_[key])
             if isinstance(values[key], _BareFlag) and not takes_true:
                 raise ConfigError(f"--{key} needs a value (it is {_describe(types_[key])}): --{key} VALUE")
+            continue
+        if key in UNSUPPORTED_FIELDS:
+            default, reason = UNSUPPORTED_FIELDS[key]
+            given = yaml.safe_load(values[key]) if isinstance(values[key], str) else values[key]
+            if given != default and not (given == {} and default is None):
+                raise ConfigError(f"config field {key}={given!r} is not supported: {reason}; leave it at {default!r}")
+            del values[key]
             continue
         if key in NOTED_FIELDS:
             warn(f"note: config field {key!r} has no effect in tether: {NOTED_FIELDS[key]}")

@@ -232,7 +232,11 @@ def load_prompts(
 ) -> Prompts:
     """``Prompts`` of a ``datasets.Dataset`` (``column``: the prompt column, else the first of
     PROMPT_COLUMNS present) or of a plain list of prompts; ``other_columns`` False keeps none
-    of the rows' other columns (``remove_unused_columns``)."""
+    of the rows' other columns (``remove_unused_columns``). A list of dicts is a table of rows."""
+    if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(row, dict) for row in dataset):
+        import datasets
+
+        dataset = datasets.Dataset.from_list(list(dataset))
     if isinstance(dataset, (list, tuple)):
         column, values, columns = column or "prompt", list(dataset), {}
     else:
@@ -488,7 +492,7 @@ class PromptSampler:
     epochs' shuffles laid end to end, as RL samples a prompt many times anyway.
     """
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int):
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, shuffle: bool = True):
         if batch_size < 1:
             raise DataError(f"a rollout batch needs at least one prompt, got batch size {batch_size}")
         if num_prompts < 1:
@@ -496,6 +500,7 @@ class PromptSampler:
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle  # False: every epoch in dataset order
         self.epoch = 0
         self.position = 0  # index into this epoch's permutation of the next batch's first prompt
         self._order: list[int] | None = None
@@ -506,6 +511,8 @@ class PromptSampler:
         return self.num_prompts < self.batch_size
 
     def _permutation(self) -> list[int]:
+        if self._order is None and not self.shuffle:
+            self._order = list(range(self.num_prompts))
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             self._order = torch.randperm(self.num_prompts, generator=generator).tolist()

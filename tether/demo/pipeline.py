@@ -1,4 +1,4 @@
-"""``tether demo``: the three classic RLHF stages on the bundled review task, offline.
+"""``tether demo``: the classic RLHF stages on the bundled review task, offline.
 
 1. data      reviews from the task grammar; a word-level tokenizer trained on them; a tiny
              Llama-style model initialised from a config
@@ -6,10 +6,12 @@
 3. labels    two SFT samples per prompt, labelled by the hidden gold rule (clear wins only)
 4. RM        ``tether rm`` on those pairs, normalised so SFT demonstrations score mean 0
 5. PPO       ``tether ppo`` against the learned reward model, logging the gold score too
-6. evaluate  SFT vs PPO samples on held-out prompts: gold score, reward-model score, KL, length
+6. GRPO      ``tether grpo`` against the same reward model, from the same SFT model
+7. evaluate  SFT, PPO and GRPO samples on held-out prompts: gold score, reward-model score,
+             KL to the SFT model, length (``tether.evaluation``: the trainers' own path)
 
 Every stage writes its config as YAML next to its output, so each can be rerun alone with
-``tether sft|rm|ppo --config``. Figures go to ``summary.json`` and ``report.html``.
+``tether sft|rm|ppo|grpo --config``. Figures go to ``summary.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from tether.demo import task
+from tether.evaluation import sample_and_score
 from tether.logging import console, sample_table
 
 
@@ -58,65 +60,6 @@ def _write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
-# --- sampling and scoring outside training ------------------------------------------------------
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[str], seed: int, device, batch: int = 128) -> list[str]:
-    """Sample one completion per prompt at the demo's temperature; text without the stop token."""
-    from tether.data import left_pad
-    from tether.ops import ended_on_stop, response_lengths
-    from tether.rollout.generate import generate_responses, sampling_config
-
-    torch.manual_seed(seed)
-    model.eval()
-    config = sampling_config(RESPONSE_LENGTH, TEMPERATURE, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    texts = []
-    for start in range(0, len(prompts), batch):
-        ids = tokenizer(prompts[start : start + batch])["input_ids"]
-        queries, mask = left_pad(ids, tokenizer.pad_token_id)
-        responses = generate_responses(model, queries.to(device), mask.to(device), config, batch).responses
-        lengths = response_lengths(responses, [tokenizer.eos_token_id])
-        kept = lengths - ended_on_stop(responses, lengths, [tokenizer.eos_token_id]).long()
-        texts += tokenizer.batch_decode([r[:n].tolist() for r, n in zip(responses, kept)], skip_special_tokens=True)
-    return texts
-
-
-def _query_response(tokenizer, prompts: list[str], completions: list[str], device) -> list[torch.Tensor]:
-    """``queries, query_mask, responses, response_mask`` for text pairs; EOS ends each response."""
-    from tether.data import left_pad
-    from tether.data.sequences import right_pad
-
-    queries, query_mask = left_pad(tokenizer(prompts)["input_ids"], tokenizer.pad_token_id)
-    bodies = [ids + [tokenizer.eos_token_id] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
-    responses, response_mask = right_pad(bodies, tokenizer.pad_token_id)
-    return [t.to(device) for t in (queries, query_mask, responses, response_mask)]
-
-
-@torch.no_grad()
-def reward_scores(reward_model, tokenizer, prompts: list[str], completions: list[str], device) -> list[float]:
-    """The learned reward model's score of each completion (EOS appended, as in training)."""
-    from tether.scoring.reward import get_reward
-
-    queries, query_mask, responses, response_mask = _query_response(tokenizer, prompts, completions, device)
-    ids = torch.cat([queries, responses], dim=1)
-    mask = torch.cat([query_mask, response_mask], dim=1)
-    _, scores, _ = get_reward(reward_model, ids, tokenizer.pad_token_id, queries.size(1), mask)
-    return scores.tolist()
-
-
-@torch.no_grad()
-def kl_to_reference(policy, reference, tokenizer, prompts: list[str], completions: list[str], device) -> float:
-    """Mean over samples of the summed log-ratio log pi(y|x) - log pi_ref(y|x) (k1, at the sampling temperature)."""
-    from tether.models.forward import policy_logprobs
-    from tether.rollout.generate import sampling_temperature
-
-    tensors = _query_response(tokenizer, prompts, completions, device)
-    temperature = sampling_temperature(TEMPERATURE)
-    logprobs, _ = policy_logprobs(policy.eval(), *tensors, temperature, 1024)
-    ref_logprobs, _ = policy_logprobs(reference.eval(), *tensors, temperature, 1024)
-    return float(((logprobs - ref_logprobs) * tensors[3]).sum(1).mean())
-
-
 # --- the stages ------------------------------------------------------------------------------------
 
 def build_data(out: Path, sizes: Sizes, seed: int):
@@ -142,14 +85,17 @@ def label_pairs(out: Path, sizes: Sizes, seed: int, device) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rng = random.Random(seed + 1)
-    tokenizer = AutoTokenizer.from_pretrained(out / "sft", padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(out / "sft").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+    model = AutoModelForCausalLM.from_pretrained(out / "sft")
     prompts = [task.sample_prompt(rng) for _ in range(sizes.pair_prompts)]
-    first = sample_completions(model, tokenizer, prompts, seed + 2, device)
-    second = sample_completions(model, tokenizer, prompts, seed + 3, device)
+    first, second = (
+        sample_and_score(model, tokenizer, prompts, {"gold": task.gold_reward}, max_completion_length=RESPONSE_LENGTH,
+                         temperature=TEMPERATURE, seed=draw, device=device)
+        for draw in (seed + 2, seed + 3)
+    )
     pairs = []
-    for prompt, a, b in zip(prompts, first, second):
-        gold_a, gold_b = task.gold_score(a), task.gold_score(b)
+    for prompt, a, b, gold_a, gold_b in zip(prompts, first.completions, second.completions, first.scores["gold"],
+                                            second.scores["gold"]):
         if abs(gold_a - gold_b) >= LABEL_MARGIN:
             chosen, rejected = (a, b) if gold_a > gold_b else (b, a)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -205,85 +151,103 @@ def stage_configs(out: Path, sizes: Sizes, seed: int, device: str) -> dict[str, 
         "num_sample_generations": 0,
         **common,
     }
-    return {
-        name: _write_yaml(out / f"{name}.yaml", config) for name, config in (("sft", sft), ("rm", rm), ("ppo", ppo))
+    # GRPO: as many completions as PPO's episodes, 8 per prompt, 4 optimizer steps per round
+    grpo = {
+        "model_name_or_path": str(out / "sft"),
+        "reward_funcs": [str(out / "rm")],
+        "dataset_name": str(out / "data" / "prompts.jsonl"),
+        "output_dir": str(out / "grpo"),
+        "metric_function": "tether.demo.task:gold_metrics",
+        "num_generations": 8,
+        "per_device_train_batch_size": sizes.ppo_batch // 4,
+        "steps_per_generation": 4,
+        "max_steps": sizes.ppo_updates * 4,
+        "local_rollout_forward_batch_size": sizes.ppo_batch,
+        "max_completion_length": RESPONSE_LENGTH,
+        "temperature": TEMPERATURE,
+        "learning_rate": 3e-4,
+        "beta": 0.04,
+        "missing_eos_penalty": 1.0,
+        "logging_steps": 4,
+        **common,
     }
+    stages = (("sft", sft), ("rm", rm), ("ppo", ppo), ("grpo", grpo))
+    return {name: _write_yaml(out / f"{name}.yaml", config) for name, config in stages}
+
+
+POLICIES = ("sft", "ppo", "grpo")
 
 
 def evaluate(out: Path, eval_prompts: list[str], seed: int, device) -> dict:
-    """Gold score, reward-model score, KL and length of SFT and PPO samples on held-out prompts."""
+    """Gold score, reward-model score, KL to the SFT model and length of each policy's samples
+    on held-out prompts (``tether.evaluation``: the trainers' own sampling and scoring)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "sft", padding_side="left")
-    sft = AutoModelForCausalLM.from_pretrained(out / "sft").to(device)
-    ppo = AutoModelForCausalLM.from_pretrained(out / "ppo").to(device)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(out / "rm").to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft")
+    reward_model = AutoModelForSequenceClassification.from_pretrained(out / "rm")
+    rewards = {"gold": task.gold_reward, "rm": reward_model}
     results, samples = {}, {}
-    for name, model in (("sft", sft), ("ppo", ppo)):
-        completions = sample_completions(model, tokenizer, eval_prompts, seed + 10, device)
-        gold = [task.gold_score(c) for c in completions]
-        rm = reward_scores(reward_model, tokenizer, eval_prompts, completions, device)
-        results[f"gold_{name}"] = sum(gold) / len(gold)
-        results[f"rm_score_{name}"] = sum(rm) / len(rm)
+    for name in POLICIES:
+        model = sft if name == "sft" else AutoModelForCausalLM.from_pretrained(out / name)
+        scored = sample_and_score(model, tokenizer, eval_prompts, rewards, reference=sft if name != "sft" else None,
+                                  max_completion_length=RESPONSE_LENGTH, temperature=TEMPERATURE, seed=seed + 10,
+                                  device=device)
+        completions = scored.completions
+        results[f"gold_{name}"] = scored.mean("gold")
+        results[f"rm_score_{name}"] = scored.mean("rm")
         results[f"length_{name}"] = sum(len(c.split()) for c in completions) / len(completions)
         results[f"well_formed_{name}"] = sum(task.well_formed(c) for c in completions) / len(completions)
-        samples[name] = [{"completion": c, "gold": g, "rm": r} for c, g, r in zip(completions, gold, rm)]
-        if name == "ppo":
-            results["kl"] = kl_to_reference(ppo, sft, tokenizer, eval_prompts, completions, device)
+        results[f"kl_{name}"] = sum(scored.kl) / len(scored.kl) if scored.kl is not None else 0.0
+        samples[name] = [
+            {"completion": c, "gold": g, "rm": r}
+            for c, g, r in zip(completions, scored.scores["gold"], scored.scores["rm"])
+        ]
     return {"figures": results, "samples": samples}
 
 
 def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bool = False) -> dict:
     """Every stage in order; returns the summary written to ``summary.json``."""
-    from tether.cli import run_ppo
+    from tether.commands import run_critic_free, run_ppo, run_reward, run_sft
     from tether.demo.report import read_metrics, write_report
     from tether.trainers.common import resolve_device
-    from tether.trainers.reward import run_reward
-    from tether.trainers.sft import run_sft
 
     started = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     torch_device = resolve_device(device)
-    console.rule("[bold]tether demo: SFT -> reward model -> PPO on movie reviews")
+    console.rule("[bold]tether demo: SFT -> reward model -> PPO and GRPO on movie reviews")
     eval_prompts = build_data(out, sizes, seed)
     configs = stage_configs(out, sizes, seed, device)
 
-    console.rule("[bold]1/3 supervised fine-tuning")
+    console.rule("[bold]1/4 supervised fine-tuning")
     run_sft(str(configs["sft"]), [])
     console.rule("[bold]labelling pairs with the hidden gold rule")
     labels = label_pairs(out, sizes, seed, torch_device)
     console.print(f"{labels['pairs']} of {labels['sampled']} sampled pairs had a clear winner")
-    console.rule("[bold]2/3 reward model")
+    console.rule("[bold]2/4 reward model")
     run_reward(str(configs["rm"]), [])
-    console.rule("[bold]3/3 PPO against the learned reward model")
-    run_ppo(["--config", str(configs["ppo"])])
+    console.rule("[bold]3/4 PPO against the learned reward model")
+    run_ppo(str(configs["ppo"]), [])
+    console.rule("[bold]4/4 GRPO against the same reward model")
+    run_critic_free("grpo", str(configs["grpo"]), [])
 
     console.rule("[bold]evaluation on held-out prompts")
     evaluation = evaluate(out, eval_prompts, seed, torch_device)
     rm_metrics = read_metrics(out / "rm" / "metrics.jsonl")
     accuracy = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m]
     figures = evaluation["figures"]
-    summary = {
-        "rm_accuracy": accuracy[-1],
-        "gold_sft": figures["gold_sft"],
-        "gold_ppo": figures["gold_ppo"],
-        "gold_best": task.GOLD_BEST,
-        "rm_score_sft": figures["rm_score_sft"],
-        "rm_score_ppo": figures["rm_score_ppo"],
-        "kl": figures["kl"],
-        "length_sft": figures["length_sft"],
-        "length_ppo": figures["length_ppo"],
-        "well_formed_sft": figures["well_formed_sft"],
-        "well_formed_ppo": figures["well_formed_ppo"],
-        "gap_closed": (figures["gold_ppo"] - figures["gold_sft"]) / (task.GOLD_BEST - figures["gold_sft"]),
-        "pairs": labels["pairs"],
-        "seed": seed,
-        "quick": quick,
-        "sizes": asdict(sizes),
+    summary = {"rm_accuracy": accuracy[-1], "gold_best": task.GOLD_BEST}
+    for name in POLICIES:
+        for figure in ("gold", "rm_score", "kl", "length", "well_formed"):
+            summary[f"{figure}_{name}"] = figures[f"{figure}_{name}"]
+        gap = (figures[f"gold_{name}"] - figures["gold_sft"]) / (task.GOLD_BEST - figures["gold_sft"])
+        summary[f"gap_closed_{name}"] = gap
+    summary.update({
+        "pairs": labels["pairs"], "seed": seed, "quick": quick, "sizes": asdict(sizes),
         "minutes": (time.time() - started) / 60,
-    }
+    })
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, evaluation["samples"], eval_prompts)
     _print_closing(summary, evaluation["samples"], eval_prompts, out)
@@ -291,19 +255,19 @@ def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bo
 
 
 def _print_closing(summary: dict, samples: dict, prompts: list[str], out: Path) -> None:
-    for name in ("sft", "ppo"):
+    for name in POLICIES:
         rows = samples[name][:5]
         console.print(
             sample_table(
                 f"{name.upper()} samples (score = gold)", prompts[:5], [r["completion"] for r in rows], [r["gold"] for r in rows]
             )
         )
-    console.print(
-        f"[bold]reward model held-out accuracy {summary['rm_accuracy']:.3f}\n"
-        f"gold score: SFT {summary['gold_sft']:+.3f} -> PPO {summary['gold_ppo']:+.3f} "
-        f"(best {summary['gold_best']:+.1f}; {100 * summary['gap_closed']:.0f}% of the gap closed)\n"
-        f"reward-model score: SFT {summary['rm_score_sft']:+.3f} -> PPO {summary['rm_score_ppo']:+.3f}\n"
-        f"KL(PPO || SFT) {summary['kl']:.2f} nats per response; length {summary['length_sft']:.1f} -> "
-        f"{summary['length_ppo']:.1f} words\n"
-        f"{summary['minutes']:.1f} minutes; report: {out / 'report.html'}"
-    )
+    lines = [f"[bold]reward model held-out accuracy {summary['rm_accuracy']:.3f}"]
+    for name in POLICIES:
+        closed = "" if name == "sft" else f" ({100 * summary[f'gap_closed_{name}']:.0f}% of the gap to {summary['gold_best']:+.1f})"
+        lines.append(
+            f"{name.upper():>4}: gold {summary[f'gold_{name}']:+.3f}{closed}, reward model {summary[f'rm_score_{name}']:+.2f}, "
+            f"KL to SFT {summary[f'kl_{name}']:.2f} nats, {summary[f'length_{name}']:.1f} words"
+        )
+    lines.append(f"{summary['minutes']:.1f} minutes; report: {out / 'report.html'}")
+    console.print("\n".join(lines))

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from tether.saving import write_text_atomic  # noqa: E402
 
 COLOURS = {"rm": "#1f77b4", "gold": "#d62728", "kl": "#2ca02c", "length": "#9467bd", "acc": "#ff7f0e"}
+METHOD_COLOURS = {"sft": "grey", "ppo": "#1f77b4", "grpo": "#d62728"}
+METHODS = ("sft", "ppo", "grpo")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -58,6 +60,39 @@ def plot_single(ppo: list[dict], key: str, label: str, colour: str, path: Path) 
     return _save(figure, path)
 
 
+def plot_gold_against_kl(summary: dict, path: Path) -> str:
+    """One point per method: held-out gold score against KL to the SFT model."""
+    figure, axis = plt.subplots(figsize=(4.6, 3.4))
+    for name in METHODS:
+        kl, gold = summary[f"kl_{name}"], summary[f"gold_{name}"]
+        axis.scatter([kl], [gold], s=60, color=METHOD_COLOURS[name], label=name.upper(), zorder=3)
+        axis.annotate(name.upper(), (kl, gold), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    axis.axhline(summary["gold_best"], color=COLOURS["gold"], linestyle=":", linewidth=1, label="best possible gold")
+    axis.set_xlabel("KL to the SFT model (nats per response)")
+    axis.set_ylabel("gold score (held-out)")
+    axis.set_title("Gold score bought with KL, per method", fontsize=10)
+    axis.set_ylim(min(-0.2, summary["gold_sft"] - 0.1), 1.1)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_grpo_scores(grpo: list[dict], path: Path) -> str:
+    """GRPO's reward-model and gold score per optimizer step."""
+    steps = [m["train/optimizer_steps"] for m in grpo]
+    figure, left = plt.subplots(figsize=(4.6, 3.4))
+    right = left.twinx()
+    left.plot(steps, [m["reward"] for m in grpo], color=COLOURS["rm"], label="reward-model score")
+    right.plot(steps, [m["gold/score"] for m in grpo], color=COLOURS["gold"], label="gold score")
+    right.set_ylim(-1.05, 1.05)
+    left.set_xlabel("GRPO optimizer step")
+    left.set_ylabel("reward-model score", color=COLOURS["rm"])
+    right.set_ylabel("gold score", color=COLOURS["gold"])
+    left.set_title("GRPO: reward model and gold", fontsize=10)
+    left.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def plot_rm_accuracy(rm: list[dict], path: Path) -> str:
     points = [(m["step"], m["eval/accuracy"]) for m in rm if "eval/accuracy" in m]
     figure, axis = plt.subplots(figsize=(4.2, 3.0))
@@ -85,33 +120,38 @@ def _score(value: float) -> str:
 def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) -> Path:
     """Plots as PNG files beside ``report.html``; returns the report's path."""
     ppo, rm = read_metrics(out / "ppo" / "metrics.jsonl"), read_metrics(out / "rm" / "metrics.jsonl")
+    grpo = read_metrics(out / "grpo" / "metrics.jsonl")
     images = out / "report_files"
     images.mkdir(exist_ok=True)
     plots = [
+        plot_gold_against_kl(summary, images / "gold_vs_kl.png"),
         plot_scores(ppo, summary, images / "scores.png"),
-        plot_single(ppo, "objective/kl", "KL to the reference (nats)", COLOURS["kl"], images / "kl.png"),
-        plot_single(ppo, "val/response_length", "response length (tokens)", COLOURS["length"], images / "length.png"),
+        plot_grpo_scores(grpo, images / "grpo_scores.png"),
+        plot_single(ppo, "objective/kl", "PPO: KL to the reference (nats)", COLOURS["kl"], images / "kl.png"),
+        plot_single(ppo, "val/response_length", "PPO: response length (tokens)", COLOURS["length"],
+                    images / "length.png"),
         plot_rm_accuracy(rm, images / "rm_accuracy.png"),
     ]
-    figures = [
-        ["reward model: held-out pair accuracy", f"{summary['rm_accuracy']:.3f}"],
-        ["gold score, SFT policy", f"{summary['gold_sft']:+.3f}"],
-        ["gold score, PPO policy", f"{summary['gold_ppo']:+.3f}"],
-        ["gold score, best possible", f"{summary['gold_best']:+.3f}"],
-        ["share of the SFT-to-best gap closed by PPO", f"{100 * summary['gap_closed']:.0f}%"],
-        ["reward-model score, SFT -> PPO", f"{summary['rm_score_sft']:+.3f} -> {summary['rm_score_ppo']:+.3f}"],
-        ["KL(PPO || SFT) per response", f"{summary['kl']:.2f} nats"],
-        ["response length, SFT -> PPO", f"{summary['length_sft']:.1f} -> {summary['length_ppo']:.1f} words"],
-        ["well-formed responses, SFT -> PPO", f"{summary['well_formed_sft']:.0%} -> {summary['well_formed_ppo']:.0%}"],
-        ["run time", f"{summary['minutes']:.1f} minutes"],
-    ]
+    figures = [["reward model: held-out pair accuracy", f"{summary['rm_accuracy']:.3f}", "", ""]]
+    rows = (
+        ("gold score (best {:+.1f})".format(summary["gold_best"]), "gold", "{:+.3f}"),
+        ("share of the SFT-to-best gap closed", "gap_closed", "{:.0%}"),
+        ("reward-model score", "rm_score", "{:+.3f}"),
+        ("KL to the SFT model per response (nats)", "kl", "{:.2f}"),
+        ("response length (words)", "length", "{:.1f}"),
+        ("well-formed responses", "well_formed", "{:.0%}"),
+    )
+    for label, key, form in rows:
+        cells = ["" if key == "gap_closed" and name == "sft" else form.format(summary[f"{key}_{name}"]) for name in METHODS]
+        figures.append([label, *cells])
+    figures.append(["run time", f"{summary['minutes']:.1f} minutes", "", ""])
+
+    def cell(row: dict) -> str:
+        return f"{html.escape(row['completion'])}<br>{_score(row['gold'])} gold, {row['rm']:+.2f} RM"
+
     comparison = [
-        [
-            html.escape(prompt),
-            f"{html.escape(sft['completion'])}<br>{_score(sft['gold'])} gold, {sft['rm']:+.2f} RM",
-            f"{html.escape(ppo_row['completion'])}<br>{_score(ppo_row['gold'])} gold, {ppo_row['rm']:+.2f} RM",
-        ]
-        for prompt, sft, ppo_row in list(zip(prompts, samples["sft"], samples["ppo"]))[:12]
+        [html.escape(prompt), *(cell(samples[name][index]) for name in METHODS)]
+        for index, prompt in enumerate(prompts[:12])
     ]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tether demo report</title>
@@ -124,23 +164,20 @@ th {{ background: #f4f4f4; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 12px; }} .plots img {{ border: 1px solid #eee; }}
 </style></head><body>
 <h1>tether demo: RLHF on movie reviews</h1>
-<p class="lead">SFT &rarr; reward model (learned from pairs labelled by a hidden rule) &rarr; PPO against the
-reward model. The gold score is the hidden rule itself: the mean sentiment of the adjectives in a well-formed
-review, -1 for broken text. PPO never sees it.</p>
-<h2>Figures</h2>
-{_table(figures, ["", "value"])}
+<p class="lead">SFT &rarr; reward model (learned from pairs labelled by a hidden rule) &rarr; PPO and GRPO
+against the reward model. The gold score is the hidden rule itself: the mean sentiment of the adjectives in a
+well-formed review, -1 for broken text. Neither PPO nor GRPO ever sees it.</p>
+<h2>Figures (held-out prompts)</h2>
+{_table(figures, ["", "SFT", "PPO", "GRPO"])}
+<div class="plots"><img src="report_files/{plots[0]}" alt="gold score against KL, per method"></div>
 <h2>Learning curves</h2>
 <div class="plots">
-<img src="report_files/{plots[0]}" alt="reward-model and gold score per update">
-<img src="report_files/{plots[1]}" alt="KL per update">
-<img src="report_files/{plots[2]}" alt="response length per update">
-<img src="report_files/{plots[3]}" alt="reward-model accuracy">
+{"".join(f'<img src="report_files/{plot}" alt="{plot}">' for plot in plots[1:])}
 </div>
-<h2>Held-out prompts: SFT vs PPO</h2>
-{_table(comparison, ["prompt", "SFT policy", "PPO policy"])}
-<p class="lead">Rerun any stage alone: <code>tether sft --config {html.escape(str(out / 'sft.yaml'))}</code>,
-<code>tether rm --config {html.escape(str(out / 'rm.yaml'))}</code>,
-<code>tether ppo --config {html.escape(str(out / 'ppo.yaml'))}</code>.</p>
+<h2>Held-out prompts: SFT, PPO and GRPO</h2>
+{_table(comparison, ["prompt", "SFT policy", "PPO policy", "GRPO policy"])}
+<p class="lead">Rerun any stage alone: {", ".join(
+    f"<code>tether {stage} --config {html.escape(str(out / f'{stage}.yaml'))}</code>" for stage in ("sft", "rm", "ppo", "grpo"))}.</p>
 </body></html>
 """
     path = out / "report.html"

@@ -9,7 +9,8 @@ Completions of one prompt sit in consecutive rows: ``[B]`` rewards are ``B / G``
 * RLOO (Ahmadian et al. 2024): ``A_i = r_i - mean of the other G - 1 rewards of its group``.
 
 A group whose rewards are all equal gets advantage 0 everywhere, never a NaN (the scale's
-``1e-4`` is TRL's).
+``1e-4`` is TRL's). A completion no reward function scored (reward NaN) is left out of its
+group's statistics and gets advantage 0.
 """
 
 from __future__ import annotations
@@ -21,43 +22,78 @@ SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
+def nan_std(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """The (Bessel-corrected) standard deviation of the values that are not NaN; 0 where fewer
+    than two are."""
+    kept = ~torch.isnan(values)
+    count = kept.sum() if dim is None else kept.sum(dim=dim, keepdim=True)
+    mean = torch.nanmean(values) if dim is None else torch.nanmean(values, dim=dim, keepdim=True)
+    squares = torch.where(kept, (values - mean) ** 2, torch.zeros_like(values))
+    total = squares.sum() if dim is None else squares.sum(dim=dim, keepdim=True)
+    std = torch.where(count > 1, (total / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(total))
+    return std if dim is None or keepdim else std.squeeze(dim)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """GRPO's advantages ``[B]`` of rewards ``[B]`` in groups of ``group_size`` consecutive rows."""
+    """GRPO's advantages ``[B]`` of rewards ``[B]`` in groups of ``group_size`` consecutive rows.
+
+    A NaN reward (no reward function scored that completion) is left out of its group's mean
+    and spread, and its advantage is 0."""
     grouped = rewards.view(-1, group_size)  # [B / G, G]
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+    centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).flatten()
     match scale:
         case "group":
-            spread = grouped.std(dim=1, keepdim=True).expand_as(grouped).flatten() if group_size > 1 else None
+            spread = nan_std(grouped, dim=1, keepdim=True).expand_as(grouped).flatten()
         case "batch":
-            spread = rewards.std() if rewards.numel() > 1 else None
+            spread = nan_std(rewards)
         case "none":
-            return centred
+            spread = None
         case _:
             raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale!r}")
-    return centred if spread is None else centred / (spread + SCALE_EPSILON)
+    advantages = centred if spread is None else centred / (spread + SCALE_EPSILON)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def decoupled_group_advantages(parts: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's advantages ``[B]`` with ``multi_objective_aggregation: normalize_then_sum`` (GDPO):
+    each reward's scores ``parts [B, F]`` are normalised within their group, summed with
+    ``weights [F]``, and the sums normalised over the batch. NaN (no score) as in
+    ``group_advantages``."""
+    grouped = parts.view(-1, group_size, parts.size(1))  # [B / G, G, F]
+    scaled = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (
+        nan_std(grouped, dim=1, keepdim=True) + SCALE_EPSILON
+    )
+    summed = (scaled.reshape(parts.shape) * weights).nansum(dim=1)
+    summed = torch.where(torch.isnan(parts).all(dim=1), torch.full_like(summed, float("nan")), summed)
+    return normalized(summed)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO's advantages ``[B]``: each reward less the mean of its group's other rewards."""
+    """RLOO's advantages ``[B]``: each reward less the mean of its group's other rewards.
+
+    A NaN reward is left out of the others' means and gets advantage 0, as does the only scored
+    completion of a group (it has no others)."""
     if group_size < 2:
         raise ValueError("a leave-one-out baseline needs at least 2 completions per prompt")
     grouped = rewards.view(-1, group_size)
-    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others).flatten()
+    scored = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    others = (grouped.nansum(dim=1, keepdim=True) - grouped) / (scored - 1)  # NaN for 0 / 0
+    return torch.nan_to_num((grouped - others).flatten(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def normalized(values: torch.Tensor) -> torch.Tensor:
-    """``values`` with mean 0 and standard deviation 1 over the batch (RLOO's
-    ``normalize_advantages``)."""
-    if values.numel() < 2:
-        return values - values.mean()
-    return (values - values.mean()) / (values.std() + SCALE_EPSILON)
+def normalized(values: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` with mean 0 and standard deviation 1 over the batch's kept rows (``kept``:
+    True to keep; default: those not NaN), the others 0 (RLOO's ``normalize_advantages``)."""
+    kept = ~torch.isnan(values) if kept is None else kept
+    masked = torch.where(kept, values, torch.full_like(values, float("nan")))
+    scaled = (masked - torch.nanmean(masked)) / (nan_std(masked) + SCALE_EPSILON)
+    return torch.nan_to_num(scaled, nan=0.0)
 
 
 def group_reward_spread(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each group's reward standard deviation ``[B / G]`` (0 for a group of one)."""
-    grouped = rewards.view(-1, group_size)
-    return grouped.std(dim=1) if group_size > 1 else torch.zeros_like(grouped[:, 0])
+    """Each group's reward standard deviation ``[B / G]`` (NaN rewards left out; 0 for a
+    group with fewer than two scored)."""
+    return nan_std(rewards.view(-1, group_size), dim=1)
 
 
 def clipped_surrogate(

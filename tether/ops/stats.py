@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over kept positions; whatever sits at masked positions (even inf or NaN) is ignored."""
-    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Sum over kept positions (of all, or along ``dim``); whatever sits at masked positions
+    (even inf or NaN) is ignored."""
+    kept = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return kept.sum() if dim is None else kept.sum(dim=dim, keepdim=keepdim)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,12 @@ class Rollout:
     lengths: torch.Tensor  # [B] kept response tokens (the terminating token is lengths - 1)
     terminated: torch.Tensor  # [B] bool, ended on a stop token rather than the length limit
     logprobs: torch.Tensor  # [B, T] policy logprobs at sampling time (temperature-scaled)
-    ref_logprobs: torch.Tensor  # [B, T] reference logprobs (temperature-scaled)
-    values: torch.Tensor  # [B, T] critic's value of the state before each token
+    ref_logprobs: torch.Tensor | None  # [B, T] reference logprobs (temperature-scaled); None: no reference
+    values: torch.Tensor | None  # [B, T] critic's value of the state before each token; None: no critic
     scores: torch.Tensor  # [B] reward after the missing-stop penalty
-    advantages: torch.Tensor | None = None  # [B, T] after whitening
+    advantages: torch.Tensor | None = None  # [B, T] after whitening (PPO); [B] per sequence (GRPO, RLOO)
     returns: torch.Tensor | None = None  # [B, T] value targets
+    reward_parts: torch.Tensor | None = None  # [B, F] each reward's scores (NaN: that function said None)
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """Rows ``rows``, with columns that are padding in every selected row trimmed away.
@@ -40,7 +41,7 @@ class Rollout:
         first_query_column = int(picked["query_mask"].any(0).int().argmax()) if picked["query_mask"].any() else 0
         width = max(int(picked["lengths"].max()), 1)
         for name, value in picked.items():
-            if value is None or value.dim() < 2:
+            if value is None or value.dim() < 2 or name == "reward_parts":
                 continue
             if name in ("queries", "query_mask"):
                 picked[name] = value[:, first_query_column:]

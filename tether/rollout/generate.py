@@ -10,6 +10,8 @@ KV cache instead of ``generate``:
   policy forward pass unnecessary in full precision (ppo-details 10);
 * the output layer runs on the last position only, and the loop stops as soon as every row
   has produced a stop token;
+* rows that hold the same prompt next to each other (GRPO's and RLOO's groups) share one
+  prefill: the prompt is run once and its KV cache copied to each row (``_distinct_rows``);
 * on a GPU one decoding step (backbone and output layer) is captured once as a CUDA graph and
   replayed for every later token (``_GraphedStep``): an eager step of a small or mid-size model
   is bound by the host launching a few hundred kernels, not by the GPU.
@@ -27,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from tether.errors import ConfigError
 from tether.models.forward import accepts_argument, output_layer_split, sharded
@@ -78,8 +80,8 @@ def sampling_config(
 def filtered_weights(weights: torch.Tensor, scaled: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None):
     """Sampling weights ``[b, V]`` (``exp`` of ``scaled`` less its row maximum) restricted as
     ``config`` asks: repetition penalty on ``seen`` tokens (CTRL's: a positive logit divided by
-    it, a negative one multiplied), then top-k, min-p and top-p. At least the most likely token
-    always keeps its weight."""
+    it, a negative one multiplied), then top-k, top-p and min-p, in the order of transformers'
+    ``generate``. At least the most likely token always keeps its weight."""
     if config.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(scaled > 0, scaled / config.repetition_penalty, scaled * config.repetition_penalty)
         scaled = torch.where(seen, penalised, scaled)
@@ -87,13 +89,13 @@ def filtered_weights(weights: torch.Tensor, scaled: torch.Tensor, config: Sampli
     if config.top_k and config.top_k < weights.size(-1):
         kth = torch.topk(weights, config.top_k, dim=-1).values[:, -1:]
         weights = weights.masked_fill(weights < kth, 0.0)
-    if config.min_p:
-        weights = weights.masked_fill(weights < config.min_p * weights.amax(-1, keepdim=True), 0.0)
-    if config.top_p < 1.0:
+    if config.top_p < 1.0:  # the fewest top tokens that hold top_p of the mass left
         ordered, order = weights.sort(dim=-1, descending=True)
         before = ordered.cumsum(-1) - ordered  # probability mass of the tokens ranked above each
-        drop = before > config.top_p * ordered.sum(-1, keepdim=True)
+        drop = before >= config.top_p * ordered.sum(-1, keepdim=True)
         weights = weights.scatter(-1, order, ordered.masked_fill(drop, 0.0))
+    if config.min_p:
+        weights = weights.masked_fill(weights < config.min_p * weights.amax(-1, keepdim=True), 0.0)
     return weights
 
 
@@ -373,10 +375,15 @@ def _sample_chunk(
     else:
         attention_mask = query_mask.long()
     next_position = query_mask.long().sum(1, keepdim=True)  # [b, 1] real tokens so far
+    firsts, inverse = _distinct_rows(queries, query_mask) if _shares_prefill(cache) else (None, None)
+    prefill = (lambda t: t) if inverse is None else (lambda t: t.index_select(0, firsts))  # noqa: E731
     logits, returned_cache = _next_token_logits(
-        model, split, output_layer, input_ids=queries, attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(query_mask), use_cache=True, **{cache_argument: cache},
+        model, split, output_layer, input_ids=prefill(queries), attention_mask=prefill(attention_mask),
+        position_ids=prefill(position_ids_from_mask(query_mask)), use_cache=True, **{cache_argument: cache},
     )
+    if inverse is not None:  # every row gets a copy of its prompt's cache and logits
+        _repeat_rows(cache, inverse)
+        logits = logits.index_select(0, inverse)
     graphed = None
     if whole:
         step_inputs = dict(attention_mask=attention_mask, use_cache=True, **{cache_argument: cache})
@@ -431,6 +438,34 @@ def _sample_chunk(
         logprobs=torch.stack(logprobs, dim=1),
         scores=torch.stack(scores, dim=1) if output_scores else None,
     )
+
+
+def _distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where some rows repeat the row above (a group of completions of one prompt): the first
+    row of each run ``[u]`` and each row's run ``[b]``; ``(None, None)`` when no row repeats."""
+    if queries.size(0) < 2:
+        return None, None
+    repeats = (queries[1:] == queries[:-1]).all(1) & (query_mask[1:] == query_mask[:-1]).all(1)
+    if not bool(repeats.any()):
+        return None, None
+    starts = torch.cat([repeats.new_ones(1), ~repeats])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def _repeat_rows(cache, rows: torch.Tensor) -> None:
+    """Make a KV cache prefilled for the distinct prompts hold row ``rows[i]`` in row ``i``."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = rows.numel()
+
+
+def _shares_prefill(cache) -> bool:
+    """Whether a prompt's prefilled cache can be copied to other rows: layers of full attention
+    alone (a sliding window or state-space layer keeps more than keys and values)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) in (StaticLayer, _FilledStaticLayer, DynamicLayer) for layer in layers)
 
 
 def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:

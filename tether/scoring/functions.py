@@ -8,8 +8,10 @@ a module whose ``forward`` scores texts included. Two calling conventions:
   ``prompts`` (as the dataset held them: text, or the message list of a chat), ``completions``
   (the decoded text; after a chat prompt, ``[{"role": "assistant", "content": text}]``),
   ``completion_ids`` (the response's token ids, stop token included, for what the text drops)
-  and every other column of the dataset rows (a task's ``answer`` reaches its checker). Only
-  the names a function declares are passed unless it takes ``**kwargs``.
+  and every other column of the dataset rows (a task's ``answer`` reaches its checker); GRPO
+  and RLOO add ``trainer_state`` (``global_step``, ``max_steps``, ``epoch``), ``log_metric(name,
+  value)`` and ``log_extra(column, values)`` (a column of the completions table). Only the
+  names a function declares are passed unless it takes ``**kwargs``.
 * tether's first, ``fn(prompts, responses)``: the same prompts, the responses as text.
 
 A reward function returns one number per completion, or ``None`` where it has no opinion (a
@@ -27,7 +29,9 @@ import os
 import re
 import sys
 import traceback
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
@@ -37,7 +41,8 @@ import torch
 from tether.errors import ConfigError, RewardError
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-PASSED_NAMES = ("prompts", "completions", "completion_ids")  # what tether passes; no column may take a name
+# what tether passes (the last three from GRPO and RLOO, as TRL does); no column may take a name
+PASSED_NAMES = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 _FUNCTION_SPEC = re.compile(r"^(?P<module>[^:]+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 
 
@@ -97,6 +102,30 @@ def _import_file(path: Path):
 
 
 # --- calling one ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainerState:
+    """What a reward function gets as ``trainer_state`` (TRL hands over transformers'
+    ``TrainerState``; these are the fields reward schedules read)."""
+
+    global_step: int = 0  # optimizer steps so far
+    max_steps: int = 0  # optimizer steps of the whole run
+    epoch: float = 0.0  # passes over the training prompts so far
+
+
+@dataclass
+class FunctionLog:
+    """What reward functions report through ``log_metric`` and ``log_extra`` in one round."""
+
+    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    extras: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[str(name)].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extras[str(column)].extend(values)
+
 
 def function_name(function: Callable) -> str:
     """A function's own name; a module's or other callable's class name; a partial's function."""
@@ -230,16 +259,18 @@ def call_reward_function(function: Callable, prompts: list, responses: list[str]
     return RewardFunction(function)(list(prompts), list(responses), [[] for _ in prompts], {})
 
 
-def combine(scores: list[torch.Tensor], weights: list[float], names: list[str]) -> torch.Tensor:
+def combine(scores: list[torch.Tensor], weights: list[float], names: list[str], unscored_allowed: bool = False) -> torch.Tensor:
     """The weighted sum of several functions' scores ``[B]``, each function's ``None`` (NaN)
-    left out. A completion no function scored is refused: it would be trained on nothing."""
+    left out. A completion no function scored is NaN where ``unscored_allowed`` (GRPO and RLOO
+    give it advantage 0), else refused: it would be trained on nothing."""
     stacked = torch.stack(scores, dim=1)  # [B, F]
     unscored = torch.isnan(stacked).all(dim=1)
-    if unscored.any():
+    if unscored.any() and not unscored_allowed:
         index = int(unscored.nonzero()[0])
         raise RewardError(
             f"no reward function scored completion {index} (all of {', '.join(names)} returned None); "
             "return a number for it from at least one"
         )
     weighted = stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    return torch.nansum(weighted, dim=1)
+    summed = torch.nansum(weighted, dim=1)
+    return torch.where(unscored, torch.full_like(summed, float("nan")), summed)

@@ -1,12 +1,12 @@
 """The step loop SFT and reward-model training share: output folder, resume, logs, checkpoints.
 
-A trainer hands over what differs — one step with its evaluation (``advance``), a status line
-and its checkpoint state — and ``run_steps`` does the rest the same way for both:
+A trainer hands over what differs — one step with its evaluation (``advance``), a status line,
+its checkpoint state and models — and ``run_steps`` does the rest the same way for each:
 
     check output_dir -> restore a checkpoint -> [advance -> log -> stop on non-finite
     -> checkpoint every save_steps, at the end and on SIGTERM/SIGINT] -> close trackers
 
-(PPO keeps its own loop in ``ppo.py``: its updates carry rollouts, sample tables and a KL
+GRPO and RLOO run on it too. (PPO keeps its own loop in ``ppo.py``: its updates carry rollouts, sample tables and a KL
 controller.)
 """
 
@@ -29,6 +29,8 @@ from tether.checkpoint import (
     truncate_jsonl,
     write_checkpoint,
 )
+from torch import nn
+
 from tether.config import TrainingConfig, config_values, save_config
 from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
@@ -56,6 +58,9 @@ class SteppedTrainer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def checkpointed_models(self) -> dict[str, nn.Module]:
+        """The models a checkpoint holds, by name (the trained one, and any other that changes)."""
+
 
 def save_checkpoint(trainer) -> Path | None:
     """``<output_dir>/checkpoint-<step>`` with the trainer's model and state (see tether.checkpoint),
@@ -69,7 +74,7 @@ def save_checkpoint(trainer) -> Path | None:
     with trainer.dropout.original_configs():
         return parallel.share(
             lambda: write_checkpoint(
-                trainer.output_dir, trainer.step_count, {"model": trainer.model}, trainer.tokenizer, trainer.optimizer,
+                trainer.output_dir, trainer.step_count, trainer.checkpointed_models(), trainer.tokenizer, trainer.optimizer,
                 trainer.scheduler, state, trainer.config.save_total_limit, rng_states,
             )
         )
@@ -80,7 +85,7 @@ def resume(trainer, checkpoint: Path) -> None:
     parallel.check_resumable()
     say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     changes = check_resumed_config(checkpoint, trainer.config, say, trainer.command)
-    state = restore(checkpoint, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, parallel.rank)
+    state = restore(checkpoint, trainer.checkpointed_models(), trainer.optimizer, trainer.scheduler, parallel.rank)
     for recorded in ("config", "command"):  # checked before the restore
         state.pop(recorded, None)
     written_by = state.pop("world_size", 1)
@@ -114,7 +119,8 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     if checkpoint is not None:
         parallel.barrier()  # every process has read the checkpoint before the logs change
         if parallel.is_main:
-            truncate_jsonl(metrics_file.path, keep=lambda step: step <= trainer.step_count)  # the rest comes again
+            for path in (metrics_file.path, trainer.output_dir / "samples.jsonl"):  # the rest comes again
+                truncate_jsonl(path, keep=lambda step: step <= trainer.step_count)
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
     cadence = trainer.cadence

@@ -156,7 +156,7 @@ class PPOTrainer:
                 f"[yellow]note: the dataset has {len(self.prompts)} prompts, fewer than one rollout batch of "
                 f"{self.plan.batch_size}: every batch holds each prompt at least once and draws some again"
             )
-        self.stop_token_ids = resolve_stop_token_ids(config, tokenizer, policy)
+        self.stop_token_ids = resolve_stop_token_ids(config.stop_token_id, config.stop_token, tokenizer, policy)
         self.pad_token_id = tokenizer.pad_token_id
         self.sampling = sampling_config(config.response_length, config.temperature, self.stop_token_ids, self.pad_token_id)
         self.temperature = sampling_temperature(config.temperature)  # the value generation samples with

@@ -1,26 +1,28 @@
-"""The rollout half of a PPO update: sample responses to prompts, then score them.
+"""The rollout half of an RL update (PPO, GRPO, RLOO): sample responses to prompts, then score them.
 
     prompts -> left-pad -> generate (split the response off by hand)   rollout/generate.py
             -> where each response ends (stop token or length limit)   ops/
             -> score: reward model on the postprocessed query_response,
                or a reward function on the decoded texts;
                then the missing-stop penalty                            scoring/reward.py
-            -> old logprobs, reference logprobs, values                 models/forward.py
+            -> old logprobs, reference logprobs, values (each if used)  models/forward.py
             -> Rollout                                                  rollout/batch.py
 
 ``RolloutMaker`` holds the models and sampling settings this needs; ``PPOTrainer`` builds one
-and hands its ``sample`` / ``score`` / ``rollout`` / ``evaluate`` / ``decode`` through.
-Advantages and the update loop stay in ``ppo.py``, the micro-batch loss is in ``ppo_update.py``.
+and hands its ``sample`` / ``score`` / ``rollout`` / ``evaluate`` / ``decode`` through, and so do
+the critic-free trainers (``grpo.py``: no critic, and no reference when ``beta`` is 0).
+Advantages and losses stay with each trainer; the update loop is ``rl_update.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from tether.config import PPOConfig
+from tether.config import CriticFreeConfig, PPOConfig
 from tether.data import Prompts, is_chat, left_pad
 from tether.data.sequences import right_pad
 from tether.errors import ConfigError
@@ -35,12 +37,14 @@ from tether.trainers.common import autocast, clock
 from tether.trainers.parallel import Parallel
 
 
-def resolve_stop_token_ids(config: PPOConfig, tokenizer, policy) -> list[int]:
+def resolve_stop_token_ids(
+    stop_token_id: int | list[int] | None, stop_token: str | None, tokenizer, policy
+) -> list[int]:
     """The ids that end a response: ``stop_token_id``, EOS for ``stop_token: eos``, else the
     model's own EOS ids (ppo-details fix 3: any of several ids terminates)."""
-    if config.stop_token_id is not None:
-        ids = config.stop_token_id if isinstance(config.stop_token_id, list) else [config.stop_token_id]
-    elif config.stop_token == "eos":
+    if stop_token_id is not None:
+        ids = stop_token_id if isinstance(stop_token_id, list) else [stop_token_id]
+    elif stop_token == "eos":
         ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     else:
         own = policy.generation_config.eos_token_id
@@ -71,15 +75,17 @@ class RolloutMaker:
 
     def __init__(
         self,
-        config: PPOConfig,
+        config: PPOConfig | CriticFreeConfig,
         tokenizer,
         parallel: Parallel,
         device: torch.device,
         *,
         policy: nn.Module,
         policy_forward: nn.Module,
-        critic: nn.Module,
+        critic: nn.Module | None,
         reference: nn.Module | None,
+        use_reference: bool = True,
+        unscored_allowed: bool = False,
         rewards: list[RewardSource],
         reward_weights: list[float] | None = None,
         sampling,
@@ -95,6 +101,9 @@ class RolloutMaker:
         self.policy_forward = policy_forward
         self.critic = critic
         self.reference = reference
+        self.use_reference = use_reference  # False: no KL to a reference (beta 0), no reference pass
+        self.unscored_allowed = unscored_allowed  # a completion no reward function scored: NaN, not refused
+        self.context: dict = {}  # more keyword arguments for reward functions (GRPO's trainer_state, ...)
         self.rewards = rewards
         self.reward_weights = reward_weights or [1.0] * len(rewards)
         self.reward_parts: torch.Tensor | None = None  # [B, F]: each reward's scores of the last batch (NaN: None)
@@ -145,7 +154,8 @@ class RolloutMaker:
             else:
                 parts.append(self._model_scores(source, samples))
         self.reward_parts = torch.stack(parts, dim=1)  # [B, F]
-        scores = combine(parts, self.reward_weights, [source.name for source in self.rewards])
+        names = [source.name for source in self.rewards]
+        scores = combine(parts, self.reward_weights, names, self.unscored_allowed)
         return apply_missing_stop_penalty(scores.float(), samples["terminated"], self.config.missing_eos_penalty)
 
     @torch.no_grad()
@@ -177,8 +187,10 @@ class RolloutMaker:
                     logprobs.append(
                         policy_logprobs(self.policy_forward, *chunk, self.temperature, config.logprob_chunk_size)[0]
                     )
-                ref_logprobs.append(self.reference_logprobs(*chunk))
-                values.append(critic_values(self.critic, *chunk))
+                if self.use_reference:
+                    ref_logprobs.append(self.reference_logprobs(*chunk))
+                if self.critic is not None:
+                    values.append(critic_values(self.critic, *chunk))
         timing["timing/score"] = clock(self.device) - score_start
 
         response_mask = samples["response_mask"]
@@ -190,9 +202,10 @@ class RolloutMaker:
         return Rollout(
             **samples,
             logprobs=kept(logprobs if recompute else [sampling_logprobs]),
-            ref_logprobs=kept(ref_logprobs),
-            values=kept(values),
+            ref_logprobs=kept(ref_logprobs) if ref_logprobs else None,
+            values=kept(values) if values else None,
             scores=scores,
+            reward_parts=self.reward_parts.float(),
         )
 
     @torch.no_grad()
@@ -207,13 +220,14 @@ class RolloutMaker:
         samples = self.sample(mine.ids, self.config.per_device_eval_batch_size)
         scores = self.score(samples, mine)
         real = torch.tensor(counted, device=self.device)
+        scored = real & ~torch.isnan(scores)  # a completion no reward function scored counts in no mean score
         sums = torch.stack([
-            scores[real].sum(), samples["lengths"][real].float().sum(),
+            scores[scored].sum(), scored.float().sum(), samples["lengths"][real].float().sum(),
             samples["terminated"][real].float().sum(), real.float().sum(),
         ])
-        score_sum, length_sum, terminated, count = parallel.sum_over_processes(sums).tolist()
+        score_sum, scored_count, length_sum, terminated, count = parallel.sum_over_processes(sums).tolist()
         metrics = {
-            "eval/scores": score_sum / count,
+            "eval/scores": score_sum / scored_count if scored_count else math.nan,
             "eval/response_length": length_sum / count,
             "eval/num_eos_tokens": int(terminated),
         }
@@ -223,12 +237,14 @@ class RolloutMaker:
     def function_inputs(self, prompts: Prompts | None, queries, query_mask, responses, lengths, terminated):
         """What a reward or metric function is called with: ``(prompts, completions,
         completion_ids, columns)`` (see ``tether.scoring.functions``), the prompts as the dataset
-        held them (decoded from the ids when only ids were given)."""
+        held them (decoded from the ids when only ids were given); ``columns`` holds the rows'
+        other columns and the trainer's ``context`` (GRPO's ``trainer_state``, ...)."""
         prompt_texts, texts = self.decode(queries, query_mask, responses, lengths, terminated)
         values = prompts.values if prompts is not None and prompts.values is not None else prompt_texts
         completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t for p, t in zip(values, texts)]
         completion_ids = [row[:n].tolist() for row, n in zip(responses, lengths.tolist())]
-        return list(values), completions, completion_ids, dict(prompts.columns) if prompts is not None else {}
+        columns = dict(prompts.columns) if prompts is not None else {}
+        return list(values), completions, completion_ids, {**columns, **self.context}
 
     def sample_rows(self, prompts: Prompts | None, scores: torch.Tensor, **texts) -> list[dict]:
         """Rows of a sample table and ``samples.jsonl``: the prompt and response a reward

@@ -37,9 +37,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from tether.checkpoint import check_output_dir_early
-from tether.config import RewardConfig, load_command_config
-from tether.data.prompts import PromptSampler, load_table, load_test_split
+from tether.config import RewardConfig
+from tether.data.prompts import PromptSampler, load_table
 from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
@@ -51,7 +50,6 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     ensure_pad_token,
     load_scalar_backbone,
-    load_tokenizer,
     scalar_head,
 )
 from tether.ops.losses import bradley_terry_loss
@@ -325,6 +323,9 @@ class RewardTrainer:
         return self.normalization
 
     # --- checkpoints ----------------------------------------------------------------------
+    def checkpointed_models(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
     def state_dict(self) -> dict:
         """The counters a checkpoint needs besides weights, optimizer, schedule and RNG (JSON)."""
         return {
@@ -409,37 +410,3 @@ def split_pairs(
         )
     train_rows, held_rows = seeded_split(len(pairs), held, seed)
     return [pairs[i] for i in train_rows], [pairs[i] for i in held_rows]
-
-
-# --- the command ----------------------------------------------------------------------------
-
-def run_reward(config_path: str | None, override_args: list[str]) -> int:
-    """``tether rm --config rm.yaml [--field value ...]``: train, save the model and config.yaml."""
-    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
-    config = load_command_config(RewardConfig, config_path, override_args, required, warn)
-    check_output_dir_early(config)
-
-    seed_everything(config.seed)
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn, config.model_revision)
-    # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
-    encode = lambda table, what: encode_pairs(  # noqa: E731
-        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs"
-    )
-    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
-    console.print(f"loading the reward model backbone from {config.model_name_or_path}")
-    model = load_reward_backbone(config.model_name_or_path, **config.model_options())
-    trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)
-    trainer.train()
-    target = trainer.save_model()
-    if trainer.eval_history:
-        step, accuracy = trainer.eval_history[-1]
-        console.print(f"held-out accuracy {accuracy:.3f} on {len(trainer.eval_pairs)} pairs after {step} steps")
-    else:
-        console.print("no held-out pairs (eval_fraction 0 and no test split): accuracy not measured")
-    if trainer.normalization:
-        console.print(f"reward_bias {trainer.normalization['reward_bias']:+.4f} stored in the model config")
-    console.print(f"[green]saved the reward model to {target}")
-    return 0

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tether.checkpoint import check_output_dir_early
 from tether.config import SFTConfig
 from tether.data.sequences import Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
@@ -298,6 +297,9 @@ class SFTTrainer:
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}  # exp overflows past ~709
 
     # --- checkpoints ----------------------------------------------------------------------
+    def checkpointed_models(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
     def state_dict(self) -> dict:
         """The counters a checkpoint needs besides weights, optimizer, schedule and RNG (JSON).
 
@@ -367,35 +369,3 @@ class SFTTrainer:
 def _grad_norm(model: nn.Module) -> float:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
-# --------------------------------------------------------------------------- the command
-
-
-def run_sft(config_path: str | None, override_args: list[str]) -> int:
-    """``tether sft --config sft.yaml [--field value ...]``: train, then save to ``output_dir``."""
-    from tether.config import load_command_config
-    from tether.data.prompts import load_table, load_test_split
-    from tether.models.loading import load_causal_lm, load_tokenizer
-
-    warn = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
-    required = {"model_name_or_path": lambda c: c.model_name_or_path, "dataset_name": lambda c: c.dataset_name}
-    config = load_command_config(SFTConfig, config_path, override_args, required, warn)
-    check_output_dir_early(config)
-
-    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, warn, config.model_revision)
-    # Every row through the encoder before the (possibly slow) model load: a wrong column or a
-    # bad row fails at once, and what max_length cuts is said once.
-    encode = lambda table, what: encode_sequences(  # noqa: E731
-        table, tokenizer, config.max_length, config.truncation_mode, f"{what} rows"
-    )
-    train_rows = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    eval_rows = encode(eval_table, "evaluation") if eval_table is not None else None
-    console.print(f"loading the model from {config.model_name_or_path}")
-    model = load_causal_lm(config.model_name_or_path, **config.model_options())
-    trainer = SFTTrainer(config, tokenizer, model, train_rows, eval_rows)
-    trainer.train()
-    target = trainer.save_model()
-    console.print(f"[green]saved the fine-tuned model to {target}")
-    return 0
