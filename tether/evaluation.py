@@ -59,7 +59,7 @@ def sample_and_score(
     from tether.rollout.generate import sampling_config, sampling_temperature
     from tether.scoring.sources import resolve_reward
     from tether.trainers.parallel import Parallel
-    from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
+    from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, texts_of
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     config = GRPOConfig(
@@ -88,7 +88,7 @@ def sample_and_score(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         rollout = maker.rollout(data, {})
-    texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+    texts = texts_of(rollout)
     rows = maker.sample_rows(data, rollout.scores, **texts)
     kl = None
     if reference is not None:

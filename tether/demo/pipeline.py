@@ -257,17 +257,15 @@ def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bo
 def _print_closing(summary: dict, samples: dict, prompts: list[str], out: Path) -> None:
     for name in POLICIES:
         rows = samples[name][:5]
-        console.print(
-            sample_table(
-                f"{name.upper()} samples (score = gold)", prompts[:5], [r["completion"] for r in rows], [r["gold"] for r in rows]
-            )
-        )
+        completions, gold = [r["completion"] for r in rows], [r["gold"] for r in rows]
+        console.print(sample_table(f"{name.upper()} samples (score = gold)", prompts[:5], completions, gold))
     lines = [f"[bold]reward model held-out accuracy {summary['rm_accuracy']:.3f}"]
     for name in POLICIES:
-        closed = "" if name == "sft" else f" ({100 * summary[f'gap_closed_{name}']:.0f}% of the gap to {summary['gold_best']:+.1f})"
+        figure = lambda key: summary[f"{key}_{name}"]  # noqa: E731
+        closed = "" if name == "sft" else f" ({figure('gap_closed'):.0%} of the gap to {summary['gold_best']:+.1f})"
         lines.append(
-            f"{name.upper():>4}: gold {summary[f'gold_{name}']:+.3f}{closed}, reward model {summary[f'rm_score_{name}']:+.2f}, "
-            f"KL to SFT {summary[f'kl_{name}']:.2f} nats, {summary[f'length_{name}']:.1f} words"
+            f"{name.upper():>4}: gold {figure('gold'):+.3f}{closed}, reward model {figure('rm_score'):+.2f}, "
+            f"KL to SFT {figure('kl'):.2f} nats, {figure('length'):.1f} words"
         )
     lines.append(f"{summary['minutes']:.1f} minutes; report: {out / 'report.html'}")
     console.print("\n".join(lines))

@@ -142,7 +142,9 @@ def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) ->
         ("well-formed responses", "well_formed", "{:.0%}"),
     )
     for label, key, form in rows:
-        cells = ["" if key == "gap_closed" and name == "sft" else form.format(summary[f"{key}_{name}"]) for name in METHODS]
+        cells = [
+            "" if key == "gap_closed" and name == "sft" else form.format(summary[f"{key}_{name}"]) for name in METHODS
+        ]
         figures.append([label, *cells])
     figures.append(["run time", f"{summary['minutes']:.1f} minutes", "", ""])
 
@@ -153,6 +155,8 @@ def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) ->
         [html.escape(prompt), *(cell(samples[name][index]) for name in METHODS)]
         for index, prompt in enumerate(prompts[:12])
     ]
+    reruns = [f"<code>tether {stage} --config {html.escape(str(out / f'{stage}.yaml'))}</code>"
+              for stage in ("sft", "rm", "ppo", "grpo")]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tether demo report</title>
 <style>
@@ -176,8 +180,7 @@ well-formed review, -1 for broken text. Neither PPO nor GRPO ever sees it.</p>
 </div>
 <h2>Held-out prompts: SFT, PPO and GRPO</h2>
 {_table(comparison, ["prompt", "SFT policy", "PPO policy", "GRPO policy"])}
-<p class="lead">Rerun any stage alone: {", ".join(
-    f"<code>tether {stage} --config {html.escape(str(out / f'{stage}.yaml'))}</code>" for stage in ("sft", "rm", "ppo", "grpo"))}.</p>
+<p class="lead">Rerun any stage alone: {", ".join(reruns)}.</p>
 </body></html>
 """
     path = out / "report.html"

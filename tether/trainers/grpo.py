@@ -29,13 +29,11 @@ import torch
 from torch import nn
 
 from tether.config import CriticFreeConfig, GRPOConfig, RLOOConfig
-from tether.data import Prompts, PromptSampler, load_prompts, prompt_text
-from tether.errors import ConfigError, DataError, RewardError
+from tether.data import PromptSampler, prompt_text
+from tether.errors import ConfigError, RewardError
 from tether.logging import Reporters, console, sample_table
 from tether.models.forward import Actor, policy_logprobs
 from tether.models.loading import (
-    check_positions,
-    check_vocabulary,
     disable_dropout,
     enable_gradient_checkpointing,
     ensure_pad_token,
@@ -55,7 +53,6 @@ from tether.ops.advantages import (
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
 from tether.scoring.functions import (
-    PASSED_NAMES,
     FunctionLog,
     MetricFunction,
     TrainerState,
@@ -74,7 +71,8 @@ from tether.trainers.common import (
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
 from tether.trainers.ppo import refuse_shared_models
-from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
+from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, texts_of
+from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import Minibatch, train_on_rollout
 
 
@@ -103,12 +101,7 @@ class CriticFreeTrainer:
         ensure_pad_token(tokenizer, warn=say)
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
-        load = lambda data, what: load_prompts(  # noqa: E731
-            data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation,
-            other_columns=not config.remove_unused_columns, what=what,
-        )
-        self.train_set: Prompts = load(train_dataset, "training")
-        self.eval_set: Prompts | None = load(eval_dataset, "evaluation") if eval_dataset is not None else None
+        self.train_set, self.eval_set = load_prompt_sets(config, tokenizer, train_dataset, eval_dataset)
         self.plan = config.group_plan(len(self.train_set), launched_processes())
         self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
         warn = lambda message: console.print(f"[yellow]warning: {message}")  # noqa: E731
@@ -130,8 +123,10 @@ class CriticFreeTrainer:
         if len(weights) != len(self.rewards):
             raise ConfigError(f"config field reward_weights has {len(weights)} weights for {len(self.rewards)} rewards")
         self.reward_weights = [float(w) for w in weights]
-        self.metric_fn = MetricFunction(import_reward_function(config.metric_function)) if config.metric_function else None
-        self._refuse_column_clashes()
+        metric = config.metric_function
+        self.metric_fn = MetricFunction(import_reward_function(metric)) if metric else None
+        functions = [source.function for source in self.rewards]
+        refuse_column_clashes(self.train_set.columns, [*functions, self.metric_fn])
         refuse_shared_models(policy=policy, ref_policy=ref_policy,
                              **{f"reward {source.name}": source.model for source in self.rewards})
 
@@ -142,19 +137,13 @@ class CriticFreeTrainer:
         else:
             self.policy, self.ref_policy = policy_and_reference(policy, None, lora)[0], None
         longest = max(map(len, [*self.train_set.ids, *(self.eval_set.ids if self.eval_set else [])]))
-        extrapolated = set()
-        for name, model in self._models().items():
-            own = any(source.model is model and source.tokenizer is not None for source in self.rewards)
-            if not own:
-                check_vocabulary(tokenizer, model, name)
-                extrapolated.add(check_positions(
-                    model, longest + config.max_completion_length, name,
-                    f"the longest prompt + max_completion_length={config.max_completion_length} needs",
-                    "lower max_completion_length or max_prompt_length",
-                ))
-            model.to(self.device)
-        for message in sorted(filter(None, extrapolated)):
-            warn(message)
+        check_and_place(
+            self._models(), tokenizer, self.device, longest=longest + config.max_completion_length,
+            needs=f"the longest prompt + max_completion_length={config.max_completion_length} needs",
+            fix="lower max_completion_length or max_prompt_length",
+            own_tokenizers={f"reward model {s.name}": s.tokenizer for s in self.rewards if s.tokenizer is not None},
+            warn=warn,
+        )
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
@@ -204,21 +193,13 @@ class CriticFreeTrainer:
             raise ConfigError("reward_funcs is empty; give at least one reward")
         return sources
 
-    def _refuse_column_clashes(self) -> None:
-        functions = [source.function for source in self.rewards if source.function is not None] + [self.metric_fn]
-        for function in filter(None, functions):
-            clash = sorted(set(self.train_set.columns) & set(PASSED_NAMES)) if function.keywords else []
-            if clash:
-                raise DataError(
-                    f"dataset column(s) {', '.join(clash)} have the name of an argument tether passes {function.name} "
-                    f"({', '.join(PASSED_NAMES)}); rename the column(s)"
-                )
-
     def _models(self) -> dict[str, nn.Module]:
         models = {"policy": self.policy}
         if self.ref_policy is not None:
             models["reference policy"] = self.ref_policy
-        models.update({f"reward model {source.name}": source.model for source in self.rewards if source.model is not None})
+        for source in self.rewards:
+            if source.model is not None:
+                models[f"reward model {source.name}"] = source.model
         return models
 
     def _autocast(self):
@@ -299,7 +280,8 @@ class CriticFreeTrainer:
         with self._autocast():
             return policy_logprobs(
                 self._policy, micro.queries, micro.query_mask, micro.responses, micro.response_mask, self.temperature,
-                self.config.logprob_chunk_size, with_entropy=True, entropy_grad=getattr(self.config, "entropy_coef", 0) != 0,
+                self.config.logprob_chunk_size, with_entropy=True,
+                entropy_grad=getattr(self.config, "entropy_coef", 0) != 0,
             )
 
     def _add(self, totals: dict, **sums: torch.Tensor) -> None:
@@ -376,11 +358,14 @@ class CriticFreeTrainer:
         return metrics
 
     def _extra_metrics(self, rollout: Rollout, metrics: dict) -> dict[str, float]:
-        texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        texts = texts_of(rollout)
         extra = self.metric_fn(*self.rollout_maker.function_inputs(self.train_set.take(self._round_rows()), **texts))
         clash = sorted(set(extra) & set(metrics))
         if clash:
-            raise RewardError(f"metric function {self.metric_fn.name} returned {', '.join(clash)}, which tether logs itself")
+            raise RewardError(
+                f"metric function {self.metric_fn.name} returned {', '.join(clash)}, which tether logs itself; "
+                "give its metrics other names (e.g. custom/...)"
+            )
         return extra
 
     # --- what reward functions log -------------------------------------------------------------
@@ -428,7 +413,7 @@ class CriticFreeTrainer:
         """``log_completions``: a table of the round's prompts, completions and rewards, also
         appended to ``samples.jsonl``."""
         rollout = self.last_rollout
-        texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        texts = texts_of(rollout)
         samples = self.rollout_maker.sample_rows(self.train_set.take(self._round_rows()), rollout.scores, **texts)
         for column, values in self.round_log.extras.items():  # log_extra's columns, where one per row
             if len(values) == len(samples):
@@ -479,7 +464,9 @@ class CriticFreeTrainer:
             self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
             sampler = state["sampler"]
         except (KeyError, TypeError, ValueError) as error:
-            raise ConfigError(f"the checkpoint's trainer state has no valid {error}; it is not a {self.command} checkpoint") from None
+            raise ConfigError(
+                f"the checkpoint's trainer state has no valid {error}; it is not a {self.command} checkpoint"
+            ) from None
         self.sampler.load_state_dict(sampler)
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
@@ -582,7 +569,8 @@ class RLOOTrainer(CriticFreeTrainer):
         mask = micro.response_mask
         log_ratio = masked_sum(logprobs - micro.logprobs, mask, dim=1, keepdim=True)  # [b, 1]
         epsilon_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
-        per_sequence, low, high = clipped_surrogate(log_ratio, micro.advantages.unsqueeze(1), config.epsilon, epsilon_high)
+        advantages = micro.advantages.unsqueeze(1)
+        per_sequence, low, high = clipped_surrogate(log_ratio, advantages, config.epsilon, epsilon_high)
         loss = per_sequence.sum() / minibatch.sequences
         parallel.backward(loss * parallel.loss_scale)
         counted = mask.any(1, keepdim=True)

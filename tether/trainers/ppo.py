@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from tether.config import PPOConfig, config_values, save_config
-from tether.data import Prompts, PromptSampler, load_prompts, prompt_text
+from tether.data import Prompts, PromptSampler, prompt_text
 from tether.checkpoint import (
     Interrupted,
     StopSignals,
@@ -62,9 +62,7 @@ from tether.errors import ConfigError, DataError, RewardError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
-    check_positions,
     check_scalar_model,
-    check_vocabulary,
     disable_dropout,
     enable_gradient_checkpointing,
     ensure_pad_token,
@@ -75,7 +73,7 @@ from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
-from tether.scoring.functions import PASSED_NAMES, MetricFunction, import_reward_function
+from tether.scoring.functions import MetricFunction, import_reward_function
 from tether.scoring.sources import resolve_reward
 from tether.trainers.common import (
     Cadence,
@@ -88,8 +86,9 @@ from tether.trainers.common import (
     training_device,
 )
 from tether.trainers.parallel import Parallel, gather_rollout, launched_processes
-from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids
+from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, texts_of
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
+from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import train_on_rollout
 
 
@@ -132,12 +131,7 @@ class PPOTrainer:
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
-        load = lambda data, what: load_prompts(  # noqa: E731
-            data, tokenizer, config.prompt_column, config.max_prompt_length, config.prompt_truncation,
-            other_columns=not config.remove_unused_columns, what=what,
-        )
-        self.train_set: Prompts = load(train_dataset, "training")
-        self.eval_set: Prompts | None = load(eval_dataset, "evaluation") if eval_dataset is not None else None
+        self.train_set, self.eval_set = load_prompt_sets(config, tokenizer, train_dataset, eval_dataset)
         self.prompts = self.train_set.ids  # token ids of every prompt
         self.eval_prompts = self.eval_set.ids if self.eval_set is not None else None
         self.plan = config.batch_plan(len(self.prompts), launched_processes())
@@ -165,13 +159,7 @@ class PPOTrainer:
         self.reward = resolve_reward(reward, config, tokenizer, self.train_set.values, reward_tokenizer, say)
         self.reward_model, self.reward_fn, self.reward_tokenizer = self.reward.model, self.reward.function, self.reward.tokenizer
         self.metric_fn = MetricFunction(import_reward_function(config.metric_function)) if config.metric_function else None
-        for function in (self.reward_fn, self.metric_fn):
-            clash = sorted(set(self.train_set.columns) & set(PASSED_NAMES)) if function and function.keywords else []
-            if clash:
-                raise DataError(
-                    f"dataset column(s) {', '.join(clash)} have the name of an argument tether passes {function.name} "
-                    f"({', '.join(PASSED_NAMES)}); rename the column(s)"
-                )
+        refuse_column_clashes(self.train_set.columns, (self.reward_fn, self.metric_fn))
         refuse_shared_models(policy=policy, ref_policy=ref_policy, reward=self.reward_model, value_model=value_model)
         if value_model is None:
             if self.reward_model is not None and self.reward_tokenizer is None:
@@ -193,19 +181,14 @@ class PPOTrainer:
             self.value_model = apply_lora(value_model, config.lora_settings(), "SEQ_CLS")
         else:
             self.value_model.requires_grad_(True)
-        longest = max(map(len, [*self.prompts, *(self.eval_prompts or [])])) + config.response_length
-        extrapolated = set()  # said once, not once per model
-        for name, model in self._models().items():
-            own = self.reward_tokenizer is not None and model is self.reward_model
-            check_vocabulary(self.reward_tokenizer if own else tokenizer, model, name)
-            if not own:  # its own tokens are counted when the text is re-encoded
-                extrapolated.add(check_positions(
-                    model, longest, name, f"the longest prompt + response_length={config.response_length} needs",
-                    "lower response_length or max_prompt_length",
-                ))
-            model.to(self.device)
-        for message in sorted(filter(None, extrapolated)):
-            console.print(f"[yellow]warning: {message}")
+        check_and_place(
+            self._models(), tokenizer, self.device,
+            longest=max(map(len, [*self.prompts, *(self.eval_prompts or [])])) + config.response_length,
+            needs=f"the longest prompt + response_length={config.response_length} needs",
+            fix="lower response_length or max_prompt_length",
+            own_tokenizers={"reward model": self.reward_tokenizer} if self.reward_tokenizer is not None else {},
+            warn=lambda message: console.print(f"[yellow]warning: {message}"),
+        )
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
@@ -425,7 +408,7 @@ class PPOTrainer:
 
     def _extra_metrics(self, rollout: Rollout) -> dict[str, float]:
         """``metric_function`` on the update's (global) rollout, called as reward functions are."""
-        texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+        texts = texts_of(rollout)
         return self.metric_fn(*self.rollout_maker.function_inputs(self.train_set.take(self.batch), **texts))
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
@@ -549,7 +532,7 @@ class PPOTrainer:
             metrics, samples = self.evaluate()
         else:
             rollout, metrics = self.last_rollout, {}
-            texts = {name: getattr(rollout, name) for name in ("queries", "query_mask", "responses", "lengths", "terminated")}
+            texts = texts_of(rollout)
             samples = self.rollout_maker.sample_rows(self.train_set.take(self.batch), rollout.scores, **texts)
         shown = samples[:rows]
         if not self.parallel.is_main:

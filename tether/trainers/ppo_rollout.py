@@ -148,7 +148,7 @@ class RolloutMaker:
         parts = []
         for source in self.rewards:
             if source.function is not None:
-                parts.append(source.function(*self.function_inputs(prompts, **_texts_of(samples))).to(self.device))
+                parts.append(source.function(*self.function_inputs(prompts, **texts_of(samples))).to(self.device))
             elif source.tokenizer is not None:
                 parts.append(self._own_tokenizer_scores(source, samples, prompts))
             else:
@@ -231,7 +231,7 @@ class RolloutMaker:
             "eval/response_length": length_sum / count,
             "eval/num_eos_tokens": int(terminated),
         }
-        shown = self.sample_rows(mine, scores, **_texts_of(samples))
+        shown = self.sample_rows(mine, scores, **texts_of(samples))
         return metrics, parallel.gather_shares([row for row, keep in zip(shown, counted) if keep])
 
     def function_inputs(self, prompts: Prompts | None, queries, query_mask, responses, lengths, terminated):
@@ -283,7 +283,7 @@ class RolloutMaker:
     ) -> torch.Tensor:
         """A reward model on prompt + response text re-encoded by its own tokenizer (see
         ``reward_model_sequences``), read at each row's last real token."""
-        prompt_texts, responses = self.decode(**_texts_of(samples))
+        prompt_texts, responses = self.decode(**texts_of(samples))
         values = prompts.values if prompts is not None and prompts.values is not None else prompt_texts
         # text and chats as the dataset held them; a prompt of policy ids only as its text
         prompts = [v if isinstance(v, str) or is_chat(v) else t for v, t in zip(values, prompt_texts)]
@@ -308,7 +308,7 @@ class RolloutMaker:
         )
 
 
-def _texts_of(samples) -> dict[str, torch.Tensor]:
+def texts_of(samples) -> dict[str, torch.Tensor]:
     """The tensors decoding needs, from a samples dict or a ``Rollout``."""
     names = ("queries", "query_mask", "responses", "lengths", "terminated")
     return {name: samples[name] if isinstance(samples, dict) else getattr(samples, name) for name in names}
