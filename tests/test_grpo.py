@@ -555,3 +555,17 @@ def test_command_help_lists_the_group_fields(capsys):
     assert main(["rloo", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["beta"] == 0.05 and printed["num_generations"] == 2
+
+
+def test_evaluation_reports_eval_metrics_and_changes_nothing_trained(tmp_path):
+    """``eval_dataset``: ``eval/*`` every ``eval_steps`` (``num_generations_eval`` completions
+    per prompt), sampled from a generator of its own: the same weights as a run without it."""
+    plain = grpo(tmp_path / "plain", max_steps=3)
+    plain.train()
+    evaluated = grpo(tmp_path / "eval", max_steps=3, num_generations_eval=3, eval_strategy="steps", eval_steps=2)
+    evaluated.eval_set = evaluated.train_set.take([0, 1, 2])
+    history = evaluated.train()
+    assert ["eval/reward" in h for h in history] == [False, True, True]  # step 2, and the last
+    assert all(math.isfinite(h["eval/reward"]) and 0 < h["eval/completions/mean_length"] <= 6 for h in history[1:])
+    for name, value in params(plain.policy).items():
+        assert torch.equal(dict(evaluated.policy.named_parameters())[name].detach(), value), name
