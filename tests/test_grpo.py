@@ -569,3 +569,15 @@ def test_evaluation_reports_eval_metrics_and_changes_nothing_trained(tmp_path):
     assert all(math.isfinite(h["eval/reward"]) and 0 < h["eval/completions/mean_length"] <= 6 for h in history[1:])
     for name, value in params(plain.policy).items():
         assert torch.equal(dict(evaluated.policy.named_parameters())[name].detach(), value), name
+
+
+def test_logging_and_save_steps_count_optimizer_steps_as_trl(tmp_path):
+    """Rounds of 2 optimizer steps (steps_per_generation 2): max_steps 8 is 4 rounds, and
+    logging_steps / save_steps 4 act every second round (TRL counts optimizer steps)."""
+    trainer = grpo(tmp_path, per_device_train_batch_size=4, num_generations=4, steps_per_generation=2, max_steps=8,
+                   logging_steps=4, save_steps=4, save_total_limit=5)
+    history = trainer.train()
+    assert trainer.plan.steps_per_round == 2 and [h["train/optimizer_steps"] for h in history] == [2, 4, 6, 8]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

@@ -227,18 +227,21 @@ def stop_if_nonfinite(in_a_row: int, limit: int, where: str) -> None:
 
 @dataclass(frozen=True)
 class Cadence:
-    """When a run's step (PPO: update) ``step`` of ``total`` logs, evaluates and checkpoints,
-    by the config's ``*_strategy`` and ``*_steps`` fields; ``per_epoch``: steps in one pass over
-    the data (the ``epoch`` strategies)."""
+    """When a run's step (PPO: update; GRPO, RLOO: round) ``step`` of ``total`` logs, evaluates
+    and checkpoints, by the config's ``*_strategy`` and ``*_steps`` fields; ``per_epoch``: steps
+    in one pass over the data (the ``epoch`` strategies). ``unit``: what ``*_steps`` count in
+    one step (a GRPO round of several optimizer steps, which TRL's ``*_steps`` count): a step
+    acts when it reaches or passes a multiple."""
 
     config: TrainingConfig
     total: int
     per_epoch: int
+    unit: int = 1
 
     def _every(self, step: int, strategy: str | None, steps: int | None) -> bool:
         if strategy == "epoch":
             return step % max(self.per_epoch, 1) == 0
-        return strategy == "steps" and bool(steps) and step % steps == 0
+        return strategy == "steps" and bool(steps) and (step * self.unit) // steps > ((step - 1) * self.unit) // steps
 
     def logs(self, step: int, evaluated: bool = False) -> bool:
         config = self.config

@@ -433,7 +433,8 @@ class CriticFreeTrainer:
     # --- the step loop (loop.py) ------------------------------------------------------------------
     @property
     def cadence(self) -> Cadence:
-        return Cadence(self.config, self.total_steps, max(1, len(self.train_set) // self.plan.prompts))
+        per_epoch = max(1, len(self.train_set) // self.plan.prompts)
+        return Cadence(self.config, self.total_steps, per_epoch, unit=self.plan.steps_per_round)
 
     def advance(self) -> tuple[dict[str, float], bool]:
         metrics = self.step()
