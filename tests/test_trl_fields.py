@@ -45,7 +45,8 @@ def trl_fields() -> dict[str, list[str]]:
         from trl import ModelConfig, ScriptArguments
         from trl.experimental.ppo import PPOConfig as TRLPPOConfig
     except Exception:  # TRL not installed (CI): the list written from TRL 1.12.0
-        return json.loads((Path(__file__).parent / "trl_1_12_fields.json").read_text())
+        recorded = json.loads((Path(__file__).parent / "trl_1_12_fields.json").read_text())
+        return {name: recorded[name] for name in ("PPOConfig", "ModelConfig", "ScriptArguments")}
     return {cls.__name__: [f.name for f in dataclasses.fields(cls)] for cls in (TRLPPOConfig, ModelConfig, ScriptArguments)}
 
 
