@@ -21,7 +21,8 @@ from tether.config import RewardConfig
 from tether.data.sequences import encode_pairs, encode_sequences, right_pad
 from tether.scoring.reward import get_reward
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
-from tether.trainers.reward import RewardTrainer, load_reward_backbone, split_pairs
+from tether.trainers.pairs import split_pairs
+from tether.trainers.reward import RewardTrainer, load_reward_backbone
 from tests.device import DEVICE
 from tests.probes import gradient_norms_at_each_step, linear_output_dtypes
 
@@ -96,19 +97,20 @@ def test_bradley_terry_hand_values_through_the_trainer_loss(tokenizer, tmp_path,
 
     for shift in (0.0, 5.3, -40.0):  # r_c - r_r = 1 whatever the level
         monkeypatch.setattr(trainer, "score_pairs", lambda pairs, s=shift: (torch.tensor([1.0 + s]), torch.tensor([s])))
-        loss, sums = trainer.micro_batch_loss(pair, batch_pairs=1)
+        terms = trainer.terms(pair)
+        loss = trainer.loss_share(terms, pair)
         assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-5)
         assert loss.item() == pytest.approx(0.31326, abs=1e-5)
-        assert sums["accuracy"].item() == 1.0 and sums["margin"].item() == pytest.approx(1.0)
+        assert terms["accuracy"].item() == 1.0 and terms["margin"].item() == pytest.approx(1.0)
 
     # a micro-batch holding one of the optimizer batch's two pairs contributes half its mean
-    loss, _ = trainer.micro_batch_loss(pair, batch_pairs=2)
+    loss = trainer.loss_share(trainer.terms(pair), pair * 2)
     assert loss.item() == pytest.approx(0.31326 / 2, abs=1e-5)
 
     monkeypatch.setattr(trainer, "score_pairs", lambda pairs: (torch.tensor([0.5]), torch.tensor([0.5])))
-    loss, sums = trainer.micro_batch_loss(pair, batch_pairs=1)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert sums["accuracy"].item() == 0.0  # a tie is not a win
+    terms = trainer.terms(pair)
+    assert trainer.loss_share(terms, pair).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert terms["accuracy"].item() == 0.0  # a tie is not a win
 
 
 @pytest.mark.parametrize("pad_token", ["<pad>", "<eos>"])

@@ -10,7 +10,8 @@ completion is EOS alone. Rows come in three shapes:
 * a ``text`` column: one text, all of it completion (no prompt).
 
 Preference pairs use ``chosen`` / ``rejected`` with an optional shared ``prompt``; without one,
-two conversations share their longest common run of first messages as the prompt.
+two conversations share their longest common run of first messages as the prompt, and two
+texts their common first tokens.
 
 One framing for every shape: a text prompt is encoded as PPO encodes prompts (with the
 tokenizer's special tokens), and a text with no prompt starts with the special tokens the
@@ -244,6 +245,8 @@ def fit_sequences(sequences: list[Sequence], max_length: int | None, mode: str, 
 class PreferencePair:
     chosen: Sequence
     rejected: Sequence
+    reference_logps: tuple[float, float] | None = None
+    """DPO with ``precompute_ref_log_probs``: the reference's (chosen, rejected) log-probabilities."""
 
 
 def fit_pairs(pairs: list[PreferencePair], max_length: int | None, mode: str, what: str = "pairs") -> list[PreferencePair]:
@@ -285,24 +288,58 @@ def _cut_pair(pair: PreferencePair, max_length: int, mode: str) -> PreferencePai
 
 
 def encode_pairs(
-    dataset, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end", what: str = "pairs"
+    dataset, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end", what: str = "pairs",
+    max_prompt_length: int | None = None,
 ) -> list[PreferencePair]:
-    """Chosen and rejected sequences for every row of a preference dataset, fitted to
-    ``max_length`` (``fit_pairs``)."""
+    """Chosen and rejected sequences for every row of a preference dataset: prompts longer than
+    ``max_prompt_length`` cut from the left (one warning), then fitted to ``max_length``
+    (``fit_pairs``).
+
+    Without a ``prompt`` column the prompt is what both sides share: the first messages of two
+    conversations, or the first tokens of two texts (the text is encoded whole and split where
+    the two differ, so its tokens are exactly the whole text's)."""
     _require(dataset, ("chosen", "rejected"), "preference")
     rows = dataset.with_format(None)
     chosen, rejected = rows["chosen"][:], rows["rejected"][:]
-    if "prompt" in _columns(dataset):
-        prompts = rows["prompt"][:]
-        _refuse_null_prompts(prompts)
-    else:
+    implicit = "prompt" not in _columns(dataset)
+    if implicit:
         split = [_implicit_prompt(c, r, row) for row, (c, r) in enumerate(zip(chosen, rejected))]
         prompts, chosen, rejected = ([part[i] for part in split] for i in range(3))
-    prompt_column = "prompt" if "prompt" in _columns(dataset) else "chosen"
+    else:
+        prompts = rows["prompt"][:]
+        _refuse_null_prompts(prompts)
+    prompt_column = "chosen" if implicit else "prompt"
     chosen_sequences = encode_prompt_completions(prompts, chosen, tokenizer, "chosen", prompt_column)
     rejected_sequences = encode_prompt_completions(prompts, rejected, tokenizer, "rejected", prompt_column)
     pairs = [PreferencePair(c, r) for c, r in zip(chosen_sequences, rejected_sequences)]
+    if implicit:
+        pairs = [_shared_start_as_prompt(pair) if not is_chat(value) else pair for pair, value in zip(pairs, chosen)]
+    if max_prompt_length is not None:
+        pairs = _cut_prompts(pairs, max_prompt_length, what)
     return fit_pairs(pairs, max_length, truncation_mode, what)
+
+
+def _shared_start_as_prompt(pair: PreferencePair) -> PreferencePair:
+    """A text pair's common first tokens moved from both completions into the prompt."""
+    chosen, rejected = pair.chosen.completion_ids, pair.rejected.completion_ids
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1  # each side keeps at least its last token (its EOS) as completion
+    prompt = pair.chosen.prompt_ids + chosen[:shared]
+    return PreferencePair(Sequence(prompt, chosen[shared:]), Sequence(list(prompt), rejected[shared:]))
+
+
+def _cut_prompts(pairs: list[PreferencePair], max_prompt_length: int, what: str) -> list[PreferencePair]:
+    """Prompts longer than ``max_prompt_length`` keep their last tokens (said once, counted)."""
+    long = sum(len(p.chosen.prompt_ids) > max_prompt_length for p in pairs)
+    if long:
+        warnings.warn(
+            f"{long} of {len(pairs)} {what} had prompts longer than max_prompt_length={max_prompt_length} tokens; "
+            "they were cut from the left (their last tokens kept)",
+            stacklevel=3,
+        )
+    cut = lambda s: Sequence(s.prompt_ids[max(0, len(s.prompt_ids) - max_prompt_length) :], s.completion_ids)  # noqa: E731
+    return [PreferencePair(cut(p.chosen), cut(p.rejected)) for p in pairs]
 
 
 def _implicit_prompt(chosen, rejected, row: int) -> tuple:

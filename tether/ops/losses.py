@@ -41,6 +41,11 @@ def clipped_value_loss(
     return 0.5 * torch.maximum(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
 
 
+def bradley_terry_losses(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """``-log sigmoid(r_chosen - r_rejected)`` per pair; invariant to a shift of both scores."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """Mean of ``-log sigmoid(r_chosen - r_rejected)``; invariant to a shift of both scores."""
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+    """The mean of ``bradley_terry_losses``."""
+    return bradley_terry_losses(chosen_scores, rejected_scores).mean()

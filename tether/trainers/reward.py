@@ -1,13 +1,12 @@
 """Reward-model training: a Bradley-Terry loss on chosen / rejected pairs (ppo-details 34-36).
 
-One optimizer step, as ``step()`` reads:
+The loss of one micro-batch (the step around it is ``PairTrainer``'s, ``pairs.py``):
 
     pairs (prompt + chosen, prompt + rejected; each ends in EOS)        data/sequences.py
         -> chosen and rejected rows right-padded together, [2P, L]
         -> score at each row's last real token with get_reward           scoring/reward.py
         -> -log sigmoid(r_chosen - r_rejected), summed over the micro-batch and divided by the
            pairs in the optimizer batch (so splitting it does not change the update)
-        -> optimizer step, linear schedule
 
 The score is read exactly where PPO's ``get_reward`` reads it (context_length 0 and an explicit
 mask, so a tokenizer whose pad id is the EOS id still reads at the EOS). After training the
@@ -22,8 +21,7 @@ Several processes (``accelerate launch`` / ``torchrun``): every process draws th
 batch of pairs and trains on every ``processes``-th pair of it; the loss stays the mean over
 the global batch.
 
-Deliberately left out: LoRA, margins or labeller-confidence weights in
-the loss.
+Deliberately left out: margins or labeller-confidence weights in the loss.
 """
 
 from __future__ import annotations
@@ -38,8 +36,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from tether.config import RewardConfig
-from tether.data.prompts import PromptSampler, load_table
-from tether.data.sequences import PreferencePair, Sequence, encode_pairs, encode_sequences, right_pad
+from tether.data.prompts import load_table
+from tether.data.sequences import PreferencePair, Sequence, encode_sequences, right_pad
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.loading import (
@@ -52,21 +50,19 @@ from tether.models.loading import (
     load_scalar_backbone,
     scalar_head,
 )
-from tether.ops.losses import bradley_terry_loss
+from tether.ops.losses import bradley_terry_losses
 from tether.models.forward import Critic
 from tether.models.lora import model_to_save, with_lora
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
-    Cadence,
     autocast,
     make_optimizer,
     make_scheduler,
     seed_everything,
-    seeded_split,
     training_device,
 )
-from tether.trainers.loop import run_steps
-from tether.trainers.parallel import Parallel, launched_processes
+from tether.trainers.pairs import PairTrainer
+from tether.trainers.parallel import Parallel
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -99,18 +95,18 @@ def init_reward_head(model: nn.Module) -> None:
         nn.init.zeros_(output.bias)
 
 
-def pair_statistics(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-pair sums for the logged metrics: BT loss, wins (a tie is a loss) and margin."""
+def pair_terms(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair BT loss, win (a tie is a loss) and margin ``[P]``."""
     return {
-        "loss": -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).sum(),
-        "accuracy": (chosen_scores > rejected_scores).float().sum(),
-        "margin": (chosen_scores - rejected_scores).sum(),
+        "loss": bradley_terry_losses(chosen_scores, rejected_scores),
+        "accuracy": (chosen_scores > rejected_scores).float(),
+        "margin": (chosen_scores - rejected_scores).detach(),
     }
 
 
 # --- the trainer ----------------------------------------------------------------------------
 
-class RewardTrainer:
+class RewardTrainer(PairTrainer):
     """Bradley-Terry training of a one-label sequence-classification model.
 
     ``train_dataset`` / ``eval_dataset`` are ``datasets.Dataset`` tables with ``chosen`` and
@@ -120,6 +116,7 @@ class RewardTrainer:
     """
 
     command = "rm"
+    title = "RM"
 
     def __init__(self, config: RewardConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
@@ -133,31 +130,12 @@ class RewardTrainer:
         )
         seed_everything(config.seed)
 
-        pairs = self._encode(train_dataset)
-        if eval_dataset is not None:
-            self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset)
-        else:
-            self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.order_seed)
-        processes = launched_processes()
-        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
-        # the sampler serves only full batches: one epoch is floor(N / batch) steps
-        epochs_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
-        self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
-        if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
-            raise DataError(
-                f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
-                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs for "
-                f"{config.num_train_epochs} epochs; lower the batch sizes, raise num_train_epochs, or add pairs"
-            )
-        # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
-        # gave overlapping shards).
-        self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.order_seed)
+        self._set_pairs(train_dataset, eval_dataset)
         self.reference_sequences = self._reference_sequences()
 
         check_scalar_model(model, "reward model")
         check_vocabulary(tokenizer, model, "reward model")
-        sides = [s.ids for p in [*self.train_pairs, *self.eval_pairs] for s in (p.chosen, p.rejected)]
-        longest = max(map(len, [*sides, *(self.reference_sequences or [])]))
+        longest = max([self.longest_sequence(), *map(len, self.reference_sequences or [])])
         extrapolated = check_positions(model, longest, "reward model",
                                        f"the longest sequence (max_length={config.max_length}) needs", "lower max_length")
         if extrapolated:
@@ -174,19 +152,11 @@ class RewardTrainer:
         self._scorer, self.optimizer = self.parallel.prepare_trained(
             Critic(self.model), make_optimizer(self.model.parameters(), config)
         )
+        self._trained = self._scorer
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, config)
-        self.step_count = 0
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
-        self.nonfinite_in_a_row = 0
-        self.eval_history: list[tuple[int, float]] = []
         self.normalization: dict[str, float] = {}
         self.output_dir = Path(config.output_dir)
         self.reporters = Reporters(config.report_to, self.output_dir, dataclasses.asdict(config))
-
-    def _encode(self, data) -> list[PreferencePair]:
-        if isinstance(data, (list, tuple)) and all(isinstance(p, PreferencePair) for p in data):
-            return list(data)
-        return encode_pairs(data, self.tokenizer, self.config.max_length, self.config.truncation_mode)
 
     def _reference_sequences(self) -> list[list[int]] | None:
         """The normalisation set, encoded up front so a bad file fails before training."""
@@ -227,68 +197,14 @@ class RewardTrainer:
         scores = self.score_sequences([p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs])
         return scores[: len(pairs)], scores[len(pairs) :]
 
-    # --- training -------------------------------------------------------------------------
-    def micro_batch_loss(self, pairs: SequenceOf[PreferencePair], batch_pairs: int) -> tuple[torch.Tensor, dict]:
-        """This micro-batch's share of the optimizer batch's mean BT loss, and its metric sums.
+    # --- the loss -----------------------------------------------------------------------
+    def terms(self, pairs: SequenceOf[PreferencePair]) -> dict[str, torch.Tensor]:
+        return pair_terms(*self.score_pairs(pairs))
 
-        The mean over the micro-batch is scaled by ``len(pairs) / batch_pairs``: summed over the
-        micro-batches, the gradient is that of the mean over the whole batch however it is split.
-        """
-        chosen_scores, rejected_scores = self.score_pairs(pairs)
-        loss = bradley_terry_loss(chosen_scores, rejected_scores) * (len(pairs) / batch_pairs)
-        with torch.no_grad():
-            sums = pair_statistics(chosen_scores, rejected_scores)
-        return loss, sums
-
-    def step(self) -> dict[str, float]:
-        """One optimizer step on the next batch of pairs; returns its metrics."""
-        config, parallel = self.config, self.parallel
-        self.model.train()
-        batch = [self.train_pairs[i] for i in self.sampler.next_batch()]  # the global batch
-        mine, weight = parallel.my_rows(batch)
-        starts = range(0, len(mine), config.per_device_train_batch_size)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss, accuracy, margin summed over pairs
-        for start in starts:
-            with parallel.no_sync(self._scorer, skip=start != starts[-1]):
-                loss, sums = self.micro_batch_loss(mine[start : start + config.per_device_train_batch_size], len(batch))
-                parallel.backward(loss * weight * parallel.loss_scale)
-            totals += weight * torch.tensor([float(sums[name]) for name in ("loss", "accuracy", "margin")],
-                                            dtype=torch.float64)
-        totals = dict(zip(("loss", "accuracy", "margin"), parallel.sum_over_processes(totals.to(self.device)).tolist()))
-        stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), config.max_grad_norm)
-        if not stepped:
-            console.print("[red]non-finite gradient: optimizer step skipped")
-        self.skipped_steps += not stepped
-        self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
-        metrics = {name: value / len(batch) for name, value in totals.items()}
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.step_count += 1
-        metrics["epoch"] = self.step_count * self.batch_pairs / len(self.train_pairs)
-        metrics["step"] = self.step_count
-        metrics["skipped_steps"] = self.skipped_steps
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """``eval/loss``, ``eval/accuracy`` (share of pairs with r_chosen > r_rejected; a tie is
-        wrong) and ``eval/margin`` over the held-out pairs; empty when there are none."""
-        if not self.eval_pairs:
-            return {}
-        self.model.eval()
-        pairs, counted = self.parallel.my_share(self.eval_pairs)  # several processes split the pairs
-        names = ("loss", "accuracy", "margin")
-        totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        chunk = self.config.per_device_eval_batch_size
-        for start in range(0, len(pairs), chunk):
-            chosen, rejected = self.score_pairs(pairs[start : start + chunk])
-            keep = torch.tensor(counted[start : start + chunk], device=chosen.device)
-            statistics = pair_statistics(chosen[keep], rejected[keep])
-            totals += torch.stack([statistics[name].double() for name in names])
-        totals = self.parallel.sum_over_processes(totals).tolist()
-        metrics = {f"eval/{name}": value / len(self.eval_pairs) for name, value in zip(names, totals)}
-        self.eval_history.append((self.step_count, metrics["eval/accuracy"]))
-        return metrics
+    def loss_share(self, terms: dict[str, torch.Tensor], batch: SequenceOf[PreferencePair]) -> torch.Tensor:
+        """The BT losses summed here and divided by the pairs of the whole batch: summed over
+        the micro-batches, the gradient is that of the batch's mean however it is split."""
+        return terms["loss"].sum() / len(batch)
 
     @torch.no_grad()
     def normalize(self, reference_sequences: SequenceOf[list[int] | Sequence]) -> dict[str, float]:
@@ -322,69 +238,32 @@ class RewardTrainer:
         }
         return self.normalization
 
-    # --- checkpoints ----------------------------------------------------------------------
+    # --- checkpoints and the loop ------------------------------------------------------
     def checkpointed_models(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
     def state_dict(self) -> dict:
-        """The counters a checkpoint needs besides weights, optimizer, schedule and RNG (JSON)."""
-        return {
-            "step": self.step_count,
-            "sampler": self.sampler.state_dict(),
-            "train_pairs": len(self.train_pairs),
-            "skipped_steps": self.skipped_steps,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "eval_history": [list(entry) for entry in self.eval_history],
-            "normalization": self.normalization,
-        }
+        return {**super().state_dict(), "normalization": self.normalization}
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            pairs = int(state["train_pairs"])
-            self.step_count = int(state["step"])
-            self.skipped_steps = int(state["skipped_steps"])
-            self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
-            self.eval_history = [(int(step), float(accuracy)) for step, accuracy in state["eval_history"]]
             self.normalization = {name: float(value) for name, value in state["normalization"].items()}
-            sampler = state["sampler"]
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ConfigError(
                 f"the checkpoint's trainer state has no valid {error}; it is not a reward-model checkpoint"
             ) from None
-        if pairs != len(self.train_pairs):
-            raise ConfigError(
-                f"the checkpoint was trained on {pairs} pairs, this run has {len(self.train_pairs)}; "
-                "resume with the same data, eval_fraction and seed"
-            )
-        self.sampler.load_state_dict(sampler)
+        super().load_state_dict(state)
         if self.normalization:  # config.json is not part of the weights restore() loads
             self.model.config.reward_bias = self.normalization["reward_bias"]
 
-    # --- the loop -------------------------------------------------------------------------
     def advance(self) -> tuple[dict[str, float], bool]:
-        """One step; evaluation every ``eval_steps`` steps and at the end (``eval/*`` join that
-        step's line), then, with ``normalize_rewards``, the normalisation (``reward_bias`` and
-        the reference scores' statistics join the last line)."""
-        config = self.config
-        metrics = self.step()
-        last = self.step_count == self.total_steps
-        if self.cadence.evaluates(self.step_count, last or bool(config.eval_steps and self.step_count % config.eval_steps == 0)):
-            metrics.update(self.evaluate())
-        if last and self.reference_sequences is not None:
+        """One step and its evaluation (``PairTrainer.advance``); after the last, with
+        ``normalize_rewards``, the normalisation (``reward_bias`` and the reference scores'
+        statistics join the last line)."""
+        metrics, evaluated = super().advance()
+        if self.step_count == self.total_steps and self.reference_sequences is not None:
             metrics.update(self.normalize(self.reference_sequences))
-        return metrics, "eval/accuracy" in metrics
-
-    @property
-    def cadence(self) -> Cadence:
-        return Cadence(self.config, self.total_steps, len(self.train_pairs) // self.batch_pairs)
-
-    def status(self, metrics: dict[str, float]) -> str:
-        status = f"loss {metrics['loss']:.3f}  acc {metrics['accuracy']:.2f}"
-        return status + f"  eval acc {self.eval_history[-1][1]:.2f}" if self.eval_history else status
-
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> list[dict[str, float]]:
-        """Run every remaining step (``tether.trainers.loop.run_steps``); returns their metrics."""
-        return run_steps(self, "RM", resume_from_checkpoint)
+        return metrics, evaluated
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
@@ -394,19 +273,3 @@ class RewardTrainer:
         with self.dropout.original_configs():
             return self.parallel.save_model(model, self._scorer, self.tokenizer, target)
 
-
-def split_pairs(
-    pairs: list[PreferencePair], eval_fraction: float, seed: int
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """``(train, held_out)``: ``eval_fraction`` of the pairs (at least one when > 0) drawn by a
-    permutation under ``seed``; both keep the dataset's order."""
-    if eval_fraction <= 0:
-        return pairs, []
-    held = max(1, round(eval_fraction * len(pairs)))
-    if held >= len(pairs):
-        raise DataError(
-            f"eval_fraction={eval_fraction} of {len(pairs)} pairs leaves none to train on; "
-            "lower eval_fraction or add pairs"
-        )
-    train_rows, held_rows = seeded_split(len(pairs), held, seed)
-    return [pairs[i] for i in train_rows], [pairs[i] for i in held_rows]
