@@ -111,6 +111,8 @@ def base(tmp_path_factory) -> Path:
                  eval_fraction=0.25)
     (root / "sft.yaml").write_text(yaml.safe_dump({**small, "dataset_name": "sft.jsonl", "output_dir": "runs/sft"}))
     (root / "rm.yaml").write_text(yaml.safe_dump({**small, "dataset_name": "rm.jsonl", "output_dir": "runs/rm"}))
+    (root / "dpo.yaml").write_text(yaml.safe_dump({**small, "dataset_name": "rm.jsonl", "output_dir": "runs/dpo"}))
+    write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": "w5 w6", "rejected": "w7"} for p in prompts[:20]])
     write_jsonl(root / "tasks.jsonl", [{"prompt": p, "answer": f"w{i % 5}"} for i, p in enumerate(prompts)])
     (root / "checks.py").write_text(
         "def correct(completions, answer, **kwargs):\n"
@@ -160,7 +162,7 @@ def setup_and_tests(text: str, workspace: Path) -> None:
 def the_commands(text: str, workspace: Path) -> None:
     for line in shell_lines(text):
         run(line.replace("[--field value ...]", ""), workspace)
-    for stage in ("sft", "rm", "ppo", "grpo", "rloo"):
+    for stage in ("sft", "rm", "ppo", "grpo", "rloo", "dpo"):
         assert (workspace / "runs" / stage / "model.safetensors").is_file(), stage
 
 
@@ -226,6 +228,27 @@ def grpo_python(text: str, workspace: Path) -> None:
     AutoModelForCausalLM.from_pretrained(workspace / "runs/grpo")
 
 
+def dpo_yaml(text: str, workspace: Path) -> None:
+    shrunk = replaced(text, {"HuggingFaceTB/SmolLM2-360M-Instruct": "my-sft-model", "per_device_train_batch_size: 8":
+                             "per_device_train_batch_size: 2", "learning_rate: 5.0e-7": "learning_rate: 1.0e-3"})
+    (workspace / "dpo.yaml").write_text(shrunk)
+    run("tether dpo --config dpo.yaml", workspace)
+    lines = metric_lines(workspace / "runs/my-dpo/metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]  # 20 pairs, batches of 2 x 2: one epoch
+    assert lines[-1]["rewards/margins"] > 0 and lines[0]["rewards/margins"] == 0.0
+    AutoModelForCausalLM.from_pretrained(workspace / "runs/my-dpo")
+
+
+def dpo_python(text: str, workspace: Path) -> None:
+    script = replaced(text, {"max_steps=50": "max_steps=2"})
+    (workspace / "dpo_example.py").write_text(script)
+    result = subprocess.run([sys.executable, "dpo_example.py"], cwd=workspace, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in metric_lines(workspace / "runs/dpo/metrics.jsonl")] == [1, 2]
+    AutoModelForCausalLM.from_pretrained(workspace / "runs/dpo")
+
+
 def launches_needing_gpus(text: str, workspace: Path) -> None:
     """DeepSpeed and 8 processes need GPUs: each line's accelerate file loads as the engine its
     name says, and the tether part of the line parses into a valid config. Not run here."""
@@ -281,6 +304,8 @@ BLOCKS = {
     "from transformers import": python_example,
     "model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct": grpo_yaml,
     "from tether import GRPOConfig": grpo_python,
+    "model_name_or_path: HuggingFaceTB/SmolLM2-360M-Instruct": dpo_yaml,
+    "from tether import DPOConfig": dpo_python,
     "accelerate launch --config_file examples/accelerate/ddp.yaml -m tether ppo": launches_needing_gpus,
     "torchrun --standalone --nproc_per_node 2 -m tether ppo": launches_run_here,
     "peft_config:": lora_fields,

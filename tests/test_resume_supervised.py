@@ -1,6 +1,6 @@
-"""Checkpoint and resume of the SFT and reward-model trainers (``tether.checkpoint``).
+"""Checkpoint and resume of the SFT, reward-model and DPO trainers (``tether.checkpoint``).
 
-What is pinned here, for both trainers:
+What is pinned here, for each trainer:
 
 * a run stopped by SIGTERM during step 2 finishes that step, writes ``checkpoint-2`` and exits
   143; a new trainer resumed from it gives the same metrics.jsonl lines and bitwise the same
@@ -12,7 +12,7 @@ What is pinned here, for both trainers:
   hidden temporary folder behind;
 * non-finite losses skip their steps, are counted in the metrics, and stop the run after
   ``max_nonfinite_steps`` in a row; no checkpoint ever holds non-finite weights;
-* the same through ``tether sft`` / ``tether rm`` in-process.
+* the same through ``tether sft`` / ``tether rm`` / ``tether dpo`` in-process.
 
 Both runs below are 4 optimizer steps: 10 rows, 2 held out, batches of 2 x 2, two epochs.
 """
@@ -33,16 +33,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tether.checkpoint import Interrupted, checkpoints, read_state
 from tether.cli import main
-from tether.config import RewardConfig, SFTConfig
+from tether.config import DPOConfig, RewardConfig, SFTConfig
 from tether.errors import ConfigError, TetherError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
+from tether.trainers.dpo import DPOTrainer
 from tether.trainers.reward import RewardTrainer
 from tether.trainers.sft import SFTTrainer
 from tests.device import DEVICE
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2)
 WORDS = numbered_words(20)
-KINDS = ("sft", "rm")
+KINDS = ("sft", "rm", "dpo")
+TRAINERS = {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,6 +117,9 @@ def make_trainer(kind: str, tokenizer, output_dir: Path, rows: list[dict] | None
     if kind == "sft":
         model = tiny_causal_lm(tokenizer, seed=0, **TINY)
         return SFTTrainer(SFTConfig(**settings), tokenizer, model, rows or sft_rows())
+    if kind == "dpo":
+        model = tiny_causal_lm(tokenizer, seed=0, **TINY)
+        return DPOTrainer(DPOConfig(**settings), tokenizer, model, rows or preference_rows())
     settings.setdefault("normalize_rewards", True)
     model = tiny_reward_model(tokenizer, seed=1, **TINY)
     pairs = datasets.Dataset.from_list(rows or preference_rows())
@@ -185,8 +190,9 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(kind, tokenizer, tmp_
     # checkpoint-3 by save_steps, checkpoint-4 at the end; save_total_limit 2 pruned checkpoint-2
     assert names(out) == names(tmp_path / "straight") == ["checkpoint-3", "checkpoint-4"]
     assert hidden(out) == []
-    if kind == "rm":
+    if kind != "sft":
         assert second.eval_history == straight.eval_history and len(second.eval_history) == 2
+    if kind == "rm":
         assert second.normalization == straight.normalization
         assert second.model.config.reward_bias == straight.model.config.reward_bias
 
@@ -277,7 +283,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(kind, tokenizer, t
         with pytest.raises(TetherError, match="checkpoint 2.*No space left on device"):
             make_trainer(kind, tokenizer, out, save_steps=1).train()
     assert names(out) == ["checkpoint-1"] and hidden(out) == []
-    loader = AutoModelForCausalLM if kind == "sft" else AutoModelForSequenceClassification
+    loader = AutoModelForSequenceClassification if kind == "rm" else AutoModelForCausalLM
     loaded = loader.from_pretrained(out / "checkpoint-1" / "model")
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
@@ -288,7 +294,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(kind, tokenizer, t
 
 
 def head(trainer):
-    return trainer.model.lm_head if isinstance(trainer, SFTTrainer) else trainer.model.score
+    return trainer.model.score if isinstance(trainer, RewardTrainer) else trainer.model.lm_head
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -313,7 +319,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(kind, tokenizer, tmp_pa
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     # the skipped steps left the weights as step 1 made them; no checkpoint after the third skip
     assert names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"] and hidden(out) == []
-    loader = AutoModelForCausalLM if kind == "sft" else AutoModelForSequenceClassification
+    loader = AutoModelForSequenceClassification if kind == "rm" else AutoModelForCausalLM
     for path in checkpoints(out):
         state = read_state(path)
         assert state["skipped_steps"] == state["nonfinite_in_a_row"] == state["step"] - 1
@@ -348,7 +354,7 @@ def workspace(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tiny_causal_lm(tokenizer, seed=0, **TINY).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    for kind, rows in (("sft", sft_rows()), ("rm", preference_rows())):
+    for kind, rows in (("sft", sft_rows()), ("rm", preference_rows()), ("dpo", preference_rows())):
         (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         settings = run_settings(tmp_path / "unused", model_name_or_path=str(tmp_path / "base"),
                                 dataset_name=str(tmp_path / f"{kind}.jsonl"))
@@ -376,7 +382,7 @@ def test_command_refuses_a_used_output_dir_and_resumes_after_a_signal(kind, work
     assert "Traceback" not in err and "loading" not in err  # refused before any model was loaded
 
     out = workspace / "stopped"
-    trainer_class = SFTTrainer if kind == "sft" else RewardTrainer
+    trainer_class = TRAINERS[kind]
     step = trainer_class.step
 
     def step_with_signal(self, *args):
@@ -393,7 +399,7 @@ def test_command_refuses_a_used_output_dir_and_resumes_after_a_signal(kind, work
 
     assert tether(out, "--resume") == 0
     assert metric_lines(out) == metric_lines(straight)
-    loader = AutoModelForCausalLM if kind == "sft" else AutoModelForSequenceClassification
+    loader = AutoModelForSequenceClassification if kind == "rm" else AutoModelForCausalLM
     assert_same_weights(loader.from_pretrained(out), loader.from_pretrained(straight))
     written = yaml.safe_load((out / "config.yaml").read_text())  # the training, not this command's actions
     assert not {"resume_from_checkpoint", "overwrite_output_dir", "extend_run"} & set(written)

@@ -22,6 +22,7 @@ import yaml
 from tether.cli import main
 from tether.config import (
     ALIASES,
+    DPOConfig,
     NOTED_FIELDS,
     UNSUPPORTED_FIELDS,
     GRPOConfig,
@@ -64,7 +65,7 @@ def test_every_trl_field_has_its_effect_or_a_true_note(name):
 def test_the_readme_configuration_reference_names_every_field():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     reference = readme[readme.index("## Configuration reference") : readme.index("## Scaling up")]
-    classes = (PPOConfig, SFTConfig, RewardConfig, GRPOConfig, RLOOConfig)
+    classes = (PPOConfig, SFTConfig, RewardConfig, GRPOConfig, RLOOConfig, DPOConfig)
     names = {f.name for cls in classes for f in dataclasses.fields(cls)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS)
     missing = sorted(name for name in names if f"`{name}`" not in reference)
     assert not missing, f"README's configuration reference does not name {missing}"

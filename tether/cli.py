@@ -1,4 +1,4 @@
-"""The ``tether`` command: ``tether ppo|grpo|rloo|sft|rm --config run.yaml [--field value ...]``
+"""The ``tether`` command: ``tether ppo|grpo|rloo|dpo|sft|rm --config run.yaml [--field value ...]``
 and ``tether demo``."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ commands:
          tether grpo --config grpo.yaml [--field value ...]
   rloo   RLOO: a group of completions per prompt, each scored against the others' mean
          tether rloo --config rloo.yaml [--field value ...]
+  dpo    DPO (or IPO, robust, APO, ...: loss_type) on chosen/rejected pairs, no reward model
+         tether dpo --config dpo.yaml [--field value ...]
   rm     reward-model training on chosen/rejected pairs
          tether rm --config rm.yaml [--field value ...]
   demo   a small PPO run on a tiny model built on the fly, offline
@@ -53,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         match command:
-            case "ppo" | "grpo" | "rloo" | "sft" | "rm":
+            case "ppo" | "grpo" | "rloo" | "dpo" | "sft" | "rm":
                 from tether import commands
 
                 if command in ("grpo", "rloo"):
                     return commands.run_critic_free(command, *_split_config_argument(rest))
-                run = {"ppo": commands.run_ppo, "sft": commands.run_sft, "rm": commands.run_reward}[command]
+                run = {"ppo": commands.run_ppo, "dpo": commands.run_dpo, "sft": commands.run_sft, "rm": commands.run_reward}
+                run = run[command]
                 return run(*_split_config_argument(rest))
             case "demo":
                 return run_demo(rest)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TRAINING_COMMANDS = {
-    "ppo": "PPOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig", "sft": "SFTConfig", "rm": "RewardConfig",
+    "ppo": "PPOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig", "dpo": "DPOConfig", "sft": "SFTConfig",
+    "rm": "RewardConfig",
 }
 
 

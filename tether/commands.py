@@ -1,4 +1,4 @@
-"""The training commands, ``tether ppo|grpo|rloo|sft|rm --config FILE [--field value ...]``.
+"""The training commands, ``tether ppo|grpo|rloo|dpo|sft|rm --config FILE [--field value ...]``.
 
 Each one reads its config (YAML plus ``--field value`` overrides) and refuses what it can
 before anything slow, checks the output folder, loads the tokenizer and the data (every row
@@ -9,7 +9,7 @@ demo runs its stages through these same functions.
 from __future__ import annotations
 
 from tether.checkpoint import check_output_dir_early
-from tether.config import GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig, load_command_config
+from tether.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig, load_command_config
 from tether.data import load_table, load_test_split
 from tether.logging import console
 from tether.models.loading import load_causal_lm, load_tokenizer
@@ -132,4 +132,31 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     if trainer.normalization:
         console.print(f"reward_bias {trainer.normalization['reward_bias']:+.4f} stored in the model config")
     console.print(f"[green]saved the reward model to {target}")
+    return 0
+
+
+def run_dpo(config_path: str | None, override_args: list[str]) -> int:
+    """``tether dpo``: DPO (or a relative, ``loss_type``) on chosen/rejected pairs; saves the model."""
+    from tether.data.sequences import encode_pairs
+    from tether.trainers.dpo import DPOTrainer
+
+    config = load_command_config(DPOConfig, config_path, override_args, _needs("model_name_or_path", "dataset_name"),
+                                 _warn)
+    check_output_dir_early(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, _warn, config.model_revision)
+    # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
+    encode = lambda table, what: encode_pairs(  # noqa: E731
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs", config.max_prompt_length
+    )
+    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
+    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
+    eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
+    console.print(f"loading the model from {config.model_name_or_path}")
+    model = load_causal_lm(config.model_name_or_path, **config.model_options())
+    trainer = DPOTrainer(config, tokenizer, model, train_pairs, eval_dataset=eval_pairs)
+    trainer.train()
+    if trainer.eval_history:
+        step, accuracy = trainer.eval_history[-1]
+        console.print(f"held-out reward accuracy {accuracy:.3f} on {len(trainer.eval_pairs)} pairs after {step} steps")
+    console.print(f"[green]saved the trained model to {trainer.save_model()}")
     return 0

@@ -82,6 +82,8 @@ NOTED_FIELDS = {
     "disable_dropout": "tether always switches dropout off while training (and back on in what it saves)",
     "pad_to_multiple_of": "tether pads each batch to its longest row",
     "router_aux_loss_coef": "tether adds no Mixture-of-Experts load-balancing loss",
+    # TRL's DPOConfig
+    "padding_free": "tether already runs rows without padding (packed) where the model allows",
 }
 # TRL fields for what tether does not offer: accepted at TRL's default value (so a TRL config
 # that leaves them alone moves over) and refused at any other, with the reason.
@@ -95,6 +97,10 @@ UNSUPPORTED_FIELDS = {
     "off_policy_mask_threshold": (None, "tether does not offer off-policy sequence masking"),
     "top_entropy_quantile": (1.0, "tether trains on every kept token, not a top-entropy quantile"),
     "max_tool_calling_iterations": (None, "tether does not train tool-calling agents"),
+    "use_weighting": (False, "tether does not offer WPO weighting"),
+    "ld_alpha": (None, "tether does not offer LD-DPO's length weighting"),
+    "activation_offloading": (False, "use gradient_checkpointing to save activation memory"),
+    "pad_token": (None, "set the tokenizer's pad token (TRL 1.12 deprecates this field too)"),
 }
 ALIASES = {  # other names TRL and transformers configs use for tether's fields
     "torch_dtype": "dtype", "activation_checkpointing": "gradient_checkpointing",
@@ -876,6 +882,104 @@ class RewardConfig(LoraFields, TrainingConfig):
         _check_common_supervised(self)
 
 
+@dataclass
+class DPOConfig(LoraFields, TrainingConfig):
+    """DPO and its relatives on chosen / rejected pairs. TRL 1.12's ``DPOConfig`` names and
+    defaults where they apply (``truncation_mode`` and ``gradient_checkpointing`` keep tether's)."""
+
+    beta: float = 0.1
+    """How tightly the policy is tied to its reference (IPO's tau for ``ipo``)."""
+    loss_type: str | list[str] = "sigmoid"
+    """One loss or a list combined with ``loss_weights``: ``sigmoid`` (DPO), ``hinge``, ``ipo``,
+    ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``, ``apo_zero``,
+    ``apo_down``, ``discopop``, ``sigmoid_norm``, and ``sft`` (the chosen completions' NLL)."""
+    loss_weights: list[float] | None = None
+    """One weight per ``loss_type`` (default 1 each)."""
+    label_smoothing: float = 0.0
+    """``robust``: the chance a label is flipped, in [0, 0.5); ``exo_pair``: its epsilon, in (0, 1)."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """The divergence to the reference (f-DPO); ``reverse_kl`` is plain DPO."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of ``alpha_divergence``."""
+    discopop_tau: float = 0.05
+    """The temperature of ``discopop``'s mixing."""
+    max_length: int | None = 1024
+    """Longest sequence (prompt + chosen or rejected completion)."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this many tokens keep their last tokens (older TRL configs' field)."""
+    truncation_mode: Literal["keep_end", "keep_start", "drop"] = "keep_end"
+    """For pairs longer than ``max_length``: ``keep_end`` cuts the shared prompt from the left
+    until both sides fit; ``keep_start`` keeps each side's first tokens (TRL 1.12's only mode);
+    ``drop`` drops the pair. Both are counted in one warning."""
+    precompute_ref_log_probs: bool = False
+    """Score every pair with the reference once before training, keep the numbers with the pairs
+    and free the reference (no reference model in memory while training)."""
+    precompute_ref_batch_size: int | None = None
+    """Pairs per pass of that scoring (default ``per_device_eval_batch_size``)."""
+    sync_ref_model: bool = False
+    """Every ``ref_model_sync_steps`` steps the reference becomes ``alpha x policy + (1 - alpha) x
+    reference`` (TR-DPO), with ``alpha`` = ``ref_model_mixup_alpha``."""
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    logprob_chunk_size: int = 1024
+    """Rows of the output layer's log-softmax computed at a time."""
+    eval_fraction: float = 0.0
+    """Share of the pairs held out for evaluation when the dataset has no ``dataset_test_split``."""
+    learning_rate: float = 1e-6
+    output_dir: str = "runs/dpo"
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def validate(self) -> None:
+        from tether.ops.preference import LOSS_TYPES
+
+        super().validate()
+        _check_common_supervised(self)
+        kinds = self.loss_types
+        for kind in kinds:
+            if kind in ("aot", "aot_unpaired"):
+                raise ConfigError(f"loss_type {kind} is not offered: it sorts over the batch, so the update would "
+                                  "depend on how the batch is split; use sigmoid, ipo, robust, ...")
+            if kind not in LOSS_TYPES:
+                raise ConfigError(f"config field loss_type {kind!r} is not one of {', '.join(LOSS_TYPES)}")
+        if not kinds or len(set(kinds)) < len(kinds):
+            raise ConfigError(f"config field loss_type must name each loss once, got {kinds}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(kinds):
+            raise ConfigError(f"config field loss_weights has {len(self.loss_weights)} weights for "
+                              f"{len(kinds)} loss types {kinds}; give one each")
+        if self.beta <= 0:
+            raise ConfigError(f"config field beta must be > 0, got {self.beta}")
+        if "robust" in kinds and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config field label_smoothing must lie in [0, 0.5) for robust, got {self.label_smoothing}")
+        if "exo_pair" in kinds and not 0 < self.label_smoothing < 1:
+            raise ConfigError(f"loss_type exo_pair needs label_smoothing in (0, 1) (its epsilon; 1e-3 is typical), "
+                              f"got {self.label_smoothing}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"config field label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        paired = {"nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down"} & set(kinds)
+        if self.f_divergence_type != "reverse_kl" and paired:
+            raise ConfigError(f"f_divergence_type {self.f_divergence_type} does not apply to loss_type "
+                              f"{', '.join(sorted(paired))}; use reverse_kl with them")
+        if self.precompute_ref_log_probs and self.sync_ref_model:
+            raise ConfigError("precompute_ref_log_probs and sync_ref_model are both set: a reference that changes "
+                              "cannot be scored once ahead; choose one")
+        if self.sync_ref_model and self.lora_settings():
+            raise ConfigError("sync_ref_model needs a reference model of its own, not the adapter switched off; "
+                              "drop the LoRA adapter or sync_ref_model")
+        for name in ("ref_model_sync_steps", "logprob_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_prompt_length", "precompute_ref_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1 (or unset), got {getattr(self, name)}")
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ConfigError(f"config field ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha}")
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"config field discopop_tau must be > 0, got {self.discopop_tau}")
+
+
 def _check_common_supervised(config) -> None:
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError(f"config field max_length must be at least 2, got {config.max_length}")
@@ -1107,7 +1211,10 @@ FIELD_GROUPS = {  # how --help and --print-config lay the fields out
     "algorithm": (
         "num_ppo_epochs", "num_mini_batches", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
         "whiten_rewards", "whiten_advantages", "cliprange", "cliprange_value", "vf_coef", "entropy_coef", "gamma",
-        "lam", "missing_eos_penalty", "completion_only_loss", "normalize_rewards",
+        "lam", "missing_eos_penalty", "completion_only_loss", "normalize_rewards", "beta", "loss_type",
+        "loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
+        "precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model", "ref_model_mixup_alpha",
+        "ref_model_sync_steps",
     ),
     "optimisation": (
         "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "total_episodes",

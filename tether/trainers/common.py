@@ -262,3 +262,10 @@ class Cadence:
     @property
     def saves_on_signal(self) -> bool:
         return self.config.save_strategy != "no"
+
+
+@torch.no_grad()
+def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update: ``reference = alpha x policy + (1 - alpha) x reference``."""
+    for ref_param, param in zip(reference.parameters(), policy.parameters()):
+        ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)

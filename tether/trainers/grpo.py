@@ -65,6 +65,7 @@ from tether.trainers.common import (
     clock,
     make_optimizer,
     make_scheduler,
+    mix_into,
     seed_everything,
     training_device,
 )
@@ -480,13 +481,6 @@ class CriticFreeTrainer:
         target = Path(output_dir or self.config.output_dir)
         with self.dropout.original_configs():
             return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
-
-
-@torch.no_grad()
-def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
-    """TR-DPO's reference update: ``reference = alpha x policy + (1 - alpha) x reference``."""
-    for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
 class GRPOTrainer(CriticFreeTrainer):
