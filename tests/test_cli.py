@@ -133,28 +133,28 @@ def test_reward_function_from_a_file(workspace: Path, tmp_path: Path):
 
 
 def check_demo_outputs(out: Path) -> None:
-    """What ``tether demo --quick`` leaves in ``out``: SFT -> RM -> PPO and GRPO, every output
+    """What ``tether demo --quick`` leaves in ``out``: SFT -> RM -> PPO and GRPO, DPO, every output
     loadable, figures and report written. (The README test runs the demo as the README shows it.)"""
     summary = json.loads((out / "summary.json").read_text())
-    for method in ("sft", "ppo", "grpo"):
+    for method in ("sft", "ppo", "grpo", "dpo"):
         for figure in ("gold", "rm_score", "kl", "length", "well_formed"):
             assert math.isfinite(summary[f"{figure}_{method}"]), (figure, method)
     assert summary["rm_accuracy"] > 0.8  # the reward model learned the hidden rule from pairs alone
     assert summary["kl_sft"] == 0.0
-    for method in ("ppo", "grpo"):
+    for method in ("ppo", "grpo", "dpo"):
         assert summary[f"rm_score_{method}"] > summary["rm_score_sft"]  # each raised what it optimises
         assert summary[f"gold_{method}"] > summary["gold_sft"]  # and, in this short run, what the gold rule prefers
         assert summary[f"kl_{method}"] > 0.0  # by moving away from the SFT model
 
-    for stage in ("sft", "ppo", "grpo"):
+    for stage in ("sft", "ppo", "grpo", "dpo"):
         AutoModelForCausalLM.from_pretrained(out / stage)
     reward_model = AutoModelForSequenceClassification.from_pretrained(out / "rm")
     assert reward_model.config.num_labels == 1 and reward_model.config.reward_bias != 0.0
-    for stage in ("sft", "rm", "ppo", "grpo"):
+    for stage in ("sft", "rm", "ppo", "grpo", "dpo"):
         config = yaml.safe_load((out / f"{stage}.yaml").read_text())
         assert config["output_dir"] == str(out / stage)  # each stage can be rerun alone
     report = (out / "report.html").read_text()
-    for image in ("gold_vs_kl.png", "scores.png", "grpo_scores.png", "kl.png", "length.png", "rm_accuracy.png"):
+    for image in ("gold_vs_kl.png", "scores.png", "grpo_scores.png", "dpo.png", "kl.png", "length.png", "rm_accuracy.png"):
         assert (out / "report_files" / image).stat().st_size > 1000
         assert f"report_files/{image}" in report
 

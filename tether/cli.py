@@ -25,7 +25,7 @@ commands:
          tether dpo --config dpo.yaml [--field value ...]
   rm     reward-model training on chosen/rejected pairs
          tether rm --config rm.yaml [--field value ...]
-  demo   a small PPO run on a tiny model built on the fly, offline
+  demo   SFT, reward model, PPO, GRPO and DPO on a bundled review task with a tiny model, offline
          tether demo [--output-dir DIR] [--seed N] [--device cpu|cuda|auto] [--quick]
 
 several processes (every training command):
@@ -134,7 +134,7 @@ def _split_config_argument(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run_demo(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tether demo", description="A small offline PPO run on a tiny model.")
+    parser = argparse.ArgumentParser(prog="tether demo", description="SFT, reward model, PPO, GRPO and DPO on a bundled task with a tiny model, offline.")
     parser.add_argument("--output-dir", default="runs/demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

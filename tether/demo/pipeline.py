@@ -7,11 +7,12 @@
 4. RM        ``tether rm`` on those pairs, normalised so SFT demonstrations score mean 0
 5. PPO       ``tether ppo`` against the learned reward model, logging the gold score too
 6. GRPO      ``tether grpo`` against the same reward model, from the same SFT model
-7. evaluate  SFT, PPO and GRPO samples on held-out prompts: gold score, reward-model score,
-             KL to the SFT model, length (``tether.evaluation``: the trainers' own path)
+7. DPO       ``tether dpo`` on the labelled pairs the reward model learned from, no reward model
+8. evaluate  SFT, PPO, GRPO and DPO samples on held-out prompts: gold score, reward-model
+             score, KL to the SFT model, length (``tether.evaluation``: the trainers' own path)
 
 Every stage writes its config as YAML next to its output, so each can be rerun alone with
-``tether sft|rm|ppo|grpo --config``. Figures go to ``summary.json`` and ``report.html``.
+``tether sft|rm|ppo|grpo|dpo --config``. Figures go to ``summary.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ MODEL = dict(hidden_size=64, num_layers=2, num_heads=4)
 RESPONSE_LENGTH = 24
 TEMPERATURE = 0.7
 LABEL_MARGIN = 0.25  # pairs whose gold scores differ by less are not labelled (unsure raters)
+DPO_LEARNING_RATE = 1e-3
+DPO_BETA = 0.1
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -171,11 +174,24 @@ def stage_configs(out: Path, sizes: Sizes, seed: int, device: str) -> dict[str, 
         "logging_steps": 4,
         **common,
     }
-    stages = (("sft", sft), ("rm", rm), ("ppo", ppo), ("grpo", grpo))
+    # DPO: the reward model's pairs, from the SFT model; the reference scored once ahead
+    dpo = {
+        "model_name_or_path": str(out / "sft"),
+        "dataset_name": str(out / "data" / "pairs.jsonl"),
+        "output_dir": str(out / "dpo"),
+        "num_train_epochs": sizes.rm_epochs,
+        "per_device_train_batch_size": 32,
+        "learning_rate": DPO_LEARNING_RATE,
+        "beta": DPO_BETA,
+        "precompute_ref_log_probs": True,
+        "logging_steps": 5,
+        **common,
+    }
+    stages = (("sft", sft), ("rm", rm), ("ppo", ppo), ("grpo", grpo), ("dpo", dpo))
     return {name: _write_yaml(out / f"{name}.yaml", config) for name, config in stages}
 
 
-POLICIES = ("sft", "ppo", "grpo")
+POLICIES = ("sft", "ppo", "grpo", "dpo")
 
 
 def evaluate(out: Path, eval_prompts: list[str], seed: int, device) -> dict:
@@ -208,7 +224,7 @@ def evaluate(out: Path, eval_prompts: list[str], seed: int, device) -> dict:
 
 def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bool = False) -> dict:
     """Every stage in order; returns the summary written to ``summary.json``."""
-    from tether.commands import run_critic_free, run_ppo, run_reward, run_sft
+    from tether.commands import run_critic_free, run_dpo, run_ppo, run_reward, run_sft
     from tether.demo.report import read_metrics, write_report
     from tether.trainers.common import resolve_device
 
@@ -217,21 +233,23 @@ def run_pipeline(output_dir: str, seed: int = 0, device: str = "auto", quick: bo
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     torch_device = resolve_device(device)
-    console.rule("[bold]tether demo: SFT -> reward model -> PPO and GRPO on movie reviews")
+    console.rule("[bold]tether demo: SFT -> reward model -> PPO and GRPO; DPO from the pairs; on movie reviews")
     eval_prompts = build_data(out, sizes, seed)
     configs = stage_configs(out, sizes, seed, device)
 
-    console.rule("[bold]1/4 supervised fine-tuning")
+    console.rule("[bold]1/5 supervised fine-tuning")
     run_sft(str(configs["sft"]), [])
     console.rule("[bold]labelling pairs with the hidden gold rule")
     labels = label_pairs(out, sizes, seed, torch_device)
     console.print(f"{labels['pairs']} of {labels['sampled']} sampled pairs had a clear winner")
-    console.rule("[bold]2/4 reward model")
+    console.rule("[bold]2/5 reward model")
     run_reward(str(configs["rm"]), [])
-    console.rule("[bold]3/4 PPO against the learned reward model")
+    console.rule("[bold]3/5 PPO against the learned reward model")
     run_ppo(str(configs["ppo"]), [])
-    console.rule("[bold]4/4 GRPO against the same reward model")
+    console.rule("[bold]4/5 GRPO against the same reward model")
     run_critic_free("grpo", str(configs["grpo"]), [])
+    console.rule("[bold]5/5 DPO on the labelled pairs, without the reward model")
+    run_dpo(str(configs["dpo"]), [])
 
     console.rule("[bold]evaluation on held-out prompts")
     evaluation = evaluate(out, eval_prompts, seed, torch_device)

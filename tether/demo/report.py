@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from tether.saving import write_text_atomic  # noqa: E402
 
 COLOURS = {"rm": "#1f77b4", "gold": "#d62728", "kl": "#2ca02c", "length": "#9467bd", "acc": "#ff7f0e"}
-METHOD_COLOURS = {"sft": "grey", "ppo": "#1f77b4", "grpo": "#d62728"}
-METHODS = ("sft", "ppo", "grpo")
+METHOD_COLOURS = {"sft": "grey", "ppo": "#1f77b4", "grpo": "#d62728", "dpo": "#2ca02c"}
+METHODS = ("sft", "ppo", "grpo", "dpo")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -93,6 +93,22 @@ def plot_grpo_scores(grpo: list[dict], path: Path) -> str:
     return _save(figure, path)
 
 
+def plot_dpo(dpo: list[dict], path: Path) -> str:
+    """DPO's reward margin (beta x log-ratio, chosen less rejected) and pair accuracy per step."""
+    steps = [m["step"] for m in dpo]
+    figure, left = plt.subplots(figsize=(4.6, 3.4))
+    right = left.twinx()
+    left.plot(steps, [m["rewards/margins"] for m in dpo], color=METHOD_COLOURS["dpo"], label="reward margin")
+    right.plot(steps, [m["rewards/accuracies"] for m in dpo], color=COLOURS["acc"], label="pairs ranked right")
+    right.set_ylim(0.0, 1.05)
+    left.set_xlabel("DPO optimizer step")
+    left.set_ylabel("reward margin (training pairs)")
+    right.set_ylabel("share of training pairs ranked right")
+    left.set_title("DPO: the pairs' implicit reward", fontsize=10)
+    left.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def plot_rm_accuracy(rm: list[dict], path: Path) -> str:
     points = [(m["step"], m["eval/accuracy"]) for m in rm if "eval/accuracy" in m]
     figure, axis = plt.subplots(figsize=(4.2, 3.0))
@@ -120,19 +136,20 @@ def _score(value: float) -> str:
 def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) -> Path:
     """Plots as PNG files beside ``report.html``; returns the report's path."""
     ppo, rm = read_metrics(out / "ppo" / "metrics.jsonl"), read_metrics(out / "rm" / "metrics.jsonl")
-    grpo = read_metrics(out / "grpo" / "metrics.jsonl")
+    grpo, dpo = read_metrics(out / "grpo" / "metrics.jsonl"), read_metrics(out / "dpo" / "metrics.jsonl")
     images = out / "report_files"
     images.mkdir(exist_ok=True)
     plots = [
         plot_gold_against_kl(summary, images / "gold_vs_kl.png"),
         plot_scores(ppo, summary, images / "scores.png"),
         plot_grpo_scores(grpo, images / "grpo_scores.png"),
+        plot_dpo(dpo, images / "dpo.png"),
         plot_single(ppo, "objective/kl", "PPO: KL to the reference (nats)", COLOURS["kl"], images / "kl.png"),
         plot_single(ppo, "val/response_length", "PPO: response length (tokens)", COLOURS["length"],
                     images / "length.png"),
         plot_rm_accuracy(rm, images / "rm_accuracy.png"),
     ]
-    figures = [["reward model: held-out pair accuracy", f"{summary['rm_accuracy']:.3f}", "", ""]]
+    figures = [["reward model: held-out pair accuracy", f"{summary['rm_accuracy']:.3f}", "", "", ""]]
     rows = (
         ("gold score (best {:+.1f})".format(summary["gold_best"]), "gold", "{:+.3f}"),
         ("share of the SFT-to-best gap closed", "gap_closed", "{:.0%}"),
@@ -146,7 +163,7 @@ def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) ->
             "" if key == "gap_closed" and name == "sft" else form.format(summary[f"{key}_{name}"]) for name in METHODS
         ]
         figures.append([label, *cells])
-    figures.append(["run time", f"{summary['minutes']:.1f} minutes", "", ""])
+    figures.append(["run time", f"{summary['minutes']:.1f} minutes", "", "", ""])
 
     def cell(row: dict) -> str:
         return f"{html.escape(row['completion'])}<br>{_score(row['gold'])} gold, {row['rm']:+.2f} RM"
@@ -156,7 +173,7 @@ def write_report(out: Path, summary: dict, samples: dict, prompts: list[str]) ->
         for index, prompt in enumerate(prompts[:12])
     ]
     reruns = [f"<code>tether {stage} --config {html.escape(str(out / f'{stage}.yaml'))}</code>"
-              for stage in ("sft", "rm", "ppo", "grpo")]
+              for stage in ("sft", "rm", "ppo", "grpo", "dpo")]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tether demo report</title>
 <style>
@@ -169,17 +186,17 @@ th {{ background: #f4f4f4; }}
 </style></head><body>
 <h1>tether demo: RLHF on movie reviews</h1>
 <p class="lead">SFT &rarr; reward model (learned from pairs labelled by a hidden rule) &rarr; PPO and GRPO
-against the reward model. The gold score is the hidden rule itself: the mean sentiment of the adjectives in a
-well-formed review, -1 for broken text. Neither PPO nor GRPO ever sees it.</p>
+against the reward model; DPO straight from the same pairs. The gold score is the hidden rule itself: the mean
+sentiment of the adjectives in a well-formed review, -1 for broken text. No trained method ever sees it.</p>
 <h2>Figures (held-out prompts)</h2>
-{_table(figures, ["", "SFT", "PPO", "GRPO"])}
+{_table(figures, ["", "SFT", "PPO", "GRPO", "DPO"])}
 <div class="plots"><img src="report_files/{plots[0]}" alt="gold score against KL, per method"></div>
 <h2>Learning curves</h2>
 <div class="plots">
 {"".join(f'<img src="report_files/{plot}" alt="{plot}">' for plot in plots[1:])}
 </div>
-<h2>Held-out prompts: SFT, PPO and GRPO</h2>
-{_table(comparison, ["prompt", "SFT policy", "PPO policy", "GRPO policy"])}
+<h2>Held-out prompts: SFT, PPO, GRPO and DPO</h2>
+{_table(comparison, ["prompt", "SFT policy", "PPO policy", "GRPO policy", "DPO policy"])}
 <p class="lead">Rerun any stage alone: {", ".join(reruns)}.</p>
 </body></html>
 """
