@@ -26,7 +26,8 @@ PAIRS = [
     for i in range(8)
 ]
 KINDS = {"sigmoid": dict(loss_type="sigmoid"), "sigmoid+sft": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
-         "ipo": dict(loss_type="ipo"), "apo_zero": dict(loss_type="apo_zero")}
+         "ipo": dict(loss_type="ipo"), "apo_zero": dict(loss_type="apo_zero"),
+         "precomputed": dict(loss_type="sigmoid", precompute_ref_log_probs=True, precompute_ref_batch_size=3)}
 
 
 def build(out: Path, kind: str, per_device: int, accumulation: int, **fields) -> DPOTrainer:

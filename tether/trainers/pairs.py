@@ -9,7 +9,8 @@ One optimizer step, as ``PairTrainer.step()`` reads:
         -> its share of the batch's loss (``loss_share``: divided by the whole batch, never by
            the micro-batch, so splitting the batch does not change the update), backward
         -> one optimizer step and one schedule step
-        -> metrics: the terms summed over the batch and every process (``summarize``)
+        -> metrics: the terms summed over the batch and every process (``summarize``), and the
+           step's seconds (``timing/total``)
 
 Evaluation runs the same ``terms`` over the held-out pairs. The pairs are encoded up front
 (``data/sequences.py``), so a bad row fails before the first step; checkpoints, resume and
@@ -26,7 +27,7 @@ from tether.data.prompts import PromptSampler
 from tether.data.sequences import PreferencePair, encode_pairs
 from tether.errors import ConfigError, DataError
 from tether.logging import console
-from tether.trainers.common import Cadence, seeded_split
+from tether.trainers.common import Cadence, clock, seeded_split
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import launched_processes
 
@@ -103,6 +104,7 @@ class PairTrainer:
     def step(self) -> dict[str, float]:
         """One optimizer step on the next batch of pairs; returns its metrics."""
         config, parallel = self.config, self.parallel
+        began = clock(self.device)
         self.model.train()
         batch = [self.train_pairs[i] for i in self.sampler.next_batch()]  # the global batch
         mine, weight = parallel.my_rows(batch)
@@ -129,6 +131,7 @@ class PairTrainer:
         metrics["epoch"] = self.step_count * self.batch_pairs / len(self.train_pairs)
         metrics["step"] = self.step_count
         metrics["skipped_steps"] = self.skipped_steps
+        metrics["timing/total"] = clock(self.device) - began
         return metrics
 
     @torch.no_grad()
