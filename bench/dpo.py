@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import WORKLOADS, build  # noqa: E402
+from workloads import WORKLOADS, build, trl_step_clock  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PAIRS_PER_STEP = 16
@@ -61,27 +61,18 @@ def run_tether(folder: Path, steps: int, rows: list[dict], checkpointing: bool, 
 
 def run_trl(folder: Path, steps: int, rows: list[dict], checkpointing: bool, precompute: bool):
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     seconds: list[float] = []
-
-    class Clock(TrainerCallback):
-        start = None
-
-        def on_step_begin(self, *args, **kwargs):
-            Clock.start = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            seconds.append(time.perf_counter() - Clock.start)
-
     config = DPOConfig(output_dir=str(folder / "trl-dpo"), use_cpu=True, bf16=False, report_to="none",
                        save_strategy="no", gradient_checkpointing=checkpointing, precompute_ref_log_probs=precompute,
                        max_steps=steps, logging_steps=1, disable_tqdm=True, **COMMON)
     start = time.perf_counter()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder / "policy"), args=config,
                          train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(folder / "policy"), callbacks=[Clock()])
+                         processing_class=AutoTokenizer.from_pretrained(folder / "policy"),
+                         callbacks=[trl_step_clock(seconds)])
     trainer.train()
     return seconds, time.perf_counter() - start
 

@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import WORKLOADS, build, prompts  # noqa: E402
+from workloads import WORKLOADS, build, prompts, trl_step_clock  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROMPTS_PER_STEP, GENERATIONS = 8, 4
@@ -64,21 +64,11 @@ def run_tether(folder: Path, method: str, steps: int, length: int, texts: list[s
 
 def run_trl(folder: Path, method: str, steps: int, length: int, texts: list[str]) -> tuple[list[float], float]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
     seconds: list[float] = []
-
-    class Clock(TrainerCallback):
-        start = None
-
-        def on_step_begin(self, *args, **kwargs):
-            Clock.start = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            seconds.append(time.perf_counter() - Clock.start)
-
     config = config_class(
         output_dir=str(folder / "trl-out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
         gradient_checkpointing=False, max_steps=steps, max_completion_length=length, logging_steps=1,
@@ -88,7 +78,8 @@ def run_trl(folder: Path, method: str, steps: int, length: int, texts: list[str]
     tokenizer = AutoTokenizer.from_pretrained(folder / "policy", padding_side="left")
     trainer = trainer_class(
         model=AutoModelForCausalLM.from_pretrained(folder / "policy"), reward_funcs=digit_share, args=config,
-        train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer, callbacks=[Clock()],
+        train_dataset=datasets.Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+        callbacks=[trl_step_clock(seconds)],
     )
     trainer.train()
     return seconds, time.perf_counter() - start

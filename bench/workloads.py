@@ -96,3 +96,21 @@ def timed(call, repeats: int) -> float:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def trl_step_clock(seconds: list[float]):
+    """A ``TrainerCallback`` that appends the seconds of each TRL optimizer step to ``seconds``."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        started = 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            seconds.append(time.perf_counter() - self.started)
+
+    return StepClock()

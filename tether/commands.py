@@ -23,6 +23,15 @@ def _needs(*names: str) -> dict:
     return {name: (lambda config, name=name: getattr(config, name)) for name in names}
 
 
+def _encoded_splits(config, encode) -> tuple[list, list | None]:
+    """The training split and the test split (None without one), each through ``encode(table,
+    what)`` before any model loads: a wrong column or a bad row fails at once, and what
+    max_length cuts is said once."""
+    train = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
+    test = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
+    return train, encode(test, "evaluation") if test is not None else None
+
+
 def run_ppo(config_path: str | None, override_args: list[str]) -> int:
     """``tether ppo``: PPO on a policy against a reward model or function; saves the policy."""
     from tether.models.loading import load_scalar_backbone, zero_head
@@ -85,14 +94,8 @@ def run_sft(config_path: str | None, override_args: list[str]) -> int:
                                  _warn)
     check_output_dir_early(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, _warn, config.model_revision)
-    # Every row through the encoder before the (possibly slow) model load: a wrong column or a
-    # bad row fails at once, and what max_length cuts is said once.
-    encode = lambda table, what: encode_sequences(  # noqa: E731
-        table, tokenizer, config.max_length, config.truncation_mode, f"{what} rows"
-    )
-    train_rows = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    eval_rows = encode(eval_table, "evaluation") if eval_table is not None else None
+    train_rows, eval_rows = _encoded_splits(config, lambda table, what: encode_sequences(
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} rows"))
     console.print(f"loading the model from {config.model_name_or_path}")
     model = load_causal_lm(config.model_name_or_path, **config.model_options())
     trainer = SFTTrainer(config, tokenizer, model, train_rows, eval_rows)
@@ -112,13 +115,8 @@ def run_reward(config_path: str | None, override_args: list[str]) -> int:
     check_output_dir_early(config)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, _warn, config.model_revision)
-    # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
-    encode = lambda table, what: encode_pairs(  # noqa: E731
-        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs"
-    )
-    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
+    train_pairs, eval_pairs = _encoded_splits(config, lambda table, what: encode_pairs(
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs"))
     console.print(f"loading the reward model backbone from {config.model_name_or_path}")
     model = load_reward_backbone(config.model_name_or_path, **config.model_options())
     trainer = RewardTrainer(config, tokenizer, model, train_pairs, eval_pairs)
@@ -144,13 +142,8 @@ def run_dpo(config_path: str | None, override_args: list[str]) -> int:
                                  _warn)
     check_output_dir_early(config)
     tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code, _warn, config.model_revision)
-    # Pairs first: a dataset without chosen/rejected fails before a large model is loaded.
-    encode = lambda table, what: encode_pairs(  # noqa: E731
-        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs", config.max_prompt_length
-    )
-    train_pairs = encode(load_table(config.dataset_name, config.dataset_train_split, config.dataset_config), "training")
-    eval_table = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
-    eval_pairs = encode(eval_table, "evaluation") if eval_table is not None else None
+    train_pairs, eval_pairs = _encoded_splits(config, lambda table, what: encode_pairs(
+        table, tokenizer, config.max_length, config.truncation_mode, f"{what} pairs", config.max_prompt_length))
     console.print(f"loading the model from {config.model_name_or_path}")
     model = load_causal_lm(config.model_name_or_path, **config.model_options())
     trainer = DPOTrainer(config, tokenizer, model, train_pairs, eval_dataset=eval_pairs)
