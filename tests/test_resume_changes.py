@@ -80,6 +80,8 @@ def test_a_longer_run_needs_extend_and_says_what_the_schedule_does(workspace, ca
     # 2 of 4 updates done: the linear schedule re-planned over 4 gives 1e-3 * (1 - 2/4) next
     assert "extending the run (total_episodes 16 -> 32) to 4 steps" in err and "0.0005 from the next step" in err
     assert episodes(workspace / "run" / "metrics.jsonl") == [8, 16, 24, 32]
+    rates = [json.loads(line)["lr"] for line in (workspace / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([1e-3, 5e-4, 5e-4, 2.5e-4])  # the rate said, not the 0 the first plan ended on
     written = yaml.safe_load((workspace / "run" / "config.yaml").read_text())
     assert written["total_episodes"] == 32 and "extend_run" not in written
     code, err = tether(capsys, "--resume", "--total_episodes", "8", "--extend")

@@ -411,7 +411,19 @@ def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0)
         load_weights(model, path / name)
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
+    _rate_of_restored_step(scheduler)
     return state
+
+
+def _rate_of_restored_step(scheduler) -> None:
+    """Set the optimizer's rate for the next step from this run's schedule. The optimizer's
+    state carries the rate its last step left, which is the schedule's own unless the run was
+    extended (``--extend``): then the schedule is re-planned and the old rate, often the 0 at
+    the end of a linear decay, would train the next step with it."""
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, value in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = value
+    scheduler._last_lr = rates
 
 
 def check_progress(checkpoint: Path, done, total_steps: int) -> int:
