@@ -32,7 +32,7 @@ from tether import DPOConfig, DPOTrainer
 from tether.cli import main
 from tether.config import load_config
 from tether.data.sequences import encode_pairs
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 from tether.ops.preference import PAIR_LOSSES, logratios, pair_loss
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.trainers.dpo import completion_logps
@@ -182,27 +182,59 @@ def test_completion_logps_read_only_completion_tokens_the_same_padded_or_alone()
         {"prompt": "w1 w2 w3 w4", "chosen": "w5", "rejected": "w6 w7 w8 w9 w10"},
         {"prompt": "w11", "chosen": "w12 w13 w14", "rejected": "w15"},
         {"chosen": "w3 w4 w5", "rejected": "w3 w4 w6 w7"},  # no prompt: the shared start is one
-        {"chosen": "w8 w9", "rejected": "w10"},  # nothing shared: the first token stands as the prompt
+        {"chosen": "w8 w9", "rejected": "w10"},  # nothing shared: read after BOS (or the first token)
     ]
     pairs = [encode_pairs(datasets.Dataset.from_list([row]), tokenizer)[0] for row in rows]
     assert pairs[2].chosen.prompt_ids == tokenizer("w3 w4", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logps, counts = completion_logps(model, pairs, tokenizer.pad_token_id, torch.device("cpu"), 3)
-    expected, expected_counts = [], []
-    for side in ("chosen", "rejected"):
-        for pair in pairs:
-            sequence = getattr(pair, side)
-            prompt, completion = sequence.prompt_ids, sequence.completion_ids
-            if not prompt:
-                prompt, completion = completion[:1], completion[1:]
-            expected.append(by_hand_logps(model, prompt, completion))
-            expected_counts.append(len(completion))
-    assert counts.tolist() == expected_counts
-    assert logps.tolist() == pytest.approx(expected, abs=1e-4)
-    for index, pair in enumerate(pairs):  # each pair alone: the same numbers as in the padded batch
+    assert pairs[3].chosen.prompt_ids == []
+    for start in (tokenizer.bos_token_id, None):
         with torch.no_grad():
-            alone, _ = completion_logps(model, [pair], tokenizer.pad_token_id, torch.device("cpu"), 1024)
-        assert alone.tolist() == pytest.approx([logps[index].item(), logps[len(pairs) + index].item()], abs=1e-5)
+            logps, counts = completion_logps(model, pairs, tokenizer.pad_token_id, torch.device("cpu"), 3, start)
+        expected, expected_counts = [], []
+        for side in ("chosen", "rejected"):
+            for pair in pairs:
+                sequence = getattr(pair, side)
+                prompt, completion = sequence.prompt_ids, sequence.completion_ids
+                if not prompt:  # BOS as the context; without one, the first token is the context
+                    prompt, completion = ([start], completion) if start is not None else (completion[:1], completion[1:])
+                expected.append(by_hand_logps(model, prompt, completion))
+                expected_counts.append(len(completion))
+        assert counts.tolist() == expected_counts
+        assert logps.tolist() == pytest.approx(expected, abs=1e-4)
+        for index, pair in enumerate(pairs):  # each pair alone: the same numbers as in the padded batch
+            with torch.no_grad():
+                alone, _ = completion_logps(model, [pair], tokenizer.pad_token_id, torch.device("cpu"), 1024, start)
+            assert alone.tolist() == pytest.approx([logps[index].item(), logps[len(pairs) + index].item()], abs=1e-5)
+    assert counts[3].item() == 2  # without BOS, w9 and EOS of "w8 w9": w8 is the context
+
+
+def test_pairs_without_a_prompt_are_said_once(tmp_path, capsys):
+    rows = [{"prompt": "", "chosen": f"w{i}", "rejected": f"w{i + 1}"} for i in range(4)]
+    capsys.readouterr()
+    dpo(tmp_path / "bos", data=rows, max_steps=1)
+    assert "4 pairs have no prompt tokens; their completions are read after the tokenizer's BOS" in " ".join(
+        capsys.readouterr().err.split())
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = None
+    DPOTrainer(DPOConfig(output_dir=str(tmp_path / "none"), device="cpu", per_device_train_batch_size=4), tokenizer,
+               make_model(make_tokenizer()), rows)
+    assert "the first token of each completion is their context and is not trained on" in " ".join(
+        capsys.readouterr().err.split())
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_anything_is_written(tmp_path):
+    rows = [{"prompt": [5], "chosen": [999], "rejected": [7]}] + [{"prompt": [5], "chosen": [6], "rejected": [7]}] * 3
+    with pytest.raises(DataError, match="training pair 0 has a token id outside the model's 20 embeddings") as error:
+        dpo(tmp_path / "out", data=rows)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+    from tether import RewardConfig, RewardTrainer
+    from tether.tiny import tiny_reward_model
+
+    tokenizer = make_tokenizer()
+    with pytest.raises(DataError, match="pair 0 has a token id outside the reward model's"):
+        RewardTrainer(RewardConfig(output_dir=str(tmp_path / "rm"), device="cpu", per_device_train_batch_size=2,
+                                   eval_fraction=0.0), tokenizer, tiny_reward_model(tokenizer),
+                      datasets.Dataset.from_list(rows))
 
 
 # --- the update ---------------------------------------------------------------------------------

@@ -99,6 +99,17 @@ def test_long_prompts_no_longer_make_pairs_identical(tokenizer):
     assert "2 of 2 pairs have the same tokens chosen and rejected once fitted to max_length" in str(caught[-1].message)
 
 
+def test_keep_end_keeps_a_shared_prompt_token_and_cuts_a_completion_too_long_alone(tokenizer):
+    """A completion longer than max_length alone: the pair keeps one shared prompt token (its
+    last) as the context of both sides, and the completion loses its end, said in the warning."""
+    rows = table(prompt=["w1 w2"], chosen=[" ".join(numbered_words(12))], rejected=["w3 w4"])
+    with pytest.warns(UserWarning, match="in 1 of them a completion did not fit even so and lost its end"):
+        (pair,) = encode_pairs(rows, tokenizer, max_length=10)
+    assert pair.chosen.prompt_ids == pair.rejected.prompt_ids == [6]  # w2
+    assert pair.chosen.completion_ids == tokenizer(" ".join(numbered_words(9)), add_special_tokens=False)["input_ids"]
+    assert pair.rejected.completion_ids == [7, 8, EOS]
+
+
 def test_identical_pairs_are_dropped_and_counted(tokenizer):
     rows = table(prompt=["w1", "w1"], chosen=["w2", "w3"], rejected=["w2", "w4"])
     with pytest.warns(UserWarning, match="1 of 2 pairs have the same tokens chosen and rejected; dropped"):

@@ -253,17 +253,30 @@ def fit_pairs(pairs: list[PreferencePair], max_length: int | None, mode: str, wh
     """Pairs fitted to ``max_length`` (one warning), then pairs whose chosen and rejected are
     the same tokens dropped (another): they teach nothing, and a cut can make them so.
 
-    ``keep_end`` cuts the shared prompt from the left until the longer side fits, so both
-    sides keep the same prompt; ``keep_start`` keeps each side's first tokens; ``drop`` drops
-    a pair when either side is too long."""
+    ``keep_end`` cuts the shared prompt from the left until the longer side fits, keeping at
+    least one prompt token so both sides keep a context in common; completions that still do
+    not fit lose their ends. ``keep_start`` keeps each side's first tokens; ``drop`` drops a
+    pair when either side is too long."""
     _check_mode(mode)
     if max_length is not None:
         long = [max(len(p.chosen.ids), len(p.rejected.ids)) > max_length for p in pairs]
-        _say_fitted(sum(long), len(pairs), what, max_length, mode)
-        if mode == "drop":
-            pairs = [p for p, too_long in zip(pairs, long) if not too_long]
+        if mode == "keep_end" and any(long):
+            fitted = [_cut_pair(p, max_length, mode) for p in pairs]
+            ends = sum(len(f.chosen.completion_ids) < len(p.chosen.completion_ids)
+                       or len(f.rejected.completion_ids) < len(p.rejected.completion_ids) for p, f in zip(pairs, fitted))
+            warnings.warn(
+                f"{sum(long)} of {len(pairs)} {what} were longer than max_length={max_length} tokens: their shared "
+                f"prompt was cut from the left (truncation_mode: keep_end)"
+                + (f"; in {ends} of them a completion did not fit even so and lost its end" if ends else ""),
+                stacklevel=2,
+            )
+            pairs = fitted
         else:
-            pairs = [_cut_pair(p, max_length, mode) for p in pairs]
+            _say_fitted(sum(long), len(pairs), what, max_length, mode)
+            if mode == "drop":
+                pairs = [p for p, too_long in zip(pairs, long) if not too_long]
+            elif mode == "keep_start":
+                pairs = [_cut_pair(p, max_length, mode) for p in pairs]
     distinct = [p for p in pairs if p.chosen.ids != p.rejected.ids]
     if len(distinct) < len(pairs):
         warnings.warn(
@@ -280,11 +293,12 @@ def _cut_pair(pair: PreferencePair, max_length: int, mode: str) -> PreferencePai
     excess = max(len(pair.chosen.ids), len(pair.rejected.ids)) - max_length
     if excess <= 0:
         return pair
-    prompt = pair.chosen.prompt_ids[min(excess, len(pair.chosen.prompt_ids)) :]
-    return PreferencePair(
-        _cut(Sequence(prompt, pair.chosen.completion_ids), max_length, mode),
-        _cut(Sequence(prompt, pair.rejected.completion_ids), max_length, mode),
-    )
+    prompt = pair.chosen.prompt_ids
+    kept = max(len(prompt) - excess, min(len(prompt), 1))  # one prompt token at least, when there is one
+    prompt = prompt[len(prompt) - kept :]
+    room = max_length - len(prompt)
+    return PreferencePair(Sequence(prompt, pair.chosen.completion_ids[:room]),
+                          Sequence(list(prompt), pair.rejected.completion_ids[:room]))
 
 
 def encode_pairs(

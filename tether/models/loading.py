@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 
 
 def load_pretrained(loader, path: str, what: str, **kwargs):
@@ -289,6 +289,19 @@ def check_positions(model: nn.Module, needed: int, what: str, because: str, fix:
     if learned:
         raise ConfigError(f"{because} {needed} positions but the {what} has {limit} ({name}); {fix} to fit {limit}")
     return f"{because} {needed} positions, past the {limit} ({name}) of the model: rotary positions beyond are extrapolated"
+
+
+def check_token_ids(model: nn.Module, sequences: dict[str, list[list[int]]], what: str) -> None:
+    """Every id of ``sequences`` (``{"training row": [ids, ...], ...}``) must name one of
+    ``model``'s embeddings; ids given as data (token-id columns) are checked nowhere else."""
+    rows = model.get_input_embeddings().num_embeddings
+    for kind, rows_ids in sequences.items():
+        for row, ids in enumerate(rows_ids):
+            if ids and not 0 <= min(ids) <= max(ids) < rows:
+                raise DataError(
+                    f"{kind} {row} has a token id outside the {what}'s {rows} embeddings (0 to {rows - 1}); "
+                    "the ids were made with a different tokenizer"
+                )
 
 
 def check_vocabulary(tokenizer, model: nn.Module, what: str) -> None:

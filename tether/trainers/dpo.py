@@ -4,8 +4,8 @@ The loss of one micro-batch, as ``terms`` and ``loss_share`` read (the step arou
 checkpoints and the run are ``PairTrainer``'s and ``loop.run_steps``'s, as for reward models):
 
     pairs: prompt + chosen, prompt + rejected                                data/sequences.py
-      -> 2P rows: each prompt left-padded, each completion right-padded after it (a text with
-         no prompt lends its first token as the prompt: nothing predicts a first token)
+      -> 2P rows: each prompt left-padded, each completion right-padded after it (a pair with
+         no prompt is read after the tokenizer's BOS token, or, with none, after its first token)
       -> the completion tokens' log-probabilities under the policy, read where generation
          would have produced them, the output layer on those tokens alone, in chunks (no
          [rows, length, vocab] logits), summed per row                       models/forward.py
@@ -58,23 +58,29 @@ from tether.trainers.parallel import Parallel
 from tether.trainers.ppo import refuse_shared_models
 
 
-def _scored(sequence: Sequence) -> tuple[list[int], list[int]]:
-    """``(context, scored tokens)`` of one side: the prompt and the completion, or, with no
-    prompt, the completion's first token as context and the rest scored."""
+def _scored(sequence: Sequence, start_id: int | None) -> tuple[list[int], list[int]]:
+    """``(context, scored tokens)`` of one side: the prompt and the completion. Without a
+    prompt the context is ``start_id`` (the tokenizer's BOS), or, lacking one, the completion's
+    first token, which nothing can then predict."""
     if sequence.prompt_ids:
         return sequence.prompt_ids, sequence.completion_ids
+    if start_id is not None:
+        return [start_id], sequence.completion_ids
     return sequence.completion_ids[:1], sequence.completion_ids[1:]
 
 
-def scored_tokens(pairs: SequenceOf[PreferencePair]) -> tuple[int, int]:
+def scored_tokens(pairs: SequenceOf[PreferencePair], start_id: int | None) -> tuple[int, int]:
     """How many chosen and rejected tokens ``pairs`` score."""
-    return (sum(len(_scored(p.chosen)[1]) for p in pairs), sum(len(_scored(p.rejected)[1]) for p in pairs))
+    return (sum(len(_scored(p.chosen, start_id)[1]) for p in pairs),
+            sum(len(_scored(p.rejected, start_id)[1]) for p in pairs))
 
 
-def completion_logps(model, pairs: SequenceOf[PreferencePair], pad_token_id: int, device, chunk_size: int):
+def completion_logps(model, pairs: SequenceOf[PreferencePair], pad_token_id: int, device, chunk_size: int,
+                     start_id: int | None = None):
     """``(log-probabilities [2P], token counts [2P])`` of the completions of ``pairs``, chosen
-    rows first: each summed over its completion tokens, fp32."""
-    rows = [_scored(p.chosen) for p in pairs] + [_scored(p.rejected) for p in pairs]
+    rows first: each summed over its completion tokens, fp32 (``_scored`` says what a pair
+    without a prompt is read after)."""
+    rows = [_scored(p.chosen, start_id) for p in pairs] + [_scored(p.rejected, start_id) for p in pairs]
     counts = torch.tensor([len(tokens) for _, tokens in rows], device=device)
     if not counts.any():
         return torch.zeros(len(rows), device=device), counts
@@ -109,15 +115,18 @@ class DPOTrainer(PairTrainer):
         warn = lambda message: console.print(f"[yellow]warning: {message}")  # noqa: E731
         ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
         self.pad_token_id = tokenizer.pad_token_id
+        self.start_id = tokenizer.bos_token_id  # the context of a completion with no prompt
         self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
         self.device = training_device(config, self.parallel, warn=warn)
         seed_everything(config.seed)
 
         self._set_pairs(train_dataset, eval_dataset)
+        self._say_promptless(warn)
         refuse_shared_models(model=model, ref_model=ref_model)
         for name, candidate in (("model", model), ("ref_model", ref_model)):
             if candidate is not None:
                 check_vocabulary(tokenizer, candidate, name)
+                self.check_ids(candidate, name)
                 extrapolated = check_positions(candidate, self.longest_sequence(), name,
                                                f"the longest sequence (max_length={config.max_length}) needs",
                                                "lower max_length")
@@ -153,6 +162,21 @@ class DPOTrainer(PairTrainer):
     def _autocast(self):
         return autocast(self.device, self.config.bf16, self.config.fp16)
 
+    def _say_promptless(self, warn) -> None:
+        count = sum(not p.chosen.prompt_ids for p in [*self.train_pairs, *self.eval_pairs])
+        if not count:
+            return
+        if self.start_id is not None:
+            console.print(f"note: {count} pairs have no prompt tokens; their completions are read after the "
+                          "tokenizer's BOS token")
+        else:
+            warn(f"{count} pairs have no prompt tokens and the tokenizer has no BOS token: the first token of each "
+                 "completion is their context and is not trained on; give a prompt column")
+
+    def _logps(self, model, pairs: SequenceOf[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(model, pairs, self.pad_token_id, self.device, self.config.logprob_chunk_size,
+                                self.start_id)
+
     # --- the reference ----------------------------------------------------------------------
     @torch.no_grad()
     def _precompute_reference(self) -> None:
@@ -175,14 +199,13 @@ class DPOTrainer(PairTrainer):
 
     def _reference_pass(self, pairs: SequenceOf[PreferencePair]) -> torch.Tensor:
         """The reference's completion log-probabilities ``[2P]`` (chosen, then rejected)."""
-        config, device = self.config, self.device
         with torch.no_grad(), self._autocast():
             if self._reference is not None:
-                return completion_logps(self._reference, pairs, self.pad_token_id, device, config.logprob_chunk_size)[0]
-            if config.precompute_ref_log_probs:  # before training: the model as it starts
-                return completion_logps(self._trained, pairs, self.pad_token_id, device, config.logprob_chunk_size)[0]
+                return self._logps(self._reference, pairs)[0]
+            if self.config.precompute_ref_log_probs:  # before training: the model as it starts
+                return self._logps(self._trained, pairs)[0]
             with self.model.disable_adapter():
-                return completion_logps(self._trained, pairs, self.pad_token_id, device, config.logprob_chunk_size)[0]
+                return self._logps(self._trained, pairs)[0]
 
     def reference_logps(self, pairs: SequenceOf[PreferencePair]) -> torch.Tensor:
         if pairs[0].reference_logps is not None:
@@ -195,8 +218,7 @@ class DPOTrainer(PairTrainer):
         config, count = self.config, len(pairs)
         reference = self.reference_logps(pairs)
         with self._autocast():
-            logps, tokens = completion_logps(self._trained, pairs, self.pad_token_id, self.device,
-                                             config.logprob_chunk_size)
+            logps, tokens = self._logps(self._trained, pairs)
         x = logratios(logps[:count], logps[count:], reference[:count], reference[count:], tokens[:count],
                       tokens[count:], config.f_divergence_type, config.f_alpha_divergence_coef)
         losses = torch.zeros_like(x.chosen)
@@ -220,7 +242,7 @@ class DPOTrainer(PairTrainer):
         """The pair losses over the batch's pairs, plus ``sft``'s NLL over its chosen tokens."""
         loss = terms["pair_loss"].sum() / len(batch)
         if "sft" in self.weights:
-            loss = loss + self.weights["sft"] * terms["chosen_nll"].sum() / max(scored_tokens(batch)[0], 1)
+            loss = loss + self.weights["sft"] * terms["chosen_nll"].sum() / max(scored_tokens(batch, self.start_id)[0], 1)
         return loss
 
     def summarize(self, totals: dict[str, float], count: int) -> dict[str, float]:

@@ -27,6 +27,7 @@ from tether.data.prompts import PromptSampler
 from tether.data.sequences import PreferencePair, encode_pairs
 from tether.errors import ConfigError, DataError
 from tether.logging import console
+from tether.models.loading import check_token_ids
 from tether.trainers.common import Cadence, clock, seeded_split
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import launched_processes
@@ -82,6 +83,11 @@ class PairTrainer:
         if not pairs:
             raise DataError(f"the {what} dataset has no pairs left to train on; add pairs or raise max_length")
         return pairs
+
+    def check_ids(self, model, what: str) -> None:
+        sides = lambda pairs: [p.chosen.ids + p.rejected.ids for p in pairs]  # noqa: E731
+        check_token_ids(model, {"training pair": sides(self.train_pairs), "evaluation pair": sides(self.eval_pairs)},
+                        what)
 
     def longest_sequence(self) -> int:
         sides = [s.ids for p in [*self.train_pairs, *self.eval_pairs] for s in (p.chosen, p.rejected)]

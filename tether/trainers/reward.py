@@ -135,6 +135,7 @@ class RewardTrainer(PairTrainer):
 
         check_scalar_model(model, "reward model")
         check_vocabulary(tokenizer, model, "reward model")
+        self.check_ids(model, "reward model")
         longest = max([self.longest_sequence(), *map(len, self.reference_sequences or [])])
         extrapolated = check_positions(model, longest, "reward model",
                                        f"the longest sequence (max_length={config.max_length}) needs", "lower max_length")

@@ -40,6 +40,7 @@ from tether.logging import Reporters, console
 from tether.models.forward import NextTokenLoss, next_token_nll
 from tether.models.loading import (
     check_positions,
+    check_token_ids,
     check_vocabulary,
     disable_dropout,
     enable_gradient_checkpointing,
@@ -153,7 +154,8 @@ class SFTTrainer:
             self.train_sequences = [sequences[i] for i in train_rows]
             self.eval_sequences = [sequences[i] for i in eval_rows]
         check_vocabulary(tokenizer, model, "model")
-        self._check_ids(model)
+        check_token_ids(model, {"training row": [s.ids for s in self.train_sequences],
+                                "evaluation row": [s.ids for s in self.eval_sequences]}, "model")
         longest = max(len(s.ids) for s in [*self.train_sequences, *self.eval_sequences])
         extrapolated = check_positions(model, longest, "model", f"the longest row (max_length={config.max_length}) needs",
                                        "lower max_length")
@@ -211,16 +213,6 @@ class SFTTrainer:
 
     def _loss_tokens(self, sequence: Sequence) -> int:
         return int(collate([sequence], self.pad_token_id, self.config.completion_only_loss).loss_mask.sum())
-
-    def _check_ids(self, model: nn.Module) -> None:
-        rows = model.get_input_embeddings().num_embeddings
-        for sequences, what in ((self.train_sequences, "training"), (self.eval_sequences, "evaluation")):
-            for row, sequence in enumerate(sequences):
-                if sequence.ids and not 0 <= min(sequence.ids) <= max(sequence.ids) < rows:
-                    raise DataError(
-                        f"{what} row {row} has a token id outside the model's {rows} embeddings; "
-                        "the ids were made with a different tokenizer"
-                    )
 
     def _micro_batches(self, sequences: list[Sequence], size: int | None = None) -> list[SFTBatch]:
         size = size or self.config.per_device_train_batch_size
