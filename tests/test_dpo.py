@@ -465,3 +465,31 @@ def test_command_trains_and_saves_a_loadable_model(tmp_path, capsys):
     assert main(["dpo", "--print-config"]) == 0
     template = yaml.safe_load(capsys.readouterr().out)
     assert template["loss_type"] == "sigmoid" and template["beta"] == 0.1
+
+
+def test_print_config_takes_the_file_and_the_overrides(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"model_name_or_path": "base", "beta": 0.3}))
+    capsys.readouterr()
+    assert main(["dpo", "--config", str(tmp_path / "mine.yaml"), "--max_steps", "7", "--loss_type", "sigmoid,sft",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["model_name_or_path"], printed["beta"], printed["max_steps"]) == ("base", 0.3, 7)
+    assert printed["loss_type"] == ["sigmoid", "sft"] and printed["learning_rate"] == 1e-6  # the rest at defaults
+    assert main(["dpo", "--lerning_rate", "1", "--print-config"]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_epochs_count_whole_batches_and_a_small_dataset_is_refused_in_one_line(tmp_path):
+    history = dpo(tmp_path / "run", max_steps=-1, num_train_epochs=2, per_device_train_batch_size=3).train()
+    assert [m["epoch"] for m in history] == [0.5, 1.0, 1.5, 2.0]  # 8 pairs: 2 whole batches of 3 an epoch
+    with pytest.raises(DataError) as error:
+        dpo(tmp_path / "small", per_device_train_batch_size=16)
+    assert "there are 8 training pairs; lower the batch sizes or add pairs" in str(error.value)
+    assert "num_train_epochs" not in str(error.value)
+
+
+def test_resume_on_changed_pairs_of_the_same_count_is_refused(tmp_path):
+    dpo(tmp_path, max_steps=2).train()
+    changed = [dict(row, chosen=row["chosen"] + " w1") for row in PAIRS]
+    with pytest.raises(ConfigError, match="trained on 8 pairs, this run has other pairs; resume with the same data"):
+        dpo(tmp_path, data=changed, max_steps=2).train(resume_from_checkpoint=True)

@@ -48,12 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if command in TRAINING_COMMANDS and ("-h" in rest or "--help" in rest):
         print(command_help(command))
         return 0
-    if command in TRAINING_COMMANDS and "--print-config" in rest:
-        from tether import config
-
-        print(config.config_template(getattr(config, TRAINING_COMMANDS[command])), end="")
-        return 0
     try:
+        if command in TRAINING_COMMANDS and "--print-config" in rest:
+            return print_config(command, [arg for arg in rest if arg != "--print-config"])
         match command:
             case "ppo" | "grpo" | "rloo" | "dpo" | "sft" | "rm":
                 from tether import commands
@@ -81,6 +78,21 @@ TRAINING_COMMANDS = {
     "ppo": "PPOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig", "dpo": "DPOConfig", "sft": "SFTConfig",
     "rm": "RewardConfig",
 }
+
+
+def print_config(command: str, args: list[str]) -> int:
+    """``tether <command> [--config FILE] [--field value ...] --print-config``: the complete YAML,
+    with the file's and the overrides' values in place of the defaults."""
+    from tether import config
+
+    cls = getattr(config, TRAINING_COMMANDS[command])
+    config_path, overrides = _split_config_argument(args)
+    given = None
+    if config_path is not None or overrides:
+        warn = lambda message: print(message, file=sys.stderr)  # noqa: E731
+        given = config.load_config(cls, config_path, config.parse_overrides(overrides), warn=warn)
+    print(config.config_template(cls, given), end="")
+    return 0
 
 
 def command_help(command: str) -> str:

@@ -137,7 +137,7 @@ DISPLAY_FIELDS = (
     "output_dir", "logging_steps", "report_to", "save_steps", "save_total_limit", "num_sample_generations",
     "eval_steps", "metric_function", "device", "full_determinism", "cuda_graphs",
     "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
-    "log_completions", "num_completions_to_print",
+    "log_completions", "num_completions_to_print", "per_device_eval_batch_size", "precompute_ref_batch_size",
 )
 LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
 
@@ -1007,7 +1007,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise ValueError. Strings from the CLI are parsed."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = typing.get_args(tp)
+        if isinstance(value, str) and (value.strip().startswith("[") or "," in value):
+            # a list from the command line, "[a, b]" or "a,b", for a field that also takes one item
+            options = sorted(options, key=lambda option: typing.get_origin(option) is not list)
+        for option in options:
             try:
                 return _coerce(value, option)
             except ValueError:
@@ -1260,11 +1264,13 @@ def describe_fields(cls) -> str:
     return "\n".join(lines)
 
 
-def config_template(cls) -> str:
-    """A YAML config of every field at its default, grouped, each with its docstring as a
-    comment: ``tether <command> --print-config`` (the command-line actions left out)."""
-    docs, defaults = field_docs(cls), config_values(cls())
-    lines = [f"# tether config ({cls.__name__}): every field at its default; edit and run with --config"]
+def config_template(cls, config=None) -> str:
+    """A YAML config of every field, grouped, each with its docstring as a comment: ``tether
+    <command> --print-config`` (the command-line actions left out). Every field at its default,
+    or at ``config``'s values (a ``--config`` file and ``--field`` overrides given with it)."""
+    docs, defaults = field_docs(cls), config_values(config if config is not None else cls())
+    said = "every field at its default" if config is None else "the given fields and the defaults of the rest"
+    lines = [f"# tether config ({cls.__name__}): {said}; edit and run with --config"]
     for group, names in grouped_fields(cls).items():
         lines.append(f"\n# --- {group} " + "-" * max(0, 70 - len(group)))
         for name in names:

@@ -19,6 +19,8 @@ logging are ``loop.run_steps``'s.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence as SequenceOf
 
 import torch
@@ -55,11 +57,16 @@ class PairTrainer:
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
         epochs_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
         self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
-        if len(self.train_pairs) < self.batch_pairs or self.total_steps < 1:
+        if len(self.train_pairs) < self.batch_pairs:
             raise DataError(
                 f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
-                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs for "
-                f"{config.num_train_epochs} epochs; lower the batch sizes, raise num_train_epochs, or add pairs"
+                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs; "
+                "lower the batch sizes or add pairs"
+            )
+        if self.total_steps < 1:
+            raise DataError(
+                f"num_train_epochs={config.num_train_epochs} of {len(self.train_pairs)} training pairs in batches of "
+                f"{self.batch_pairs} makes no whole step; raise num_train_epochs or set max_steps"
             )
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
         # gave overlapping shards).
@@ -81,7 +88,8 @@ class PairTrainer:
             pairs = encode_pairs(data, self.tokenizer, config.max_length, config.truncation_mode, f"{what} pairs",
                                  getattr(config, "max_prompt_length", None))
         if not pairs:
-            raise DataError(f"the {what} dataset has no pairs left to train on; add pairs or raise max_length")
+            raise DataError(f"the {what} dataset has no pairs left (see the warnings above: pairs too long or with "
+                            "the same chosen and rejected are dropped); add pairs or raise max_length")
         return pairs
 
     def check_ids(self, model, what: str) -> None:
@@ -134,7 +142,7 @@ class PairTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step_count += 1
-        metrics["epoch"] = self.step_count * self.batch_pairs / len(self.train_pairs)
+        metrics["epoch"] = self.step_count / (len(self.train_pairs) // self.batch_pairs)  # whole batches only
         metrics["step"] = self.step_count
         metrics["skipped_steps"] = self.skipped_steps
         metrics["timing/total"] = clock(self.device) - began
@@ -189,6 +197,7 @@ class PairTrainer:
             "step": self.step_count,
             "sampler": self.sampler.state_dict(),
             "train_pairs": len(self.train_pairs),
+            "data": self._fingerprint(),
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "eval_history": [list(entry) for entry in self.eval_history],
@@ -206,12 +215,20 @@ class PairTrainer:
             raise ConfigError(
                 f"the checkpoint's trainer state has no valid {error}; it is not a {self.command} checkpoint"
             ) from None
-        if pairs != len(self.train_pairs):
+        if pairs != len(self.train_pairs) or state.get("data", self._fingerprint()) != self._fingerprint():
+            changed = "other" if pairs == len(self.train_pairs) else f"{len(self.train_pairs)}"
             raise ConfigError(
-                f"the checkpoint was trained on {pairs} pairs, this run has {len(self.train_pairs)}; "
+                f"the checkpoint was trained on {pairs} pairs, this run has {changed} pairs; "
                 "resume with the same data, eval_fraction and seed"
             )
         self.sampler.load_state_dict(sampler)
+
+    def _fingerprint(self) -> str:
+        """A digest of the training pairs' tokens: a resume on changed rows is refused."""
+        digest = hashlib.sha256()
+        for pair in self.train_pairs:
+            digest.update(json.dumps([pair.chosen.prompt_ids, pair.chosen.completion_ids, pair.rejected.completion_ids]).encode())
+        return digest.hexdigest()[:16]
 
 
 def split_pairs(
