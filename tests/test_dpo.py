@@ -440,6 +440,14 @@ def test_every_trl_dpo_field_is_known():
         assert defaults[name] == dict((k, v[0]) for k, v in UNSUPPORTED_FIELDS.items())[name], name
     with pytest.raises(ConfigError, match="use_weighting=True is not supported"):
         load_config(DPOConfig, overrides={"use_weighting": "true"})
+    # the same from Python: a TRL DPOConfig(...) call moves over as its YAML does
+    with pytest.warns(UserWarning, match="'padding_free' has no effect in tether"):
+        config = DPOConfig(padding_free=True, torch_dtype="bfloat16", use_weighting=False)
+    assert config.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="use_weighting=True is not supported"):
+        DPOConfig(use_weighting=True)
+    with pytest.raises(ConfigError, match="unknown config field 'lerning_rate'; did you mean 'learning_rate'"):
+        DPOConfig(lerning_rate=1e-6)
 
 
 # --- the command line -------------------------------------------------------------------------

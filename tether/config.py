@@ -14,6 +14,7 @@ import math
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -160,8 +161,17 @@ class BatchPlan:
     sample_every: int
 
 
+class _TakesTRLNames(type):
+    """Config classes built from Python take the same names a YAML file may hold: a TRL config's
+    keyword arguments move over as its YAML does (notes as Python warnings)."""
+
+    def __call__(cls, *args, **kwargs):
+        say = lambda message: warnings.warn(message, stacklevel=4)  # noqa: E731
+        return super().__call__(*args, **_known_values(cls, kwargs, say))
+
+
 @dataclass
-class TrainingConfig:
+class TrainingConfig(metaclass=_TakesTRLNames):
     """Fields every tether command shares (names and defaults of HF ``TrainingArguments``)."""
 
     # --- model and data -------------------------------------------------------------------
@@ -1111,26 +1121,11 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return overrides
 
 
-def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None, warn=print):
-    """Build ``cls`` from a YAML file plus overrides (overrides win), with types checked."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            mark = getattr(error, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {reason}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update(overrides or {})
+def _known_values(cls, values: dict[str, Any], warn) -> dict[str, Any]:
+    """``values`` with TRL's other names for ``cls``'s fields translated (``ALIASES``), TRL fields
+    that have no effect here said once and dropped (``NOTED_FIELDS``), unsupported ones dropped
+    at TRL's default and refused otherwise; an unknown key is refused with the closest name."""
+    values = dict(values)
     for alias, name in ALIASES.items():
         if alias in values:
             if name in values:
@@ -1158,6 +1153,30 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown config field {key!r}{hint}")
+    return values
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None, warn=print):
+    """Build ``cls`` from a YAML file plus overrides (overrides win), with types checked."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {reason}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must be a mapping of field: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    values = _known_values(cls, values, warn)
     config = cls(**values)
     config.validate()
     return config
