@@ -221,7 +221,7 @@ def stop_if_nonfinite(in_a_row: int, limit: int, where: str) -> None:
     if in_a_row >= limit:
         raise TetherError(
             f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient and were skipped "
-            f"({where}); lower learning_rate, set max_grad_norm, or check the data and reward"
+            f"({where}); lower learning_rate, set max_grad_norm, or check the data (and, in RL, the reward)"
         )
 
 
