@@ -51,7 +51,8 @@ def update_flops(policy_params: int, scalar_params: int, batch: int, query: floa
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
-def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str], device: str) -> list[float]:
+def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, texts: list[str], device: str,
+               compile_layers: bool = False) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tether import PPOConfig, PPOTrainer
@@ -64,6 +65,7 @@ def run_tether(folder: Path, workload, updates: int, bf16: bool, lora: bool, tex
         total_episodes=workload.batch * updates, local_rollout_forward_batch_size=workload.batch,
         response_length=workload.response, temperature=0.7, stop_token="eos", missing_eos_penalty=1.0,
         learning_rate=3e-6, num_sample_generations=0, peft_config=LORA if lora else None,
+        torch_compile=compile_layers,
     )
     trainer = PPOTrainer(
         config, tokenizer, AutoModelForCausalLM.from_pretrained(folder / "policy"),
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cache", default="bench/.fixtures")
+    parser.add_argument("--compile", action="store_true", help="tether with torch_compile (TRL unchanged)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     workload = WORKLOADS[options.workload]
@@ -145,7 +148,8 @@ def main() -> None:
     runner = run_tether if options.system == "tether" else run_trl
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        seconds = runner(folder, workload, options.updates, options.bf16, options.lora, texts, options.device)
+        arguments = (folder, workload, options.updates, options.bf16, options.lora, texts, options.device)
+        seconds = runner(*arguments, compile_layers=True) if options.compile and runner is run_tether else runner(*arguments)
     for message in sorted({str(w.message) for w in caught}):
         print(f"warning: {message}", file=sys.stderr)
 

@@ -246,9 +246,7 @@ def test_disable_tqdm_and_checkpointing_kwargs_and_aliases(tmp_path, monkeypatch
     assert bars == [False] and options == [{"use_reentrant": True}] * 2
 
 
-def test_torch_compile_is_refused_until_it_exists_and_tf32_use_cpu_apply():
-    with pytest.raises(ConfigError, match="torch_compile is not available in tether yet"):
-        PPOConfig(torch_compile=True).validate()
+def test_tf32_and_use_cpu_apply():
     config = PPOConfig(use_cpu=True)
     config.validate()
     assert config.device == "cpu"

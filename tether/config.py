@@ -139,6 +139,7 @@ DISPLAY_FIELDS = (
     "eval_steps", "metric_function", "device", "full_determinism", "cuda_graphs",
     "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
     "log_completions", "num_completions_to_print", "per_device_eval_batch_size", "precompute_ref_batch_size",
+    "torch_compile", "torch_compile_backend", "torch_compile_mode",
 )
 LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
 
@@ -258,9 +259,12 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     """Passed to the checkpointing: ``{use_reentrant: true}`` for the reentrant variant (tether's
     default is non-reentrant)."""
     torch_compile: bool = False
-    """Not available yet: true is refused (a compiled training path is being built)."""
+    """Compile the trained models' decoder layers with ``torch.compile`` (dynamic shapes) for the
+    training passes; decoding and frozen models stay eager. The first steps pay the compile."""
     torch_compile_backend: str | None = None
+    """``torch.compile``'s backend (unset: ``inductor``)."""
     torch_compile_mode: str | None = None
+    """``torch.compile``'s mode: ``default``, ``reduce-overhead``, ``max-autotune`` ..."""
     per_device_eval_batch_size: int = 8
     """Rows per evaluation micro-batch (SFT, RM) and per evaluation sampling chunk (PPO)."""
     logging_strategy: Literal["steps", "epoch", "no"] = "steps"
@@ -380,8 +384,6 @@ class TrainingConfig(metaclass=_TakesTRLNames):
             self.device = "cpu"
         if self.fp16 and self.device == "cpu":
             raise ConfigError("config field fp16 needs a CUDA device; use bf16 on CPU")
-        if self.torch_compile:
-            raise ConfigError("torch_compile is not available in tether yet; set it to false")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ConfigError(f"config field eval_steps must be at least 1, got {self.eval_steps}")
         if self.eval_strategy == "steps" and self.eval_steps is None:

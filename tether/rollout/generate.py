@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from tether.errors import ConfigError
 from tether.models.forward import accepts_argument, output_layer_split, sharded
+from tether.models.compiled import eager_decoding
 from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
 
@@ -136,13 +137,14 @@ def generate_responses(
     on_cuda = queries.device.type == "cuda"
     graphs = cuda_graphs and on_cuda and not sharded(model) and model not in _UNCAPTURABLE
     whole = on_cuda if whole_cache is None else whole_cache
-    chunks = [
-        _sample_chunk(
-            model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
-            config, output_scores, graphs, whole,
-        )
-        for start in range(0, queries.size(0), chunk_size)
-    ]
+    with eager_decoding():  # layers compiled for training (torch_compile) decode eagerly
+        chunks = [
+            _sample_chunk(
+                model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
+                config, output_scores, graphs, whole,
+            )
+            for start in range(0, queries.size(0), chunk_size)
+        ]
     width = max(chunk.responses.size(1) for chunk in chunks)
     return Generation(
         responses=torch.cat([_pad_right(c.responses, width, config.pad_token_id) for c in chunks]),

@@ -269,3 +269,12 @@ def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) 
     """TR-DPO's reference update: ``reference = alpha x policy + (1 - alpha) x reference``."""
     for ref_param, param in zip(reference.parameters(), policy.parameters()):
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
+
+
+def compile_trained(config: TrainingConfig, *models: torch.nn.Module) -> None:
+    """``torch_compile``: the decoder layers of each trained model compiled (``models/compiled.py``)."""
+    if config.torch_compile:
+        from tether.models.compiled import compile_layers
+
+        for model in models:
+            compile_layers(model, config.torch_compile_backend, config.torch_compile_mode)

@@ -46,6 +46,7 @@ from tether.models.loading import (
 from tether.models.lora import model_to_save, policy_and_reference, with_lora
 from tether.ops.preference import PAIR_LOSSES, logratios, pair_loss
 from tether.trainers.common import (
+    compile_trained,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -143,6 +144,7 @@ class DPOTrainer(PairTrainer):
         self.dropout = disable_dropout(self.model)  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, config.gradient_checkpointing_kwargs)
+        compile_trained(config, self.model)
         # ``_trained`` is what the policy's passes run through: the pass itself, or the engine's
         # wrapper around it (DDP must see the forward to average gradients).
         self._trained, self.optimizer = self.parallel.prepare_trained(

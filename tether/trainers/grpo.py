@@ -60,6 +60,7 @@ from tether.scoring.functions import (
 )
 from tether.scoring.sources import RewardSource, resolve_reward
 from tether.trainers.common import (
+    compile_trained,
     Cadence,
     autocast,
     clock,
@@ -148,6 +149,7 @@ class CriticFreeTrainer:
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
+        compile_trained(config, self.policy)
 
         self._policy, self.optimizer = self.parallel.prepare_trained(
             self.parallel.pass_module(Actor, self.policy), make_optimizer(self.policy.parameters(), config)

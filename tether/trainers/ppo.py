@@ -76,6 +76,7 @@ from tether.rollout.generate import sampling_config, sampling_temperature
 from tether.scoring.functions import MetricFunction, import_reward_function
 from tether.scoring.sources import resolve_reward
 from tether.trainers.common import (
+    compile_trained,
     Cadence,
     autocast,
     clock,
@@ -193,6 +194,7 @@ class PPOTrainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
             enable_gradient_checkpointing(self.value_model, config.gradient_checkpointing_kwargs)
+        compile_trained(config, self.policy, self.value_model)
 
         optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
         # What forward passes run through: the models themselves in one process, the engine's

@@ -55,6 +55,7 @@ from tether.models.forward import Critic
 from tether.models.lora import model_to_save, with_lora
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
+    compile_trained,
     autocast,
     make_optimizer,
     make_scheduler,
@@ -148,6 +149,7 @@ class RewardTrainer(PairTrainer):
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+        compile_trained(config, model)
         # ``_scorer`` is what forward passes run through: backbone + head as one module, wrapped
         # by the engine in several processes (DDP must see the forward to average gradients).
         self._scorer, self.optimizer = self.parallel.prepare_trained(

@@ -48,6 +48,7 @@ from tether.models.loading import (
 )
 from tether.models.lora import model_to_save, with_lora
 from tether.trainers.common import (
+    compile_trained,
     Cadence,
     autocast,
     make_optimizer,
@@ -168,6 +169,7 @@ class SFTTrainer:
         model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+        compile_trained(config, model)
         self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
         epochs_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
