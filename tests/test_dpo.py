@@ -43,14 +43,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
@@ -494,6 +486,12 @@ def test_epochs_count_whole_batches_and_a_small_dataset_is_refused_in_one_line(t
         dpo(tmp_path / "small", per_device_train_batch_size=16)
     assert "there are 8 training pairs; lower the batch sizes or add pairs" in str(error.value)
     assert "num_train_epochs" not in str(error.value)
+
+
+def test_evaluation_asked_for_without_held_out_pairs_is_said(tmp_path, capsys):
+    capsys.readouterr()
+    dpo(tmp_path, eval_strategy="steps", eval_steps=1)
+    assert "eval_strategy is set but there are no held-out pairs" in " ".join(capsys.readouterr().err.split())
 
 
 def test_resume_on_changed_pairs_of_the_same_count_is_refused(tmp_path):

@@ -53,6 +53,9 @@ class PairTrainer:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset, "evaluation")
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.order_seed)
+        if not self.eval_pairs and (config.eval_strategy not in (None, "no") or config.eval_steps):
+            console.print(f"[yellow]warning: {'eval_strategy' if config.eval_strategy else 'eval_steps'} is set but "
+                          "there are no held-out pairs (no test split, eval_fraction 0): nothing is evaluated")
         self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
         epochs_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
