@@ -24,6 +24,8 @@ from torch import nn
 from tether.errors import ConfigError
 from tether.models.loading import bare_model
 
+RECOMPILE_LIMIT = 64
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The backbone's repeated block: a ``ModuleList`` of ``num_hidden_layers`` modules of one type."""
@@ -43,6 +45,12 @@ def compile_layers(model: nn.Module, backend: str | None = None, mode: str | Non
         raise ConfigError(
             f"torch_compile: no decoder layers found in {type(bare_model(model)).__name__}; set torch_compile to false"
         )
+    # One graph per kind of pass (with and without gradients, packed or padded, LoRA's frozen
+    # inputs ...), shared by every layer of that class in the process: more kinds than torch's
+    # default limit of 8 would make the rest run eagerly without a word.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for layer in layers:
         layer.compile(backend=backend or "inductor", mode=mode, dynamic=True)
 
