@@ -269,7 +269,7 @@ def launches_needing_gpus(text: str, workspace: Path) -> None:
 def launches_run_here(text: str, workspace: Path) -> None:
     """Each line is its own run, in a fresh copy of the workspace (two of them write runs/my-ppo)."""
     lines = shell_lines(text)
-    outputs = ["runs/my-ppo", "runs/sft", "runs/rm", "runs/my-ppo"]
+    outputs = ["runs/my-ppo", "runs/sft", "runs/rm", "runs/dpo", "runs/my-ppo"]
     assert len(lines) == len(outputs)
     for index, (line, output) in enumerate(zip(lines, outputs)):
         copy = shutil.copytree(workspace, workspace.with_name(f"line{index}"))
