@@ -370,6 +370,17 @@ def test_implicit_prompts_token_ids_and_max_prompt_length():
     assert (pair.chosen.ids, pair.rejected.ids) == ([5, 6, 7, eos], [5, 6, 8, 9, eos])
 
 
+def test_python_data_mistakes_are_one_line_errors(tmp_path):
+    whole = datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS), "test": datasets.Dataset.from_list(PAIRS)})
+    with pytest.raises(DataError, match="is a DatasetDict with splits train, test; pass one split, e.g. dataset"):
+        dpo(tmp_path, data=whole)
+    with pytest.raises(DataError, match="training row 0 is a tuple; give each pair as a dict"):
+        dpo(tmp_path, data=[tuple(row.values()) for row in PAIRS])
+    dpo(tmp_path, max_steps=1).train()
+    with pytest.raises(ConfigError, match=r"from Python: train\(resume_from_checkpoint=True\) or overwrite_output_dir"):
+        dpo(tmp_path, max_steps=1).train()
+
+
 def test_dpo_takes_chat_pairs(tmp_path):
     chat = lambda answer: [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": answer}]  # noqa: E731
     rows = [{"chosen": chat(f"w5 w{i}"), "rejected": chat(f"w{i} w9")} for i in range(8)]

@@ -155,7 +155,8 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ConfigError(
-                f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it"
+                f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it "
+                "(from Python: train(resume_from_checkpoint=True) or overwrite_output_dir=True)"
             )
         # Everything tether wrote there goes: checkpoints, logs, the saved model (the files its
         # manifest lists) and what a killed write left; other files in the folder stay.

@@ -50,6 +50,9 @@ def _columns(dataset) -> list[str]:
 
 
 def _require(dataset, columns: tuple[str, ...], what: str) -> None:
+    if type(dataset).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise DataError(f"the {what} data is a DatasetDict with splits {', '.join(dataset.keys())}; pass one split, "
+                        "e.g. dataset['train']")
     missing = [c for c in columns if c not in _columns(dataset)]
     if missing:
         raise DataError(

@@ -86,6 +86,10 @@ class PairTrainer:
             if isinstance(data, (list, tuple)):
                 import datasets
 
+                odd = next((row for row, value in enumerate(data) if not isinstance(value, dict)), None)
+                if odd is not None:
+                    raise DataError(f"{what} row {odd} is a {type(data[odd]).__name__}; give each pair as a dict with "
+                                    "chosen and rejected (and prompt)")
                 data = datasets.Dataset.from_list(list(data))
             config = self.config
             pairs = encode_pairs(data, self.tokenizer, config.max_length, config.truncation_mode, f"{what} pairs",
