@@ -146,6 +146,29 @@ def test_a_launch_without_a_rendezvous_is_one_line(monkeypatch):
         Parallel.create(PPOConfig())
 
 
+@pytest.mark.parametrize("asked", ["DEEPSPEED", "FSDP"])
+def test_a_sharded_launch_on_a_cpu_says_it_trains_as_ddp(monkeypatch, capsys, asked):
+    """Accelerate sets a DeepSpeed or FSDP launch up as plain DDP on a CPU: said, not silent."""
+    import accelerate
+
+    from tether.config import PPOConfig
+
+    class OnTheCPU:
+        num_processes, process_index, state, distributed_type = 2, 0, None, "DistributedType.MULTI_CPU"
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(f"ACCELERATE_USE_{asked}", "true")
+    monkeypatch.setattr(accelerate, "Accelerator", OnTheCPU)
+    capsys.readouterr()
+    assert Parallel.create(PPOConfig(device="cpu")).engine == "ddp"
+    said = " ".join(capsys.readouterr().err.split())
+    name = "DeepSpeed" if asked == "DEEPSPEED" else "FSDP"
+    assert f"the launch asks for {name}, which Accelerate runs on CUDA devices only; on this CPU its 2 processes" in said
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny policy and reward model on disk, a prompt file and a two-process config."""

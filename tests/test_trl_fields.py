@@ -270,7 +270,7 @@ def test_ddp_and_deepspeed_fields_reach_accelerate(monkeypatch, tmp_path):
     given = {}
 
     class Stub:
-        num_processes, process_index, state = 2, 0, None
+        num_processes, process_index, state, distributed_type = 2, 0, None, "DistributedType.DEEPSPEED"
 
         def __init__(self, **kwargs):
             given.update(kwargs)

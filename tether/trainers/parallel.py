@@ -169,7 +169,17 @@ class Parallel:
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
         atexit.register(_close_process_group)
-        return cls(accelerator, accelerator.process_index, accelerator.num_processes)
+        parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
+        asked = "DeepSpeed" if config.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else (
+            "FSDP" if sharded else None)
+        if asked and parallel.engine not in ("deepspeed", "fsdp") and parallel.is_main:
+            from tether.logging import console
+
+            plain = f"its {parallel.world_size} processes train as plain DDP (gloo)" if parallel.distributed else (
+                "it trains as one plain process")
+            console.print(f"[yellow]warning: the launch asks for {asked}, which Accelerate runs on CUDA devices only; "
+                          f"on this CPU {plain}, with whole copies of every model")
+        return parallel
 
     @property
     def device(self) -> torch.device:
