@@ -67,3 +67,14 @@ def test_ppo_update_is_the_eager_one_with_decoding_eager(tmp_path):
     for module in ("policy", "value_model"):
         for name, value in params(getattr(eager, module)).items():
             torch.testing.assert_close(params(getattr(fast, module))[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_compile_settings_are_checked_before_any_model_and_turn_compiling_on():
+    from tether.config import load_config
+    from tether.errors import ConfigError
+
+    assert load_config(SFTConfig, overrides={"torch_compile_mode": "default"}).torch_compile is True  # as in HF
+    with pytest.raises(ConfigError, match="torch_compile_mode 'bogus' is not one of default"):
+        load_config(SFTConfig, overrides={"torch_compile": "true", "torch_compile_mode": "bogus"})
+    with pytest.raises(ConfigError, match="torch_compile_backend 'bogus' is not one of"):
+        load_config(SFTConfig, overrides={"torch_compile_backend": "bogus"})

@@ -486,6 +486,7 @@ def test_print_config_takes_the_file_and_the_overrides(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["model_name_or_path"], printed["beta"], printed["max_steps"]) == ("base", 0.3, 7)
     assert printed["loss_type"] == ["sigmoid", "sft"] and printed["learning_rate"] == 1e-6  # the rest at defaults
+    assert load_config(DPOConfig, overrides={"loss_type": "sigmoid, sft"}).loss_type == ["sigmoid", "sft"]
     assert main(["dpo", "--lerning_rate", "1", "--print-config"]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
 

@@ -169,6 +169,21 @@ def test_a_sharded_launch_on_a_cpu_says_it_trains_as_ddp(monkeypatch, capsys, as
     assert f"the launch asks for {name}, which Accelerate runs on CUDA devices only; on this CPU its 2 processes" in said
 
 
+def test_an_fsdp_launch_on_a_cpu_is_refused_in_one_line(monkeypatch):
+    import accelerate
+
+    from tether.config import PPOConfig
+
+    def no_device(**kwargs):
+        raise ValueError("There are currently no available devices found, must be one of 'XPU', 'CUDA', or 'NPU'.")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(accelerate, "Accelerator", no_device)
+    with pytest.raises(ConfigError, match="FSDP through Accelerate needs CUDA devices .*launch with torchrun or an"):
+        Parallel.create(PPOConfig(device="cpu"))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny policy and reward model on disk, a prompt file and a two-process config."""

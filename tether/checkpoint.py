@@ -478,11 +478,10 @@ def say_extension(changes: dict[str, list[str]], scheduler, total_steps: int, sa
     """After an extended run's schedule is restored: what the learning rate does next."""
     if not changes.get("length"):
         return
-    last = scheduler.get_last_lr()[0]
     following = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)
     say(
         f"note: extending the run ({'; '.join(changes['length'])}) to {total_steps} steps; the learning-rate "
-        f"schedule is re-planned over them: {last:.4g} at the checkpoint, {following:.4g} from the next step"
+        f"schedule is re-planned over them: {following:.4g} from the next step"
     )
 
 

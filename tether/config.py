@@ -331,6 +331,10 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     def validate(self) -> None:
         """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
         check_types(self)
+        if self.torch_compile_backend or self.torch_compile_mode:  # as in transformers: either one turns it on
+            self.torch_compile = True
+        if self.torch_compile:
+            _check_compile_settings(self.torch_compile_backend, self.torch_compile_mode)
         if getattr(self, "lora_settings", None):
             self.lora_settings()  # refuses use_peft with peft_config
         if self.load_in_4bit or self.load_in_8bit:
@@ -992,6 +996,20 @@ class DPOConfig(LoraFields, TrainingConfig):
             raise ConfigError(f"config field discopop_tau must be > 0, got {self.discopop_tau}")
 
 
+COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_compile_settings(backend: str | None, mode: str | None) -> None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"config field torch_compile_mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if backend is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in backends:
+            raise ConfigError(f"config field torch_compile_backend {backend!r} is not one of {', '.join(backends)}")
+
+
 def _check_common_supervised(config) -> None:
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError(f"config field max_length must be at least 2, got {config.max_length}")
@@ -1035,7 +1053,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise ValueError
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",")]
         if not isinstance(value, list):
             raise ValueError
         return [_coerce(v, typing.get_args(tp)[0]) for v in value]

@@ -155,6 +155,11 @@ class Parallel:
             accelerator = Accelerator(**options)
         except (ValueError, RuntimeError) as error:  # e.g. WORLD_SIZE set by hand, with no rendezvous
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+                raise ConfigError(
+                    f"FSDP through Accelerate needs CUDA devices ({reason}); on this CPU launch with torchrun or "
+                    "an Accelerate DDP config (examples/accelerate/ddp.yaml)"
+                ) from None
             raise ConfigError(
                 f"cannot join the launch of {launched_processes()} processes (WORLD_SIZE): {reason}; start several "
                 "processes with torchrun or accelerate launch, or unset WORLD_SIZE for one"
