@@ -36,11 +36,8 @@ from tether.data.sequences import PreferencePair, Sequence, right_pad
 from tether.logging import Reporters, console
 from tether.models.forward import Actor, policy_logprobs
 from tether.models.loading import (
-    check_positions,
-    check_vocabulary,
     disable_dropout,
     enable_gradient_checkpointing,
-    ensure_pad_token,
     freeze,
 )
 from tether.models.lora import model_to_save, policy_and_reference, with_lora
@@ -51,11 +48,8 @@ from tether.trainers.common import (
     make_optimizer,
     make_scheduler,
     mix_into,
-    seed_everything,
-    training_device,
 )
-from tether.trainers.pairs import PairTrainer
-from tether.trainers.parallel import Parallel
+from tether.trainers.pairs import PairTrainer, say_warning
 from tether.trainers.ppo import refuse_shared_models
 
 
@@ -110,29 +104,13 @@ class DPOTrainer(PairTrainer):
 
     def __init__(self, config: DPOConfig, tokenizer, model: nn.Module, train_dataset, ref_model: nn.Module | None = None,
                  eval_dataset=None):
-        config.validate()
-        self.config = config
-        self.tokenizer = tokenizer
-        warn = lambda message: console.print(f"[yellow]warning: {message}")  # noqa: E731
-        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
-        self.pad_token_id = tokenizer.pad_token_id
         self.start_id = tokenizer.bos_token_id  # the context of a completion with no prompt
-        self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
-        self.device = training_device(config, self.parallel, warn=warn)
-        seed_everything(config.seed)
-
-        self._set_pairs(train_dataset, eval_dataset)
-        self._say_promptless(warn)
+        self._begin(config, tokenizer, train_dataset, eval_dataset)
+        self._say_promptless()
         refuse_shared_models(model=model, ref_model=ref_model)
         for name, candidate in (("model", model), ("ref_model", ref_model)):
             if candidate is not None:
-                check_vocabulary(tokenizer, candidate, name)
-                self.check_ids(candidate, name)
-                extrapolated = check_positions(candidate, self.longest_sequence(), name,
-                                               f"the longest sequence (max_length={config.max_length}) needs",
-                                               "lower max_length")
-                if extrapolated:
-                    warn(extrapolated)
+                self.check_model(candidate, name)
         lora = config.lora_settings()
         if config.precompute_ref_log_probs:  # the starting model scores the pairs itself: no copy
             self.model, self.ref_model = with_lora(model, lora, "CAUSAL_LM"), ref_model
@@ -164,7 +142,7 @@ class DPOTrainer(PairTrainer):
     def _autocast(self):
         return autocast(self.device, self.config.bf16, self.config.fp16)
 
-    def _say_promptless(self, warn) -> None:
+    def _say_promptless(self) -> None:
         count = sum(not p.chosen.prompt_ids for p in [*self.train_pairs, *self.eval_pairs])
         if not count:
             return
@@ -172,7 +150,7 @@ class DPOTrainer(PairTrainer):
             console.print(f"note: {count} pairs have no prompt tokens; their completions are read after the "
                           "tokenizer's BOS token")
         else:
-            warn(f"{count} pairs have no prompt tokens and the tokenizer has no BOS token: the first token of each "
+            say_warning(f"{count} pairs have no prompt tokens and the tokenizer has no BOS token: the first token of each "
                  "completion is their context and is not trained on; give a prompt column")
 
     def _logps(self, model, pairs: SequenceOf[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:

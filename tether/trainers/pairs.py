@@ -29,10 +29,10 @@ from tether.data.prompts import PromptSampler
 from tether.data.sequences import PreferencePair, encode_pairs
 from tether.errors import ConfigError, DataError
 from tether.logging import console
-from tether.models.loading import check_token_ids
-from tether.trainers.common import Cadence, clock, seeded_split
+from tether.models.loading import check_positions, check_token_ids, check_vocabulary, ensure_pad_token
+from tether.trainers.common import Cadence, clock, seed_everything, seeded_split, training_device
 from tether.trainers.loop import run_steps
-from tether.trainers.parallel import launched_processes
+from tether.trainers.parallel import Parallel, launched_processes
 
 
 class PairTrainer:
@@ -44,7 +44,32 @@ class PairTrainer:
     title = "PAIRS"
     accuracy = "accuracy"
 
-    # --- data -------------------------------------------------------------------------------
+    # --- set-up -----------------------------------------------------------------------------
+    def _begin(self, config, tokenizer, train_dataset, eval_dataset) -> None:
+        """What every pair trainer does first: the config checked, the tokenizer given a pad
+        token, the processes and device set up, the seed set, and every pair encoded."""
+        config.validate()
+        self.config, self.tokenizer = config, tokenizer
+        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
+        self.pad_token_id = tokenizer.pad_token_id
+        self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
+        self.device = training_device(config, self.parallel, warn=say_warning)
+        seed_everything(config.seed)
+        self._set_pairs(train_dataset, eval_dataset)
+
+    def check_model(self, model, what: str, longest: int | None = None) -> None:
+        """``model`` takes every pair: its vocabulary, the pairs' ids, and positions for the
+        longest sequence (``longest``, else the longest pair's)."""
+        check_vocabulary(self.tokenizer, model, what)
+        sides = lambda pairs: [p.chosen.ids + p.rejected.ids for p in pairs]  # noqa: E731
+        check_token_ids(model, {"training pair": sides(self.train_pairs), "evaluation pair": sides(self.eval_pairs)},
+                        what)
+        extrapolated = check_positions(model, longest or self.longest_sequence(), what,
+                                       f"the longest sequence (max_length={self.config.max_length}) needs",
+                                       "lower max_length")
+        if extrapolated:
+            say_warning(extrapolated)
+
     def _set_pairs(self, train_dataset, eval_dataset) -> None:
         """Encode the pairs, hold some out, and plan the run's steps and batches."""
         config = self.config
@@ -74,6 +99,7 @@ class PairTrainer:
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
         # gave overlapping shards).
         self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.order_seed)
+        self.data_digest = pairs_digest(self.train_pairs)  # recorded in checkpoints: a resume on other rows is refused
         self.step_count = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
         self.nonfinite_in_a_row = 0
@@ -98,11 +124,6 @@ class PairTrainer:
             raise DataError(f"the {what} dataset has no pairs left (see the warnings above: pairs too long or with "
                             "the same chosen and rejected are dropped); add pairs or raise max_length")
         return pairs
-
-    def check_ids(self, model, what: str) -> None:
-        sides = lambda pairs: [p.chosen.ids + p.rejected.ids for p in pairs]  # noqa: E731
-        check_token_ids(model, {"training pair": sides(self.train_pairs), "evaluation pair": sides(self.eval_pairs)},
-                        what)
 
     def longest_sequence(self) -> int:
         sides = [s.ids for p in [*self.train_pairs, *self.eval_pairs] for s in (p.chosen, p.rejected)]
@@ -204,7 +225,7 @@ class PairTrainer:
             "step": self.step_count,
             "sampler": self.sampler.state_dict(),
             "train_pairs": len(self.train_pairs),
-            "data": self._fingerprint(),
+            "data": self.data_digest,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "eval_history": [list(entry) for entry in self.eval_history],
@@ -222,7 +243,7 @@ class PairTrainer:
             raise ConfigError(
                 f"the checkpoint's trainer state has no valid {error}; it is not a {self.command} checkpoint"
             ) from None
-        if pairs != len(self.train_pairs) or state.get("data", self._fingerprint()) != self._fingerprint():
+        if pairs != len(self.train_pairs) or state.get("data", self.data_digest) != self.data_digest:
             changed = "other" if pairs == len(self.train_pairs) else f"{len(self.train_pairs)}"
             raise ConfigError(
                 f"the checkpoint was trained on {pairs} pairs, this run has {changed} pairs; "
@@ -230,12 +251,18 @@ class PairTrainer:
             )
         self.sampler.load_state_dict(sampler)
 
-    def _fingerprint(self) -> str:
-        """A digest of the training pairs' tokens: a resume on changed rows is refused."""
-        digest = hashlib.sha256()
-        for pair in self.train_pairs:
-            digest.update(json.dumps([pair.chosen.prompt_ids, pair.chosen.completion_ids, pair.rejected.completion_ids]).encode())
-        return digest.hexdigest()[:16]
+
+
+def pairs_digest(pairs: list[PreferencePair]) -> str:
+    """A digest of the pairs' tokens."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([pair.chosen.prompt_ids, pair.chosen.completion_ids, pair.rejected.completion_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+def say_warning(message: str) -> None:
+    console.print(f"[yellow]warning: {message}")
 
 
 def split_pairs(

@@ -41,12 +41,9 @@ from tether.data.sequences import PreferencePair, Sequence, encode_sequences, ri
 from tether.errors import ConfigError, DataError
 from tether.logging import Reporters, console
 from tether.models.loading import (
-    check_positions,
     check_scalar_model,
-    check_vocabulary,
     disable_dropout,
     enable_gradient_checkpointing,
-    ensure_pad_token,
     load_scalar_backbone,
     scalar_head,
 )
@@ -59,11 +56,8 @@ from tether.trainers.common import (
     autocast,
     make_optimizer,
     make_scheduler,
-    seed_everything,
-    training_device,
 )
 from tether.trainers.pairs import PairTrainer
-from tether.trainers.parallel import Parallel
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -120,28 +114,11 @@ class RewardTrainer(PairTrainer):
     title = "RM"
 
     def __init__(self, config: RewardConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
-        config.validate()
-        self.config = config
-        self.tokenizer = tokenizer
-        ensure_pad_token(tokenizer, warn=lambda message: console.print(f"[yellow]{message}"))
-        self.pad_token_id = tokenizer.pad_token_id
-        self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
-        self.device = training_device(
-            config, self.parallel, warn=lambda message: console.print(f"[yellow]warning: {message}")
-        )
-        seed_everything(config.seed)
-
-        self._set_pairs(train_dataset, eval_dataset)
+        self._begin(config, tokenizer, train_dataset, eval_dataset)
         self.reference_sequences = self._reference_sequences()
 
         check_scalar_model(model, "reward model")
-        check_vocabulary(tokenizer, model, "reward model")
-        self.check_ids(model, "reward model")
-        longest = max([self.longest_sequence(), *map(len, self.reference_sequences or [])])
-        extrapolated = check_positions(model, longest, "reward model",
-                                       f"the longest sequence (max_length={config.max_length}) needs", "lower max_length")
-        if extrapolated:
-            console.print(f"[yellow]warning: {extrapolated}")
+        self.check_model(model, "reward model", max([self.longest_sequence(), *map(len, self.reference_sequences or [])]))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         model = with_lora(model, config.lora_settings(), "SEQ_CLS")  # the scalar head trains in full
