@@ -102,8 +102,8 @@ class DPOTrainer(PairTrainer):
     title = "DPO"
     accuracy = "rewards/accuracies"
 
-    def __init__(self, config: DPOConfig, tokenizer, model: nn.Module, train_dataset, ref_model: nn.Module | None = None,
-                 eval_dataset=None):
+    def __init__(self, config: DPOConfig, tokenizer, model: nn.Module, train_dataset,
+                 ref_model: nn.Module | None = None, eval_dataset=None):
         self.start_id = tokenizer.bos_token_id  # the context of a completion with no prompt
         self._begin(config, tokenizer, train_dataset, eval_dataset)
         self._say_promptless()
@@ -150,8 +150,8 @@ class DPOTrainer(PairTrainer):
             console.print(f"note: {count} pairs have no prompt tokens; their completions are read after the "
                           "tokenizer's BOS token")
         else:
-            say_warning(f"{count} pairs have no prompt tokens and the tokenizer has no BOS token: the first token of each "
-                 "completion is their context and is not trained on; give a prompt column")
+            say_warning(f"{count} pairs have no prompt tokens and the tokenizer has no BOS token: the first token "
+                        "of each completion is their context and is not trained on; give a prompt column")
 
     def _logps(self, model, pairs: SequenceOf[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(model, pairs, self.pad_token_id, self.device, self.config.logprob_chunk_size,
@@ -222,7 +222,8 @@ class DPOTrainer(PairTrainer):
         """The pair losses over the batch's pairs, plus ``sft``'s NLL over its chosen tokens."""
         loss = terms["pair_loss"].sum() / len(batch)
         if "sft" in self.weights:
-            loss = loss + self.weights["sft"] * terms["chosen_nll"].sum() / max(scored_tokens(batch, self.start_id)[0], 1)
+            chosen_tokens = max(scored_tokens(batch, self.start_id)[0], 1)
+            loss = loss + self.weights["sft"] * terms["chosen_nll"].sum() / chosen_tokens
         return loss
 
     def summarize(self, totals: dict[str, float], count: int) -> dict[str, float]:

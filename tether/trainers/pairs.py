@@ -81,7 +81,8 @@ class PairTrainer:
         if not self.eval_pairs and (config.eval_strategy not in (None, "no") or config.eval_steps):
             console.print(f"[yellow]warning: {'eval_strategy' if config.eval_strategy else 'eval_steps'} is set but "
                           "there are no held-out pairs (no test split, eval_fraction 0): nothing is evaluated")
-        self.batch_pairs = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
+        self.batch_pairs = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                            * launched_processes())
         # the sampler serves only full batches: one epoch is floor(N / batch) steps
         epochs_steps = int(config.num_train_epochs * (len(self.train_pairs) // self.batch_pairs))
         self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
@@ -192,7 +193,8 @@ class PairTrainer:
             sums = torch.stack([value.detach()[keep.to(value.device)].double().sum() for value in terms.values()])
             totals = sums if totals is None else totals + sums
         totals = self.parallel.sum_over_processes(totals.to(self.device)).tolist()
-        metrics = {f"eval/{name}": value for name, value in self.summarize(dict(zip(names, totals)), len(self.eval_pairs)).items()}
+        summary = self.summarize(dict(zip(names, totals)), len(self.eval_pairs))
+        metrics = {f"eval/{name}": value for name, value in summary.items()}
         self.eval_history.append((self.step_count, metrics[f"eval/{self.accuracy}"]))
         return metrics
 
@@ -202,7 +204,8 @@ class PairTrainer:
         config = self.config
         metrics = self.step()
         last = self.step_count == self.total_steps
-        if self.cadence.evaluates(self.step_count, last or bool(config.eval_steps and self.step_count % config.eval_steps == 0)):
+        every = bool(config.eval_steps and self.step_count % config.eval_steps == 0)
+        if self.cadence.evaluates(self.step_count, last or every):
             metrics.update(self.evaluate())
         return metrics, f"eval/{self.accuracy}" in metrics
 
@@ -257,7 +260,8 @@ def pairs_digest(pairs: list[PreferencePair]) -> str:
     """A digest of the pairs' tokens."""
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps([pair.chosen.prompt_ids, pair.chosen.completion_ids, pair.rejected.completion_ids]).encode())
+        sides = [pair.chosen.prompt_ids, pair.chosen.completion_ids, pair.rejected.completion_ids]
+        digest.update(json.dumps(sides).encode())
     return digest.hexdigest()[:16]
 
 

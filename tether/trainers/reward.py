@@ -118,7 +118,8 @@ class RewardTrainer(PairTrainer):
         self.reference_sequences = self._reference_sequences()
 
         check_scalar_model(model, "reward model")
-        self.check_model(model, "reward model", max([self.longest_sequence(), *map(len, self.reference_sequences or [])]))
+        longest = max([self.longest_sequence(), *map(len, self.reference_sequences or [])])
+        self.check_model(model, "reward model", longest)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         model = with_lora(model, config.lora_settings(), "SEQ_CLS")  # the scalar head trains in full
