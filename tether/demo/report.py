@@ -77,36 +77,39 @@ def plot_gold_against_kl(summary: dict, path: Path) -> str:
     return _save(figure, path)
 
 
+def _two_axes(steps: list, left: tuple, right: tuple, right_limits: tuple, xlabel: str, title: str, path: Path) -> str:
+    """Two curves over ``steps`` on their own y axes; ``left`` / ``right`` are ``(values, colour,
+    label)``, each axis labelled in its curve's colour."""
+    figure, left_axis = plt.subplots(figsize=(4.6, 3.4))
+    right_axis = left_axis.twinx()
+    for axis, (values, colour, label) in ((left_axis, left), (right_axis, right)):
+        axis.plot(steps, values, color=colour, label=label)
+        axis.set_ylabel(label, color=colour)
+    right_axis.set_ylim(*right_limits)
+    left_axis.set_xlabel(xlabel)
+    left_axis.set_title(title, fontsize=10)
+    left_axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def plot_grpo_scores(grpo: list[dict], path: Path) -> str:
     """GRPO's reward-model and gold score per optimizer step."""
-    steps = [m["train/optimizer_steps"] for m in grpo]
-    figure, left = plt.subplots(figsize=(4.6, 3.4))
-    right = left.twinx()
-    left.plot(steps, [m["reward"] for m in grpo], color=COLOURS["rm"], label="reward-model score")
-    right.plot(steps, [m["gold/score"] for m in grpo], color=COLOURS["gold"], label="gold score")
-    right.set_ylim(-1.05, 1.05)
-    left.set_xlabel("GRPO optimizer step")
-    left.set_ylabel("reward-model score", color=COLOURS["rm"])
-    right.set_ylabel("gold score", color=COLOURS["gold"])
-    left.set_title("GRPO: reward model and gold", fontsize=10)
-    left.grid(alpha=0.3)
-    return _save(figure, path)
+    return _two_axes(
+        [m["train/optimizer_steps"] for m in grpo],
+        ([m["reward"] for m in grpo], COLOURS["rm"], "reward-model score"),
+        ([m["gold/score"] for m in grpo], COLOURS["gold"], "gold score"), (-1.05, 1.05),
+        "GRPO optimizer step", "GRPO: reward model and gold", path,
+    )
 
 
 def plot_dpo(dpo: list[dict], path: Path) -> str:
     """DPO's reward margin (beta x log-ratio, chosen less rejected) and pair accuracy per step."""
-    steps = [m["step"] for m in dpo]
-    figure, left = plt.subplots(figsize=(4.6, 3.4))
-    right = left.twinx()
-    left.plot(steps, [m["rewards/margins"] for m in dpo], color=METHOD_COLOURS["dpo"], label="reward margin")
-    right.plot(steps, [m["rewards/accuracies"] for m in dpo], color=COLOURS["acc"], label="pairs ranked right")
-    right.set_ylim(0.0, 1.05)
-    left.set_xlabel("DPO optimizer step")
-    left.set_ylabel("reward margin (training pairs)")
-    right.set_ylabel("share of training pairs ranked right")
-    left.set_title("DPO: the pairs' implicit reward", fontsize=10)
-    left.grid(alpha=0.3)
-    return _save(figure, path)
+    return _two_axes(
+        [m["step"] for m in dpo],
+        ([m["rewards/margins"] for m in dpo], METHOD_COLOURS["dpo"], "reward margin (training pairs)"),
+        ([m["rewards/accuracies"] for m in dpo], COLOURS["acc"], "share of training pairs ranked right"), (0.0, 1.05),
+        "DPO optimizer step", "DPO: the pairs' implicit reward", path,
+    )
 
 
 def plot_rm_accuracy(rm: list[dict], path: Path) -> str:
