@@ -6,6 +6,11 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>`` holding, for every t
 anything else the trainer needs). The ``.pt`` files hold tensors and plain values only and are
 read back with ``weights_only``: resuming from a checkpoint never runs code stored in it.
 
+Under DeepSpeed and FSDP, which shard the trained models and their optimizer over the
+processes, every process writes its shards through Accelerate's state saving into the
+checkpoint's ``engine`` folder instead of the model folders and ``optimizer.pt``
+(``Parallel.write_checkpoint``); the rest is the same.
+
 A checkpoint is written into a hidden temporary folder and renamed into place in one step, so
 a crash or a kill at any moment leaves the previous checkpoint intact; only the newest
 ``save_total_limit`` are kept.
@@ -34,6 +39,7 @@ from tether.saving import MANIFEST, remove_model_files
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 STATE_FILE = "trainer_state.json"
+ENGINE_FOLDER = "engine"  # the trained models and optimizer as a sharded engine saves them
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "trackers.json", "config.yaml")
 RUN_FOLDERS = ("tensorboard",)
 
@@ -74,8 +80,8 @@ class Interrupted(TetherError):
 
     def __init__(self, signum: int, checkpoint: Path | None):
         name = signal.Signals(signum).name
-        if checkpoint is None:  # save_strategy no, or an engine without checkpoints (DeepSpeed, FSDP)
-            super().__init__(f"stopped by {name}; no checkpoint written (save_strategy no, or this engine has none)")
+        if checkpoint is None:  # save_strategy no
+            super().__init__(f"stopped by {name}; no checkpoint written (save_strategy no)")
         else:
             super().__init__(f"stopped by {name}; checkpoint saved to {checkpoint}; continue with --resume")
         self.exit_code = 128 + signum
@@ -224,23 +230,50 @@ def write_checkpoint(
     process 0's, ``rng-rank<r>.pt`` process r's); by default, this process's.
     """
     if not all_finite(models):
-        kept = "the previous checkpoint is kept" if checkpoints(output_dir) else "there is no earlier checkpoint"
-        raise TetherError(f"not writing checkpoint {step}: the weights are not finite; {kept}")
-    folder = Path(output_dir)
-    final = folder / f"{PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=folder))
-    try:
-        for name, model in models.items():
-            model.save_pretrained(staging / name)
-        tokenizer.save_pretrained(staging / "tokenizer")
+        refuse_nonfinite(output_dir, step)
+    staging = open_checkpoint(output_dir, step)
+    return close_checkpoint(staging, step, total_limit, lambda: fill_checkpoint(
+        staging, models, tokenizer, optimizer, scheduler, state, rng_states))
+
+
+def refuse_nonfinite(output_dir: str | Path, step: int):
+    kept = "the previous checkpoint is kept" if checkpoints(output_dir) else "there is no earlier checkpoint"
+    raise TetherError(f"not writing checkpoint {step}: the weights are not finite; {kept}")
+
+
+def open_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """The hidden temporary folder ``checkpoint-<step>`` is written into."""
+    return Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=Path(output_dir)))
+
+
+def fill_checkpoint(staging: Path, models: dict, tokenizer, optimizer, scheduler, state: dict,
+                    rng_states: list[dict] | None) -> None:
+    """Everything but the engine's state into ``staging``: the ``models`` (``save_pretrained``
+    folders), the tokenizer, the optimizer (None: it is in the engine's state), schedule, RNG
+    states and, last, the trainer state that marks the folder complete."""
+    for name, model in models.items():
+        model.save_pretrained(staging / name)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    if optimizer is not None:
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        for rank, states in enumerate(rng_states or [rng_state()]):
-            torch.save(states, staging / _rng_file(rank))
-        with open(staging / STATE_FILE, "w") as handle:  # written last: it marks the folder complete
-            json.dump(state, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    for rank, states in enumerate(rng_states or [rng_state()]):
+        torch.save(states, staging / _rng_file(rank))
+    with open(staging / STATE_FILE, "w") as handle:  # written last: it marks the folder complete
+        json.dump(state, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def close_checkpoint(staging: Path, step: int, total_limit: int | None, fill=None) -> Path:
+    """``fill()`` (what is left to write into ``staging``), then ``staging`` renamed into place
+    as ``checkpoint-<step>`` and old checkpoints pruned. On any failure ``staging`` is removed
+    and the previous checkpoint is untouched (a full disk, a lost mount: one line)."""
+    folder = staging.parent
+    final = folder / f"{PREFIX}{step}"
+    try:
+        if fill is not None:
+            fill()
         if final.exists():  # the same step again (a rerun): move the old one aside, never delete first
             replaced = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.old-", dir=folder))
             os.rename(final, replaced / final.name)
@@ -248,16 +281,20 @@ def write_checkpoint(
             shutil.rmtree(replaced, ignore_errors=True)
         else:
             os.rename(staging, final)
-    except OSError as error:  # a full disk, a lost mount: the previous checkpoint is untouched
+    except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise TetherError(
-            f"could not write checkpoint {step} in {folder}: {error.strerror or error}; the previous checkpoint is kept"
-        ) from error
+        raise unwritten(step, folder, error) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _prune(folder, step, total_limit)
     return final
+
+
+def unwritten(step: int, folder: Path, error: OSError) -> TetherError:
+    return TetherError(
+        f"could not write checkpoint {step} in {folder}: {error.strerror or error}; the previous checkpoint is kept"
+    )
 
 
 def _prune(folder: Path, step: int, total_limit: int | None) -> None:
@@ -382,18 +419,26 @@ def _check_optimizer_state(optimizer, state, path: Path) -> None:
                 refuse(f"{key} of parameter {index} is {shape}, the parameter {tuple(params[index].shape)}")
 
 
-def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0) -> dict:
+def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0, load_engine=None) -> dict:
     """Load a checkpoint's weights, optimizer, scheduler and (process ``rank``'s) RNG states;
     return its trainer state. Every file is read as data only (safetensors, JSON, and
     ``torch.load`` with ``weights_only``) and checked before anything is applied; a file that
-    does not fit is refused in one line naming it."""
+    does not fit is refused in one line naming it.
+
+    ``load_engine(folder)``, when given, loads the trained models and the optimizer from the
+    checkpoint's ``engine`` folder (see ``Parallel.write_checkpoint``); ``models`` are then the
+    other models the checkpoint holds as folders.
+    """
     path = Path(path)
     if rank > 0 and not (path / _rng_file(rank)).is_file():
         raise ConfigError(f"checkpoint {path} was written by fewer processes than this run has; resume with as many")
     state = read_state(path)
     device = next(iter(models.values())).device if models else "cpu"
-    optimizer_state = load_plain(path / "optimizer.pt", map_location=device)
-    _check_optimizer_state(optimizer, optimizer_state, path / "optimizer.pt")
+    if load_engine is None:
+        optimizer_state = load_plain(path / "optimizer.pt", map_location=device)
+        _check_optimizer_state(optimizer, optimizer_state, path / "optimizer.pt")
+    elif not (path / ENGINE_FOLDER).is_dir():
+        raise ConfigError(f"checkpoint {path} has no {ENGINE_FOLDER} folder: it is incomplete; resume from another one")
     scheduler_state = load_plain(path / "scheduler.pt")
     own_schedule = scheduler.state_dict()
     if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(own_schedule) or not isinstance(
@@ -410,7 +455,11 @@ def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0)
         ) from None
     for name, model in models.items():
         load_weights(model, path / name)
-    optimizer.load_state_dict(optimizer_state)
+    if load_engine is None:
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        load_engine(path / ENGINE_FOLDER)
+        set_rng_state(rng)  # the engine's loader sets its own copy of the generators: this run's are tether's
     scheduler.load_state_dict(scheduler_state)
     _rate_of_restored_step(scheduler)
     return state

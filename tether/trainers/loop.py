@@ -23,16 +23,12 @@ from tether.checkpoint import (
     check_progress,
     check_resumed_config,
     prepare_output_dir,
-    restore,
-    rng_state,
     say_extension,
     truncate_jsonl,
-    write_checkpoint,
 )
 from torch import nn
 
 from tether.config import TrainingConfig, config_values, save_config
-from tether.errors import ConfigError
 from tether.logging import MetricsFile, console, progress_bar
 from tether.models.loading import DropoutOff
 from tether.trainers.common import Cadence, stop_if_nonfinite
@@ -62,38 +58,23 @@ class SteppedTrainer(Protocol):
         """The models a checkpoint holds, by name (the trained one, and any other that changes)."""
 
 
-def save_checkpoint(trainer) -> Path | None:
-    """``<output_dir>/checkpoint-<step>`` with the trainer's model and state (see tether.checkpoint),
-    written by the main process with every process's random generators."""
-    parallel = trainer.parallel
-    if parallel.skip_checkpoint():
-        return None
-    state = {**trainer.state_dict(), "world_size": parallel.world_size, "config": config_values(trainer.config),
-             "command": trainer.command}
-    rng_states = parallel.gather_objects(rng_state()) if parallel.distributed else None
+def save_checkpoint(trainer) -> Path:
+    """``<output_dir>/checkpoint-<step>`` with the trainer's models and state (see tether.checkpoint)."""
+    state = {**trainer.state_dict(), "config": config_values(trainer.config), "command": trainer.command}
     with trainer.dropout.original_configs():
-        return parallel.share(
-            lambda: write_checkpoint(
-                trainer.output_dir, trainer.step_count, trainer.checkpointed_models(), trainer.tokenizer, trainer.optimizer,
-                trainer.scheduler, state, trainer.config.save_total_limit, rng_states,
-            )
+        return trainer.parallel.write_checkpoint(
+            trainer.output_dir, trainer.step_count, trainer.checkpointed_models(), trainer.tokenizer, trainer.optimizer,
+            trainer.scheduler, state, trainer.config.save_total_limit,
         )
 
 
 def resume(trainer, checkpoint: Path) -> None:
-    parallel = trainer.parallel
-    parallel.check_resumable()
     say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     changes = check_resumed_config(checkpoint, trainer.config, say, trainer.command)
-    state = restore(checkpoint, trainer.checkpointed_models(), trainer.optimizer, trainer.scheduler, parallel.rank)
-    for recorded in ("config", "command"):  # checked before the restore
+    state = trainer.parallel.restore_checkpoint(checkpoint, trainer.checkpointed_models(), trainer.optimizer,
+                                                trainer.scheduler)
+    for recorded in ("config", "command", "world_size", "engine", "format"):  # checked before the restore
         state.pop(recorded, None)
-    written_by = state.pop("world_size", 1)
-    if written_by != parallel.world_size:
-        raise ConfigError(
-            f"checkpoint {checkpoint} was written by {written_by} processes, this run has "
-            f"{parallel.world_size}; resume with {written_by} (the data order depends on it)"
-        )
     trainer.load_state_dict(state)
     check_progress(checkpoint, trainer.step_count, trainer.total_steps)
     say_extension(changes, trainer.scheduler, trainer.total_steps, say)
@@ -107,6 +88,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     unless ``overwrite_output_dir``.
     """
     config, parallel = trainer.config, trainer.parallel
+    parallel.check_checkpointable(trainer.checkpointed_models(), saves=config.save_strategy != "no")
     wanted = config.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
     # Only the main process checks, clears and writes the output folder; all stop on its refusal.
     checkpoint = parallel.share(lambda: prepare_output_dir(trainer.output_dir, wanted, config.overwrite_output_dir))

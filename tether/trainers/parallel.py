@@ -11,8 +11,11 @@ starts one process per device; each builds the same trainer. What a trainer need
   sampling (with the bare policy) instead of once per generated token;
 * ``main_first`` / ``share``: work only the main process may do (output folder, files).
 
+* ``write_checkpoint`` / ``restore_checkpoint``: checkpoints in the form each engine keeps its
+  state (whole models, or every process's shards).
+
 DeepSpeed and FSDP paths need CUDA and were not run in tether's tests (CPU only); they are kept
-to the few calls below. DDP on CPU (gloo) is tested with two processes.
+to the few calls below. DDP on CPU (gloo) is tested with two processes, checkpoints in both forms.
 """
 
 from __future__ import annotations
@@ -23,12 +26,26 @@ import copy
 import dataclasses
 import gc
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tether.checkpoint import (
+    ENGINE_FOLDER,
+    all_finite,
+    close_checkpoint,
+    fill_checkpoint,
+    open_checkpoint,
+    read_state,
+    refuse_nonfinite,
+    restore,
+    rng_state,
+    unwritten,
+    write_checkpoint,
+)
 from tether.errors import ConfigError, TetherError
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
@@ -467,23 +484,91 @@ class Parallel:
             case _:
                 yield
 
+    # --- checkpoints ----------------------------------------------------------------------
     @property
-    def checkpoints_supported(self) -> bool:
-        """Checkpoints hold the whole optimizer state; DeepSpeed and FSDP keep it in shards,
-        which tether does not write yet (the final model is still saved)."""
-        return self.engine not in ("deepspeed", "fsdp")
+    def checkpoint_format(self) -> str:
+        """How a checkpoint holds the trained models and their optimizer: ``plain`` (whole
+        ``save_pretrained`` folders and ``optimizer.pt``, written by process 0) or, under
+        DeepSpeed and FSDP, which shard them, ``engine`` (every process writes its shards
+        through Accelerate's ``save_state``)."""
+        return "engine" if self.engine in ("deepspeed", "fsdp") else "plain"
 
-    def check_resumable(self) -> None:
-        if not self.checkpoints_supported:
-            raise ConfigError(f"--resume is not supported under {self.engine} yet; start afresh or use DDP")
+    @property
+    def engine_name(self) -> str:
+        """The engine as a checkpoint records it: ``none``, ``ddp``, ``fsdp``, ``deepspeed-zero<stage>``."""
+        return f"deepspeed-zero{self.zero_stage}" if self.engine == "deepspeed" else self.engine
 
-    def skip_checkpoint(self) -> bool:
-        """True (after saying so once) when this engine cannot write checkpoints."""
-        if self.checkpoints_supported:
-            return False
-        if not getattr(self, "_said_no_checkpoints", False):
-            self._said_no_checkpoints = True
-            from tether.logging import console
+    def check_checkpointable(self, models: dict[str, nn.Module], saves: bool) -> None:
+        """Before training: a checkpoint under ZeRO-3 or FSDP holds the trained models as the
+        engine's shards, and no other model that changes (a reference that ``sync_ref_model``
+        mixes into), which tether cannot gather and put back there yet."""
+        other = [name for name, model in models.items() if not _trains(model)]
+        if saves and other and (self.engine == "fsdp" or self.zero_stage == 3):
+            raise ConfigError(
+                f"checkpoints under {self.engine_name} cannot hold the changing {other[0]} model (sync_ref_model) yet; "
+                "set sync_ref_model: false, save_strategy: no, or train under ZeRO-2 or DDP"
+            )
 
-            console.print(f"[yellow]checkpoints are not written under {self.engine} yet; only the final model is saved")
-        return True
+    def write_checkpoint(self, output_dir: Path, step: int, models: dict[str, nn.Module], tokenizer, optimizer,
+                         scheduler, state: dict, total_limit: int | None) -> Path:
+        """``checkpoint-<step>`` (see tether.checkpoint) with ``models`` (bare, by name), the
+        optimizer, schedule, ``state`` and every process's random generators; in the ``engine``
+        format every process writes its shards, then process 0 the rest and renames it into place."""
+        state = {**state, "world_size": self.world_size, "engine": self.engine_name, "format": self.checkpoint_format}
+        rng_states = self.gather_objects(rng_state()) if self.distributed else None
+        if self.checkpoint_format == "plain":
+            return self.share(lambda: write_checkpoint(
+                output_dir, step, models, tokenizer, optimizer, scheduler, state, total_limit, rng_states))
+        if self.any_process(not all_finite(models)):  # each process sees the weights it holds
+            self.share(lambda: refuse_nonfinite(output_dir, step))
+        staging = self.share(lambda: open_checkpoint(output_dir, step))
+
+        def save_engine_state():
+            try:
+                self.accelerator.save_state(str(staging / ENGINE_FOLDER))
+            except OSError as error:
+                raise unwritten(step, Path(output_dir), error) from error
+
+        try:
+            self.together(save_engine_state)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        others = {name: model for name, model in models.items() if not _trains(model)}
+        return self.share(lambda: close_checkpoint(staging, step, total_limit, lambda: fill_checkpoint(
+            staging, others, tokenizer, None, scheduler, state, rng_states)))
+
+    def restore_checkpoint(self, path: Path, models: dict[str, nn.Module], optimizer, scheduler) -> dict:
+        """A checkpoint ``write_checkpoint`` wrote, into this run's models, optimizer, schedule and
+        generators; its trainer state. One that another process count or engine wrote is
+        refused in one line before anything is loaded."""
+        state = read_state(path)
+        written_by = state.get("world_size", 1)
+        if written_by != self.world_size:
+            raise ConfigError(
+                f"checkpoint {path} was written by {written_by} processes, this run has {self.world_size}; "
+                f"resume with {written_by} (the data order depends on it)"
+            )
+        made_as = state.get("format", "plain")
+        if made_as != self.checkpoint_format or (made_as == "engine" and state.get("engine") != self.engine_name):
+            raise ConfigError(
+                f"checkpoint {path} was written under {state.get('engine', 'ddp')}, this run is {self.engine_name}; "
+                "resume under the engine that wrote it"
+            )
+        if made_as == "plain":
+            return restore(path, models, optimizer, scheduler, self.rank)
+
+        def load_engine_state(folder: Path):
+            try:
+                self.accelerator.load_state(str(folder))
+            except Exception as error:  # the engine's own errors: missing or mismatched shards
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise ConfigError(f"checkpoint {folder} cannot be loaded into this run: {first}") from None
+
+        others = {name: model for name, model in models.items() if not _trains(model)}
+        return restore(path, others, optimizer, scheduler, self.rank, load_engine=load_engine_state)
+
+
+def _trains(model: nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in model.parameters())

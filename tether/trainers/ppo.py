@@ -52,11 +52,8 @@ from tether.checkpoint import (
     check_progress,
     check_resumed_config,
     prepare_output_dir,
-    restore,
-    rng_state,
     say_extension,
     truncate_jsonl,
-    write_checkpoint,
 )
 from tether.errors import ConfigError, DataError, RewardError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
@@ -475,43 +472,29 @@ class PPOTrainer:
     def _trained_models(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "value_model": self.value_model}
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self) -> Path:
         """``checkpoint-<update>``: models, optimizer, schedule, KL controller, data position,
-        RNG states (every process's) and the metrics so far; written atomically by the main
-        process. The models are the bare ones: a LoRA model's checkpoint holds its adapter.
-        None under DeepSpeed / FSDP, which tether cannot checkpoint yet."""
-        if self.parallel.skip_checkpoint():
-            return None
+        RNG states (every process's) and the metrics so far (see ``Parallel.write_checkpoint``).
+        The models are the bare ones: a LoRA model's checkpoint holds its adapter."""
         state = {
             "update": self.update,
             "sampler": self.sampler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "history": self.history,
-            "world_size": self.parallel.world_size,
             "config": config_values(self.config),
             "command": "ppo",
         }
-        rng_states = self.parallel.gather_objects(rng_state()) if self.parallel.distributed else None
         with self.dropout.original_configs():
-            return self.parallel.share(
-                lambda: write_checkpoint(
-                    self.output_dir, self.update, self._trained_models(), self.tokenizer,
-                    self.optimizer, self.scheduler, state, self.config.save_total_limit, rng_states,
-                )
+            return self.parallel.write_checkpoint(
+                self.output_dir, self.update, self._trained_models(), self.tokenizer, self.optimizer, self.scheduler,
+                state, self.config.save_total_limit,
             )
 
     def _resume(self, checkpoint: Path) -> None:
-        self.parallel.check_resumable()
         say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
         changes = check_resumed_config(checkpoint, self.config, say, "ppo")
-        state = restore(checkpoint, self._trained_models(), self.optimizer, self.scheduler, self.parallel.rank)
-        written_by = state.get("world_size", 1)
-        if written_by != self.parallel.world_size:
-            raise ConfigError(
-                f"checkpoint {checkpoint} was written by {written_by} processes, this run has "
-                f"{self.parallel.world_size}; resume with {written_by} (the data order depends on it)"
-            )
+        state = self.parallel.restore_checkpoint(checkpoint, self._trained_models(), self.optimizer, self.scheduler)
         try:
             kl = state["kl_controller"]
             kl = {name: float(kl[name]) for name in ("value", "target", "horizon")}
