@@ -82,6 +82,14 @@ def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) ->
     return Rollout(**gathered)
 
 
+def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int) -> None:
+    """DeepSpeed wants its micro-batch size, which Accelerate reads from a data loader tether
+    does not hand it: the config's ``per_device_train_batch_size`` where the DeepSpeed config
+    says "auto" or nothing (Accelerate then fills ``train_batch_size`` from it)."""
+    if deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") in ("auto", None):
+        deepspeed_config["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+
+
 def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) -> None:
     """DeepSpeed clips gradients itself, to its config's ``gradient_clipping``, which Accelerate
     fills with 1.0 where it says "auto" or nothing: make it ``max_grad_norm`` (0: no clipping,
@@ -97,9 +105,9 @@ def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) 
         )
 
 
-def process_group_options(config) -> list:
+def process_group_options(config, gloo: bool = False) -> list:
     """Accelerate's handlers for the ``ddp_*`` fields: DDP's own options and the process
-    group's timeout and backend."""
+    group's timeout and backend (``gloo``: gloo unless ``ddp_backend`` names another)."""
     from datetime import timedelta
 
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -107,8 +115,8 @@ def process_group_options(config) -> list:
     ddp = {name: getattr(config, f"ddp_{name}") for name in ("find_unused_parameters", "bucket_cap_mb",
                                                              "broadcast_buffers", "static_graph")}
     group = {"timeout": timedelta(seconds=config.ddp_timeout)}
-    if config.ddp_backend:
-        group["backend"] = config.ddp_backend
+    if config.ddp_backend or gloo:
+        group["backend"] = config.ddp_backend or "gloo"
     return [DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}), InitProcessGroupKwargs(**group)]
 
 
@@ -119,7 +127,9 @@ def deepspeed_plugin(settings):
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise ConfigError("config field deepspeed needs the deepspeed package: pip install deepspeed") from None
+        raise ConfigError("DeepSpeed needs the deepspeed package: pip install 'tether[deepspeed]'") from None
+    if settings is None:
+        return None
     if isinstance(settings, str) and not Path(settings).is_file():
         raise ConfigError(f"config field deepspeed: no DeepSpeed config file {settings}")
     return DeepSpeedPlugin(hf_ds_config=settings)
@@ -164,10 +174,17 @@ class Parallel:
         # ``auto`` without a GPU is the CPU backend (gloo): asked for a GPU that is not there,
         # Accelerate would set every process up as a run of its own.
         cpu = resolve_device(config.device).type == "cpu"
+        deepspeed = bool(config.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         options = dict(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps,
-                       kwargs_handlers=process_group_options(config))
+                       kwargs_handlers=process_group_options(config, gloo=cpu and deepspeed))
         if config.deepspeed:
             options["deepspeed_plugin"] = deepspeed_plugin(config.deepspeed)
+        elif deepspeed:
+            deepspeed_plugin(None)  # installed?
+        if cpu and deepspeed:
+            # Accelerate sets a CPU launch up as DDP unless told it is not one; DeepSpeed then
+            # runs on its CPU accelerator, over gloo.
+            options["cpu"] = False
         try:
             accelerator = Accelerator(**options)
         except (ValueError, RuntimeError) as error:  # e.g. WORLD_SIZE set by hand, with no rendezvous
@@ -190,8 +207,17 @@ class Parallel:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
+            set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size)
         atexit.register(_close_process_group)
         parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
+        if parallel.zero_stage == 3:
+            # Accelerate's ZeRO-3 plugin makes transformers create every model already
+            # partitioned (zero.Init), and a copy of a partitioned model (the value model from
+            # the reward model, the reference from the policy) holds empty tensors: models load
+            # whole, and each is partitioned when it is prepared.
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         asked = "DeepSpeed" if config.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else (
             "FSDP" if sharded else None)
         if asked and parallel.engine not in ("deepspeed", "fsdp") and parallel.is_main:
