@@ -81,7 +81,18 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def model_to_save(model: nn.Module, save_merged: bool) -> nn.Module:
-    """What ``save_model`` writes: a LoRA model merged into a plain model when ``save_merged``
-    (``model`` keeps its adapter), else ``model`` itself (a LoRA model: its adapter alone)."""
-    return merged_copy(model) if is_peft_model(model) and save_merged else model
+def merged_from_weights(model: nn.Module, state_dict: dict) -> nn.Module:
+    """A plain model equal to the LoRA ``model`` with its adapter merged in, built on the CPU
+    from ``state_dict`` (``model``'s whole weights, gathered from an engine that shards them,
+    where ``model``'s own parameters are shards that a copy cannot merge)."""
+    peft = _peft()
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model()
+    # The model's own class (a sharding engine may have put a subclass of its own in front).
+    kind = next(c for c in type(base).__mro__ if issubclass(c, PreTrainedModel) and not c.__module__.startswith("torch."))
+    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
+    shell = kind._from_config(copy.deepcopy(base.config), dtype=dtype)
+    shell = peft.get_peft_model(shell, copy.deepcopy(model.peft_config[model.active_adapter]))
+    shell.load_state_dict(state_dict)
+    return shell.merge_and_unload()

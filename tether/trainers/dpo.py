@@ -40,7 +40,7 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     freeze,
 )
-from tether.models.lora import model_to_save, policy_and_reference, with_lora
+from tether.models.lora import policy_and_reference, with_lora
 from tether.ops.preference import PAIR_LOSSES, logratios, pair_loss
 from tether.trainers.common import (
     compile_trained,
@@ -255,6 +255,5 @@ class DPOTrainer(PairTrainer):
         """The trained model and the tokenizer, atomically; ``from_pretrained`` loads it (a
         LoRA model: its adapter, or merged with ``save_merged``)."""
         target = Path(output_dir or self.config.output_dir)
-        model = model_to_save(self.model, self.config.save_merged)
         with self.dropout.original_configs():
-            return self.parallel.save_model(model, self._trained, self.tokenizer, target)
+            return self.parallel.save_model(self.model, self._trained, self.tokenizer, target, self.config.save_merged)

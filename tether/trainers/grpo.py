@@ -38,7 +38,7 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     ensure_pad_token,
 )
-from tether.models.lora import model_to_save, policy_and_reference
+from tether.models.lora import policy_and_reference
 from tether.ops import kl_estimate, masked_sum
 from tether.ops.advantages import (
     aggregate_loss,
@@ -479,10 +479,9 @@ class CriticFreeTrainer:
 
     def save_model(self, output_dir: str | Path | None = None) -> Path:
         """The policy alone (and the tokenizer), loadable with ``from_pretrained``."""
-        policy = model_to_save(self.policy, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
         with self.dropout.original_configs():
-            return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
+            return self.parallel.save_model(self.policy, self._policy, self.tokenizer, target, self.config.save_merged)
 
 
 class GRPOTrainer(CriticFreeTrainer):

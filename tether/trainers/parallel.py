@@ -47,6 +47,8 @@ from tether.checkpoint import (
     write_checkpoint,
 )
 from tether.errors import ConfigError, TetherError
+from tether.models.loading import is_peft_model
+from tether.models.lora import merged_copy, merged_from_weights
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
 from tether.trainers.common import optimizer_step, resolve_device
@@ -349,9 +351,11 @@ class Parallel:
         optimizer.zero_grad(set_to_none=True)
         return not self.accelerator.optimizer_step_was_skipped
 
-    def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path) -> Path:
-        """``model`` and ``tokenizer`` into ``target`` by the main process (weights gathered by
-        every process first under ZeRO-3 / FSDP); returns ``target``."""
+    def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path, merged: bool = False) -> Path:
+        """The trained ``model`` (bare) and ``tokenizer`` into ``target`` by the main process;
+        returns ``target``. A LoRA model is saved as its adapter, or with ``merged`` as a plain
+        model with the adapter merged in. Under ZeRO-3 / FSDP every process first helps gather
+        the whole weights from ``wrapped``, its engine's wrapper."""
         state_dict = None
         if self.engine == "deepspeed" and self.zero_stage == 3:
             import deepspeed
@@ -363,6 +367,9 @@ class Parallel:
         if state_dict is not None:
             state_dict = keys_inside(state_dict, self.unwrap(wrapped), model)
         if self.is_main:
+            if merged and is_peft_model(model):
+                model = merged_copy(model) if state_dict is None else merged_from_weights(model, state_dict)
+                state_dict = None
             save_pretrained_atomic(target, [model, tokenizer], state_dict=state_dict)
         self.barrier()
         return target

@@ -66,7 +66,7 @@ from tether.models.loading import (
     is_causal_lm,
     value_model_from_policy,
 )
-from tether.models.lora import apply_lora, is_peft_model, merged_copy, model_to_save, policy_and_reference
+from tether.models.lora import apply_lora, is_peft_model, merged_copy, policy_and_reference
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
 from tether.rollout.batch import Rollout
 from tether.rollout.generate import sampling_config, sampling_temperature
@@ -541,7 +541,6 @@ class PPOTrainer:
         The policy keeps the generation config it came with; tether's sampling settings never
         replace it (fix 7).
         """
-        policy = model_to_save(self.policy, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
         with self.dropout.original_configs():
-            return self.parallel.save_model(policy, self._policy, self.tokenizer, target)
+            return self.parallel.save_model(self.policy, self._policy, self.tokenizer, target, self.config.save_merged)

@@ -49,7 +49,7 @@ from tether.models.loading import (
 )
 from tether.ops.losses import bradley_terry_losses
 from tether.models.forward import Critic
-from tether.models.lora import model_to_save, with_lora
+from tether.models.lora import with_lora
 from tether.scoring.reward import get_reward
 from tether.trainers.common import (
     compile_trained,
@@ -250,7 +250,6 @@ class RewardTrainer(PairTrainer):
         """Write the model (``reward_bias`` in its config.json) and the tokenizer, atomically;
         ``AutoModelForSequenceClassification.from_pretrained`` loads it."""
         target = Path(output_dir or self.config.output_dir)
-        model = model_to_save(self.model, self.config.save_merged)
         with self.dropout.original_configs():
-            return self.parallel.save_model(model, self._scorer, self.tokenizer, target)
+            return self.parallel.save_model(self.model, self._scorer, self.tokenizer, target, self.config.save_merged)
 

@@ -46,7 +46,7 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     ensure_pad_token,
 )
-from tether.models.lora import model_to_save, with_lora
+from tether.models.lora import with_lora
 from tether.trainers.common import (
     compile_trained,
     Cadence,
@@ -354,10 +354,9 @@ class SFTTrainer:
         """Write the model and tokenizer, loadable with ``from_pretrained``; returns the folder.
         A LoRA model is saved merged into a plain model, or as its adapter alone when
         ``save_merged`` is false."""
-        model = model_to_save(self.model, self.config.save_merged)
         target = Path(output_dir or self.config.output_dir)
         with self.dropout.original_configs():
-            return self.parallel.save_model(model, self._model, self.tokenizer, target)
+            return self.parallel.save_model(self.model, self._model, self.tokenizer, target, self.config.save_merged)
 
 
 def _grad_norm(model: nn.Module) -> float:
