@@ -166,7 +166,7 @@ def test_a_sharded_launch_on_a_cpu_says_it_trains_as_ddp(monkeypatch, capsys, as
     assert Parallel.create(PPOConfig(device="cpu")).engine == "ddp"
     said = " ".join(capsys.readouterr().err.split())
     name = "DeepSpeed" if asked == "DEEPSPEED" else "FSDP"
-    assert f"the launch asks for {name}, which Accelerate runs on CUDA devices only; on this CPU its 2 processes" in said
+    assert f"the launch asks for {name}, which Accelerate did not set up here; on this CPU its 2 processes" in said
 
 
 def test_an_fsdp_launch_on_a_cpu_is_refused_in_one_line(monkeypatch):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -268,9 +269,11 @@ def test_ddp_and_deepspeed_fields_reach_accelerate(monkeypatch, tmp_path):
     from tether.trainers import parallel
 
     given = {}
+    ds_config = {"train_micro_batch_size_per_gpu": "auto"}
 
     class Stub:
-        num_processes, process_index, state, distributed_type = 2, 0, None, "DistributedType.DEEPSPEED"
+        num_processes, process_index, distributed_type = 2, 0, "DistributedType.DEEPSPEED"
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=ds_config))
 
         def __init__(self, **kwargs):
             given.update(kwargs)
@@ -278,12 +281,19 @@ def test_ddp_and_deepspeed_fields_reach_accelerate(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(accelerate, "Accelerator", Stub)
     monkeypatch.setattr(parallel, "deepspeed_plugin", lambda settings: ("plugin", settings))
-    config = PPOConfig(ddp_find_unused_parameters=True, ddp_timeout=60, ddp_backend="gloo", deepspeed={"zero": 2})
+    config = PPOConfig(ddp_find_unused_parameters=True, ddp_timeout=60, ddp_backend="nccl", deepspeed={"zero": 2},
+                       per_device_train_batch_size=3, max_grad_norm=0.5)
     parallel.Parallel.create(config)
     ddp, group = given["kwargs_handlers"]
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters is True
-    assert isinstance(group, InitProcessGroupKwargs) and group.timeout.seconds == 60 and group.backend == "gloo"
+    assert isinstance(group, InitProcessGroupKwargs) and group.timeout.seconds == 60 and group.backend == "nccl"
     assert given["deepspeed_plugin"] == ("plugin", {"zero": 2})
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5}  # "auto" filled from tether's
+
+    # On a CPU, DeepSpeed runs on its CPU accelerator over gloo: Accelerate is told it is no CPU (DDP) launch.
+    ds_config.clear()
+    parallel.Parallel.create(PPOConfig(device="cpu", deepspeed={"zero": 2}))
+    assert given["cpu"] is False and given["kwargs_handlers"][1].backend == "gloo"
 
 
 def test_deepspeed_without_the_package_is_one_line():

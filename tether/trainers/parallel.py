@@ -14,8 +14,9 @@ starts one process per device; each builds the same trainer. What a trainer need
 * ``write_checkpoint`` / ``restore_checkpoint``: checkpoints in the form each engine keeps its
   state (whole models, or every process's shards).
 
-DeepSpeed and FSDP paths need CUDA and were not run in tether's tests (CPU only); they are kept
-to the few calls below. DDP on CPU (gloo) is tested with two processes, checkpoints in both forms.
+Tested with two CPU processes (gloo): DDP, and DeepSpeed ZeRO-2 / ZeRO-3 on DeepSpeed's CPU
+accelerator (``tests/test_deepspeed.py``). FSDP needs CUDA devices through Accelerate and was
+not run; its paths are kept to the few calls below.
 """
 
 from __future__ import annotations
@@ -220,14 +221,13 @@ class Parallel:
             from transformers.integrations import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-        asked = "DeepSpeed" if config.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else (
-            "FSDP" if sharded else None)
+        asked = "DeepSpeed" if deepspeed else "FSDP" if sharded else None
         if asked and parallel.engine not in ("deepspeed", "fsdp") and parallel.is_main:
             from tether.logging import console
 
             plain = f"its {parallel.world_size} processes train as plain DDP (gloo)" if parallel.distributed else (
                 "it trains as one plain process")
-            console.print(f"[yellow]warning: the launch asks for {asked}, which Accelerate runs on CUDA devices only; "
+            console.print(f"[yellow]warning: the launch asks for {asked}, which Accelerate did not set up here; "
                           f"on this CPU {plain}, with whole copies of every model")
         return parallel
 
