@@ -201,12 +201,21 @@ def autocast(device: torch.device, bf16: bool, fp16: bool = False):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def gradient_norm(params) -> torch.Tensor | None:
+    """The 2-norm of every gradient of ``params`` as one plain tensor (None without any): one
+    fused norm, non-finite exactly when some gradient entry is (or the norm overflows). FSDP2's
+    gradients are shards: the norm is then over every process's shards, the same on each."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> bool:
     """Step unless a gradient is non-finite (then skip it); returns whether it stepped."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    # one fused norm over every gradient: non-finite exactly when some gradient entry is (or
-    # when the norm itself overflows), and one host sync per step instead of one per tensor
-    total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if params else None
+    total_norm = gradient_norm(params)  # one host sync per step, not one per tensor
     finite = total_norm is None or bool(torch.isfinite(total_norm))
     if finite:
         if max_grad_norm is not None and params:

@@ -293,9 +293,8 @@ class CriticFreeTrainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
 
     def _step(self, totals: dict) -> None:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        self._add(totals, grad_norm=norm, optimizer_steps=torch.ones(()))
+        norm = self.parallel.gradient_norm(self.policy.parameters())
+        self._add(totals, grad_norm=torch.zeros(()) if norm is None else norm, optimizer_steps=torch.ones(()))
         if self.parallel.optimizer_step(self.optimizer, self.policy.parameters(), self.config.max_grad_norm):
             self.nonfinite_in_a_row = 0
         else:

@@ -52,7 +52,7 @@ from tether.models.loading import is_peft_model
 from tether.models.lora import merged_copy, merged_from_weights
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
-from tether.trainers.common import optimizer_step, resolve_device
+from tether.trainers.common import gradient_norm, optimizer_step, resolve_device
 
 
 def _close_process_group() -> None:
@@ -213,6 +213,11 @@ class Parallel:
             set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size)
         atexit.register(_close_process_group)
         parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
+        if parallel.engine == "fsdp" and not accelerator.is_fsdp2:
+            parallel.refuse(
+                "tether runs FSDP version 2 (per-parameter sharding); set fsdp_version: 2 in the Accelerate config "
+                "(as examples/accelerate/fsdp.yaml does)"
+            )
         if parallel.zero_stage == 3:
             # Accelerate's ZeRO-3 plugin makes transformers create every model already
             # partitioned (zero.Init), and a copy of a partitioned model (the value model from
@@ -283,6 +288,14 @@ class Parallel:
             raise value
         return value
 
+    def refuse(self, message: str):
+        """Stop every process with a ``ConfigError``, said once (by the main process)."""
+        def fail():
+            raise ConfigError(message)
+
+        self.share(fail)
+        fail()  # one process
+
     def together(self, make):
         """``make()`` on every process; when it fails on any, it fails on all, with the first
         failing process's one-line error (printed once, by that process), so that no process
@@ -350,6 +363,15 @@ class Parallel:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return not self.accelerator.optimizer_step_was_skipped
+
+    def gradient_norm(self, params) -> torch.Tensor | None:
+        """The 2-norm of the gradients of this optimizer step, before clipping (None without any),
+        the same on every process. DeepSpeed keeps the gradients in its engine and steps it in
+        the last backward pass: there, the norm the engine computed for that step."""
+        if self.engine == "deepspeed":
+            norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+            return None if norm is None else torch.as_tensor(float(norm))
+        return gradient_norm(params)
 
     def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path, merged: bool = False) -> Path:
         """The trained ``model`` (bare) and ``tokenizer`` into ``target`` by the main process;
@@ -470,9 +492,9 @@ class Parallel:
     def prepare_frozen(self, model: nn.Module, micro_batch_size: int) -> nn.Module:
         """A frozen model (reference, reward) ready for inference on this engine.
 
-        DDP: a whole copy on every device. ZeRO-3: its own inference engine, sharded like the
-        trained models (a whole copy of a large frozen model is what ZeRO-3 is there to avoid);
-        below stage 3 a plain copy. FSDP: wrapped by FSDP for sharded forward passes.
+        DDP, ZeRO-2 and FSDP: a whole copy on every device. ZeRO-3: its own inference engine,
+        sharded like the trained models (a whole copy of a large frozen model is what ZeRO-3 is
+        there to avoid).
         """
         if self.accelerator is None:
             return model
@@ -488,9 +510,7 @@ class Parallel:
                 engine, *_ = deepspeed.initialize(model=model, config=ds_config)
                 engine.eval()
                 return engine
-            case "fsdp":
-                return self.accelerator.prepare_model(model, evaluation_mode=True)
-            case _:
+            case _:  # Accelerate's evaluation mode does not shard under FSDP, and would checkpoint it
                 return model.to(self.accelerator.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -508,11 +528,6 @@ class Parallel:
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                    yield
-            case "fsdp" if not self.accelerator.is_fsdp2:
-                from torch.distributed.fsdp import FullyShardedDataParallel
-
-                with FullyShardedDataParallel.summon_full_params(model, writeback=False):
                     yield
             case _:
                 yield

@@ -137,6 +137,12 @@ class PPOTrainer:
         # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.
         micro_batches = math.ceil(self.plan.local_mini_batch_size / self.plan.micro_batch_size)
         self.parallel = Parallel.create(config, micro_batches)
+        if self.parallel.engine == "fsdp":
+            self.parallel.refuse(
+                "PPO trains its policy and value model with one optimizer, which Accelerate's FSDP neither prepares "
+                "(FSDP2) nor checkpoints (FSDP1); shard PPO with DeepSpeed ZeRO-3: accelerate launch --config_file "
+                "examples/accelerate/zero3.yaml"
+            )
         self.device = training_device(
             config, self.parallel, warn=lambda message: console.print(f"[yellow]warning: {message}")
         )

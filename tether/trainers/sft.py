@@ -250,7 +250,8 @@ class SFTTrainer:
                 parallel.backward(nll * parallel.loss_scale / num_tokens)
             total_nll += nll.item()
         total_nll = float(parallel.sum_over_processes(torch.tensor(total_nll, device=self.device)))
-        grad_norm = _grad_norm(self.model)  # before clipping, as HF Trainer logs it
+        norm = parallel.gradient_norm(self.model.parameters())  # before clipping, as HF Trainer logs it
+        grad_norm = 0.0 if norm is None else float(norm)
         stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), self.config.max_grad_norm)
         if not stepped:
             console.print("[red]non-finite gradient: optimizer step skipped")
@@ -357,8 +358,3 @@ class SFTTrainer:
         target = Path(output_dir or self.config.output_dir)
         with self.dropout.original_configs():
             return self.parallel.save_model(self.model, self._model, self.tokenizer, target, self.config.save_merged)
-
-
-def _grad_norm(model: nn.Module) -> float:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
