@@ -8,6 +8,7 @@ same weights bit for bit, and the same weights (and logged gradient norms) as DD
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -87,20 +88,21 @@ def assert_same(got: dict, want: dict, atol: float = 0.0) -> None:
 
 def ddp_run(workspace: Path, command: str, *extra: str) -> Path:
     """The same run under DDP, once per workspace."""
-    out = workspace / f"{command}-ddp{''.join(extra)}"
+    out = workspace / f"{command}-ddp-{hashlib.sha1(repr(extra).encode()).hexdigest()[:8]}"
     if not out.exists():
         launch(command, "--config", f"{command}.yaml", "--output_dir", str(out), *extra, cwd=workspace)
     return out
 
 
 def run_resume_and_compare(workspace: Path, command: str, name: str, engine: str, *engine_args: str,
-                           atol: float = 1e-5, **launched) -> Path:
-    """``command`` on the engine (``engine_args``, ``launched``: how to launch it) with a
-    checkpoint at each of its 2 steps recorded as ``engine``; resumed from the first, the same
-    weights bit for bit; the weights (to ``atol``: Adam turns rounding-level differences of
-    near-zero gradients into larger ones) and logged gradient norms of DDP. Returns its output."""
+                           settings: tuple[str, ...] = (), atol: float = 1e-5, **launched) -> Path:
+    """``command`` (with ``settings``) on the engine (``engine_args``, ``launched``: how to
+    launch it) with a checkpoint at each of its 2 steps recorded as ``engine``; resumed from the
+    first, the same weights bit for bit; the weights (to ``atol``: Adam turns rounding-level
+    differences of near-zero gradients into larger ones) and logged gradient norms of DDP with
+    the same settings. Returns its output."""
     out = workspace / f"{command}-{name}"
-    args = (command, "--config", f"{command}.yaml", "--output_dir", str(out), *engine_args)
+    args = (command, "--config", f"{command}.yaml", "--output_dir", str(out), *settings, *engine_args)
     launch(*args, cwd=workspace, **launched)
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert (state["engine"], state["format"], state["world_size"]) == (engine, "engine", 2)
@@ -110,7 +112,7 @@ def run_resume_and_compare(workspace: Path, command: str, name: str, engine: str
     launch(*args, "--resume", str(out / "checkpoint-1"), cwd=workspace, **launched)
     assert_same(weights(out), straight)
 
-    ddp = ddp_run(workspace, command)
+    ddp = ddp_run(workspace, command, *settings)
     assert_same(straight, weights(ddp), atol=atol)
     norms = [[json.loads(line).get("grad_norm", 0.0) for line in (folder / "metrics.jsonl").read_text().splitlines()]
              for folder in (out.with_name(out.name + "-straight"), ddp)]

@@ -226,3 +226,23 @@ def test_every_process_rng_file_is_read_safely(supervised_runs, tmp_path):
     with pytest.raises(ConfigError, match="rng-rank1"):
         restore(newest, {"model": trainer.model}, trainer.optimizer, trainer.scheduler, rank=1)
     assert not marker.exists()
+
+
+def test_outputs_get_the_permissions_of_the_umask_not_of_their_temporary_files(tmp_path):
+    """Written as private temporary files and folders, then renamed: the results are readable as
+    any file the user writes (a umask of 022: 644 files, 755 folders)."""
+    from tether.checkpoint import open_checkpoint
+    from tether.saving import save_pretrained_atomic, write_text_atomic
+    from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
+
+    before = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "config.yaml", "a: 1\n")
+        tokenizer = word_tokenizer(numbered_words(5))
+        save_pretrained_atomic(tmp_path / "model", [tiny_causal_lm(tokenizer), tokenizer])
+        staging = open_checkpoint(tmp_path, 3)
+    finally:
+        os.umask(before)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
+    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()} == {0o644}
+    assert staging.stat().st_mode & 0o777 == 0o755

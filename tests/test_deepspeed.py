@@ -73,3 +73,43 @@ def test_bf16_under_zero3_resumes_exactly(workspace):
     straight = weights(out)
     launch(*args, "--resume", str(out / "checkpoint-1"), cwd=workspace)
     assert_same(weights(out), straight)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ("missing.json", "config field deepspeed: no DeepSpeed config file missing.json"),
+    ("bad.json", r"config field deepspeed: .*bad.json is not a JSON file: Expecting"),
+    ("list.json", "the DeepSpeed config list.json is a list, not a mapping"),
+    ({}, "has no zero_optimization section; add one"),
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "has a optimizer section, but tether makes it"),
+    ({"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}, r"scheduler section.*lr_scheduler_type"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "sets bf16 enabled: True but config field bf16 is"),
+])
+def test_a_deepspeed_config_tether_cannot_follow_is_refused_before_any_model_loads(tmp_path, monkeypatch, settings,
+                                                                                     message):
+    from tether.config import PPOConfig
+    from tether.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3}\n "bf16": {}}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=message):
+        PPOConfig(deepspeed=settings).validate()
+
+
+def test_deepspeed_settings_inline_on_the_command_line_and_auto_precision_pass(tmp_path):
+    from tether.config import PPOConfig
+
+    inline = PPOConfig(deepspeed="{zero_optimization: {stage: 3}, bf16: {enabled: auto}}")
+    inline.validate()
+    assert inline.deepspeed_settings() == {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+    (tmp_path / "z.json").write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}}')
+    assert PPOConfig(deepspeed=str(tmp_path / "z.json"), bf16=True).deepspeed_settings()["bf16"] == {"enabled": True}
+
+
+def test_a_resume_may_name_the_deepspeed_file_by_another_path(workspace):
+    """The engine a checkpoint needs is checked from what it records, not from the path text."""
+    from tether.config import PPOConfig, resume_differences
+
+    saved = {"deepspeed": "zero3.json"}
+    changes = resume_differences(saved, PPOConfig(deepspeed=str(workspace / "zero3.json")))
+    assert not changes["training"] and changes["display"]

@@ -16,94 +16,46 @@ format on under DDP (2 gloo processes), so that the shared code runs on a CPU:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from tests.engines import ROOT, make_workspace, run_resume_and_compare
 from tether.checkpoint import STATE_FILE
 from tether.errors import ConfigError
-from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.parallel import Parallel
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 WORKER = str(ROOT / "tests" / "workers" / "engine_checkpoints.py")
-
-
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, *args]
-    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine-checkpoints")
-    tokenizer = word_tokenizer(numbered_words(30))
-    for name, model in (("policy", tiny_causal_lm(tokenizer)), ("reward", tiny_reward_model(tokenizer))):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    rows = [{"prompt": " ".join(f"w{(3 * i + j) % 30}" for j in range(2 + i % 4)), "target": "w5"} for i in range(32)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "rewards.py").write_text(
-        "def hits(completions, target, **kwargs):\n"
-        "    return [float(c.split().count(t)) for c, t in zip(completions, target)]\n"
-    )
-    common = {"model_name_or_path": str(root / "policy"), "dataset_name": str(root / "prompts.jsonl"),
-              "learning_rate": 1e-3, "save_steps": 1, "device": "cpu"}
-    ppo = {**common, "reward_model_path": str(root / "reward"), "total_episodes": 16, "per_device_train_batch_size": 2,
-           "gradient_accumulation_steps": 2, "num_mini_batches": 2, "num_ppo_epochs": 2, "response_length": 5}
-    grpo = {**common, "reward_funcs": ["rewards.py:hits"], "per_device_train_batch_size": 4, "num_generations": 4,
-            "max_completion_length": 5, "max_steps": 2, "beta": 0.04, "sync_ref_model": True,
-            "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5}
-    (root / "ppo.yaml").write_text(yaml.safe_dump(ppo))
-    (root / "grpo.yaml").write_text(yaml.safe_dump(grpo))
-    return root
+    return make_workspace(tmp_path_factory.mktemp("engine-checkpoints"))
 
 
-def run_and_resume(workspace: Path, tmp_path: Path, command: str, trained: list[str]) -> Path:
-    """``command`` for 2 steps with a checkpoint after each, then again from the first: the
-    same saved weights bit for bit. Returns the output folder."""
-    out = tmp_path / "out"
-    args = (command, "--config", str(workspace / f"{command}.yaml"), "--output_dir", str(out))
-    first = torchrun(*args, cwd=workspace)
-    assert first.returncode == 0, first.stderr[-3000:]
-    checkpoint = out / "checkpoint-1"
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    assert (state["format"], state["engine"], state["world_size"]) == ("engine", "ddp", 2)
+def run_and_resume(workspace: Path, command: str, trained: list[str], *settings: str) -> Path:
+    """``command`` in the engine format under DDP: resumed exactly and the weights of the plain
+    format's run (``tests/engines.py``); the engine folder holds Accelerate's state of ``trained``."""
+    out = run_resume_and_compare(workspace, command, "engine-format", "ddp", settings=settings, script=WORKER, atol=0)
+    checkpoint = out.with_name(out.name + "-straight") / "checkpoint-1"
     engine = sorted(path.name for path in (checkpoint / "engine").iterdir())
     assert [name for name in engine if name.startswith("model")] == trained
     assert {"optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= set(engine)
     assert not (checkpoint / "optimizer.pt").exists() and (checkpoint / "rng-rank1.pt").is_file()
-    start = load_file(str(workspace / "policy" / "model.safetensors"))
-    straight = load_file(str(out / "model.safetensors"))
-    assert max((straight[key] - start[key]).abs().max().item() for key in start) > 1e-4
-    shutil.copy(out / "model.safetensors", tmp_path / "straight.safetensors")
-
-    again = torchrun(*args, "--resume", str(checkpoint), cwd=workspace)
-    assert again.returncode == 0, again.stderr[-3000:]
-    resumed = load_file(str(out / "model.safetensors"))
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        assert torch.equal(resumed[key], straight[key]), key
-    return out
+    return checkpoint
 
 
-def test_ppo_resumes_exactly_from_engine_checkpoints(workspace: Path, tmp_path: Path):
-    run_and_resume(workspace, tmp_path, "ppo", trained=["model.safetensors", "model_1.safetensors"])  # policy, critic
+def test_ppo_resumes_exactly_from_engine_checkpoints(workspace: Path):
+    run_and_resume(workspace, "ppo", trained=["model.safetensors", "model_1.safetensors"])  # policy, critic
 
 
-def test_grpo_with_a_synced_reference_resumes_exactly_from_engine_checkpoints(workspace: Path, tmp_path: Path):
-    out = run_and_resume(workspace, tmp_path, "grpo", trained=["model.safetensors"])
-    reference = load_file(str(out / "checkpoint-1" / "reference" / "model.safetensors"))  # outside the engine
+def test_grpo_with_a_synced_reference_resumes_exactly_from_engine_checkpoints(workspace: Path):
+    checkpoint = run_and_resume(workspace, "grpo", ["model.safetensors"], "--sync_ref_model", "true",
+                                "--ref_model_sync_steps", "1", "--ref_model_mixup_alpha", "0.5")
+    reference = load_file(str(checkpoint / "reference" / "model.safetensors"))  # outside the engine
     start = load_file(str(workspace / "policy" / "model.safetensors"))
     assert any(not torch.equal(reference[key], start[key]) for key in start)  # mixed towards the policy
 
@@ -154,3 +106,31 @@ def test_a_changing_reference_under_zero3_or_fsdp_is_refused_with_checkpoints(pa
         return
     with pytest.raises(ConfigError, match="cannot hold the changing reference model .*sync_ref_model: false"):
         parallel.check_checkpointable(models, saves=True)
+
+
+def test_engine_files_that_name_other_objects_are_refused_unread(tmp_path):
+    """DeepSpeed reads its shards with a full unpickler and torch.distributed.checkpoint its
+    index with pickle: a planted object is refused by name before either runs it, in a torch
+    file or a raw pickle; the types those engines write themselves pass."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from tests.test_checkpoint_files import Payload, plant
+
+    from tether.checkpoint import check_engine_files
+
+    engine, marker = tmp_path / "engine", tmp_path / "ran"
+    (engine / "pytorch_model").mkdir(parents=True)
+    torch.save({"loss_scaler": LossScaler(1.0), "step": torch.ones(2)}, engine / "pytorch_model" / "optim_states.pt")
+    (engine / "latest").write_text("pytorch_model")
+    check_engine_files(engine)  # DeepSpeed's own kinds pass
+
+    plant(engine / "pytorch_model", "model_states.pt", marker)
+    with pytest.raises(ConfigError, match=r"model_states.pt holds a posix.system object.* it is not loaded"):
+        check_engine_files(engine)
+    (engine / "pytorch_model" / "model_states.pt").unlink()
+    (engine / "optimizer_0").mkdir()
+    (engine / "optimizer_0" / ".metadata").write_bytes(pickle.dumps({"state": Payload(marker)}))
+    with pytest.raises(ConfigError, match=r"\.metadata holds a posix.system object"):
+        check_engine_files(engine)
+    assert not marker.exists()

@@ -281,18 +281,26 @@ def test_ddp_and_deepspeed_fields_reach_accelerate(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(accelerate, "Accelerator", Stub)
     monkeypatch.setattr(parallel, "deepspeed_plugin", lambda settings: ("plugin", settings))
-    config = PPOConfig(ddp_find_unused_parameters=True, ddp_timeout=60, ddp_backend="nccl", deepspeed={"zero": 2},
-                       per_device_train_batch_size=3, max_grad_norm=0.5)
-    parallel.Parallel.create(config)
+    zero2 = {"zero_optimization": {"stage": 2}}
+    config = PPOConfig(ddp_find_unused_parameters=True, ddp_timeout=60, ddp_backend="nccl", deepspeed=zero2,
+                       per_device_train_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    parallel.Parallel.create(config, accumulation_steps=4)
     ddp, group = given["kwargs_handlers"]
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters is True
     assert isinstance(group, InitProcessGroupKwargs) and group.timeout.seconds == 60 and group.backend == "nccl"
-    assert given["deepspeed_plugin"] == ("plugin", {"zero": 2})
-    assert ds_config == {"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 0.5}  # "auto" filled from tether's
+    assert given["deepspeed_plugin"] == ("plugin", zero2)
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 4,
+                         "train_batch_size": 3 * 4 * 2, "gradient_clipping": 0.5}  # "auto" filled from tether's
+
+    # A number of DeepSpeed's own that differs from tether's is refused, naming the field that decides.
+    ds_config.clear()
+    ds_config["gradient_accumulation_steps"] = 2
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is 2, but tether's gradient_accumulation_ste"):
+        parallel.Parallel.create(config, accumulation_steps=4)
 
     # On a CPU, DeepSpeed runs on its CPU accelerator over gloo: Accelerate is told it is no CPU (DDP) launch.
     ds_config.clear()
-    parallel.Parallel.create(PPOConfig(device="cpu", deepspeed={"zero": 2}))
+    parallel.Parallel.create(PPOConfig(device="cpu", deepspeed=zero2))
     assert given["cpu"] is False and given["kwargs_handlers"][1].backend == "gloo"
 
 

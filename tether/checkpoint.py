@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,6 +28,7 @@ import signal
 import tempfile
 import threading
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.errors import ConfigError, TetherError
-from tether.saving import MANIFEST, remove_model_files
+from tether.saving import MANIFEST, remove_model_files, usual_mode
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -243,7 +245,9 @@ def refuse_nonfinite(output_dir: str | Path, step: int):
 
 def open_checkpoint(output_dir: str | Path, step: int) -> Path:
     """The hidden temporary folder ``checkpoint-<step>`` is written into."""
-    return Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=Path(output_dir)))
+    staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=Path(output_dir)))
+    usual_mode(staging)  # mkdtemp's is private; the checkpoint it becomes should not be
+    return staging
 
 
 def fill_checkpoint(staging: Path, models: dict, tokenizer, optimizer, scheduler, state: dict,
@@ -391,6 +395,57 @@ def load_plain(path: Path, map_location=None):
         ) from None
 
 
+# What the engines' own checkpoint files may name besides tensors and plain values: DeepSpeed's
+# ZeRO state (read by DeepSpeed with a full unpickler), torch.distributed.checkpoint's index
+# (read with pickle), numpy's random state (Accelerate). Anything else is refused unread.
+_ENGINE_GLOBALS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "torch.Size", "torch.serialization._get_layout",
+    "torch._utils._rebuild_tensor_v2", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+}
+
+
+def _allowed_global(module: str, name: str) -> bool:
+    if f"{module}.{name}" in _ENGINE_GLOBALS or module.startswith("torch.distributed.checkpoint."):
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if not _allowed_global(module, name):
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_engine_files(folder: Path) -> None:
+    """Refuse, in one line naming the file, an engine state whose pickled files name anything
+    but the plain values, tensors and few engine types its loaders need, before any of it is
+    unpickled by them (DeepSpeed and torch.distributed.checkpoint read with full unpicklers)."""
+    # .distcp: torch.distributed.checkpoint's shards, which it reads as data only (weights_only)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".safetensors", ".distcp")):
+        if path.name == "latest":  # DeepSpeed's tag file: text
+            continue
+        try:
+            if zipfile.is_zipfile(path):  # torch.save's format
+                found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                         if not _allowed_global(*g.rsplit(".", 1))]
+                if found:
+                    raise pickle.UnpicklingError(f"GLOBAL {found[0]}")
+            else:
+                with open(path, "rb") as handle:
+                    _IndexUnpickler(handle).load()
+        except Exception as error:
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f"a {found.group(1)} object" if found else f"something unreadable ({_first_line(error)})"
+            raise ConfigError(
+                f"checkpoint file {path} holds {what}, not only tensors and plain values: it is not loaded, as "
+                "unpickling it could run code; resume from a checkpoint tether wrote, or start afresh"
+            ) from None
+
+
 def _check_optimizer_state(optimizer, state, path: Path) -> None:
     """``state`` is the optimizer's own kind for the same parameters: the same groups and sizes,
     and every per-parameter tensor shaped like its parameter (a fused step reads them unchecked)."""
@@ -439,6 +494,8 @@ def restore(path: str | Path, models: dict, optimizer, scheduler, rank: int = 0,
         _check_optimizer_state(optimizer, optimizer_state, path / "optimizer.pt")
     elif not (path / ENGINE_FOLDER).is_dir():
         raise ConfigError(f"checkpoint {path} has no {ENGINE_FOLDER} folder: it is incomplete; resume from another one")
+    else:
+        check_engine_files(path / ENGINE_FOLDER)
     scheduler_state = load_plain(path / "scheduler.pt")
     own_schedule = scheduler.state_dict()
     if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(own_schedule) or not isinstance(

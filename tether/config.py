@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import textwrap
 import types
@@ -140,6 +141,7 @@ DISPLAY_FIELDS = (
     "gradient_checkpointing", "logprob_chunk_size", "save_merged", "max_nonfinite_steps", "trust_remote_code",
     "log_completions", "num_completions_to_print", "per_device_eval_batch_size", "precompute_ref_batch_size",
     "torch_compile", "torch_compile_backend", "torch_compile_mode",
+    "deepspeed",  # where its file lies may change; the engine a checkpoint needs is checked on its own
 )
 LENGTH_FIELDS = ("total_episodes", "num_train_epochs", "max_steps")
 
@@ -248,7 +250,8 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     tf32: bool | None = None
     """TensorFloat-32 matrix multiplies on Ampere and newer GPUs (faster fp32; unset: torch's default)."""
     bf16: bool = False
-    """Autocast forwards (and generation) to bfloat16; weights stay fp32."""
+    """Autocast forwards (and generation) to bfloat16; weights stay fp32. Under DeepSpeed: its bf16
+    mode (bf16 weights, saved so; fp32 master weights in the optimizer)."""
     fp16: bool = False
     """Autocast to float16 with a loss scaler (through Accelerate); needs a CUDA device."""
     gradient_checkpointing: bool = False
@@ -328,6 +331,46 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     max_nonfinite_steps: int = 3
     """Stop after this many optimizer steps in a row were skipped for non-finite gradients."""
 
+    def deepspeed_settings(self) -> dict[str, Any]:
+        """The ``deepspeed`` field's DeepSpeed config as a mapping (read from its JSON file, or a
+        mapping written inline, on the command line too), refused in one line where it cannot
+        be read or sets what tether's own fields decide: the optimizer and its schedule
+        (``optim``, ``lr_scheduler_type``) and the precision (``bf16``, ``fp16``)."""
+        settings, where = self.deepspeed, "the DeepSpeed config"
+        if isinstance(settings, str) and settings.lstrip().startswith("{"):  # --deepspeed '{zero_optimization: ...}'
+            try:
+                settings = yaml.safe_load(settings)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config field deepspeed: not a mapping: {str(error).splitlines()[0]}") from None
+        elif isinstance(settings, str):
+            path = Path(settings)
+            if not path.is_file():
+                raise ConfigError(f"config field deepspeed: no DeepSpeed config file {settings}")
+            try:
+                settings = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"config field deepspeed: {path} is not a JSON file: {error}") from None
+            where = f"the DeepSpeed config {path}"
+        if not isinstance(settings, dict):
+            raise ConfigError(f"config field deepspeed: {where} is a {type(settings).__name__}, not a mapping")
+        if not isinstance(settings.get("zero_optimization"), dict):
+            raise ConfigError(
+                f'{where} has no zero_optimization section; add one, e.g. "zero_optimization": {{"stage": 3}}'
+            )
+        decided = (("optimizer", "optim, learning_rate"), ("scheduler", "lr_scheduler_type, warmup_*"))
+        for section, decided_by in decided:
+            if section in settings:
+                raise ConfigError(f"{where} has a {section} section, but tether makes it from its own fields "
+                                  f"({decided_by}); take the {section} section out")
+        for name in ("bf16", "fp16"):
+            section = settings.get(name)
+            enabled = section.get("enabled", "auto") if isinstance(section, dict) else "auto"
+            if enabled != "auto" and bool(enabled) != bool(getattr(self, name)):
+                raise ConfigError(f"{where} sets {name} enabled: {enabled} but config field {name} is "
+                                  f"{getattr(self, name)}; tether's {name} field decides: set it, and {name}.enabled "
+                                  '"auto" or nothing in the DeepSpeed config')
+        return settings
+
     def validate(self) -> None:
         """Check types and rules that span fields; raise ConfigError naming the field and the fix."""
         check_types(self)
@@ -339,6 +382,8 @@ class TrainingConfig(metaclass=_TakesTRLNames):
             self.lora_settings()  # refuses use_peft with peft_config
         if self.load_in_4bit or self.load_in_8bit:
             self._quantization()  # refused here, before any model loads, where it cannot run
+        if self.deepspeed is not None:
+            self.deepspeed_settings()  # a file that cannot be read, or settings tether decides
         for name, value in dataclasses.asdict(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config field {name} must be a finite number, got {value}")

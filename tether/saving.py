@@ -56,11 +56,20 @@ def save_pretrained_atomic(target: str | Path, objects, state_dict: dict | None 
         for name in written:
             destination = target / name
             destination.parent.mkdir(parents=True, exist_ok=True)
+            usual_mode(staging / name)  # a library's own temporary file may have left it private
             os.replace(staging / name, destination)
         remove_model_files(target, keep=set(written))
         write_text_atomic(target / MANIFEST, json.dumps({"model": written}, indent=1))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def usual_mode(path: Path) -> None:
+    """Give ``path`` the permissions a plain ``open`` / ``mkdir`` would (the umask's), not the
+    private ones of a temporary file or folder it was written as."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -72,6 +81,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+        usual_mode(Path(temporary))  # mkstemp's is private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +86,21 @@ def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) ->
     return Rollout(**gathered)
 
 
-def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int) -> None:
-    """DeepSpeed wants its micro-batch size, which Accelerate reads from a data loader tether
-    does not hand it: the config's ``per_device_train_batch_size`` where the DeepSpeed config
-    says "auto" or nothing (Accelerate then fills ``train_batch_size`` from it)."""
-    if deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") in ("auto", None):
-        deepspeed_config["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int, accumulation_steps: int, processes: int) -> None:
+    """DeepSpeed's batch sizes are tether's: where the DeepSpeed config says "auto" or nothing
+    they are filled in (Accelerate reads the micro-batch from a data loader tether does not hand
+    it); a number that differs is refused, naming the tether field that decides it."""
+    wanted = {"train_micro_batch_size_per_gpu": (micro_batch_size, "per_device_train_batch_size"),
+              "gradient_accumulation_steps": (accumulation_steps, "gradient_accumulation_steps"),
+              "train_batch_size": (micro_batch_size * accumulation_steps * processes,
+                                   "per_device_train_batch_size x gradient_accumulation_steps x processes")}
+    for key, (value, field) in wanted.items():
+        given = deepspeed_config.get(key, "auto")
+        if given in ("auto", None):
+            deepspeed_config[key] = int(value)
+        elif given != value:
+            raise ConfigError(f"the DeepSpeed config's {key} is {given}, but tether's {field} makes it {value}; "
+                              f'set it to "auto" (or leave it out): tether\'s fields decide')
 
 
 def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) -> None:
@@ -123,8 +133,16 @@ def process_group_options(config, gloo: bool = False) -> list:
     return [DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}), InitProcessGroupKwargs(**group)]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def deepspeed_plugin(settings):
-    """The ``deepspeed`` field (a JSON file's path or the mapping) as Accelerate's plugin."""
+    """The ``deepspeed`` field's settings (``TrainingConfig.deepspeed_settings``) as Accelerate's plugin."""
     from accelerate.utils import DeepSpeedPlugin
 
     try:
@@ -133,9 +151,7 @@ def deepspeed_plugin(settings):
         raise ConfigError("DeepSpeed needs the deepspeed package: pip install 'tether[deepspeed]'") from None
     if settings is None:
         return None
-    if isinstance(settings, str) and not Path(settings).is_file():
-        raise ConfigError(f"config field deepspeed: no DeepSpeed config file {settings}")
-    return DeepSpeedPlugin(hf_ds_config=settings)
+    return DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings))
 
 
 def keys_inside(state_dict: dict, outer: nn.Module, model: nn.Module) -> dict:
@@ -181,13 +197,18 @@ class Parallel:
         options = dict(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps,
                        kwargs_handlers=process_group_options(config, gloo=cpu and deepspeed))
         if config.deepspeed:
-            options["deepspeed_plugin"] = deepspeed_plugin(config.deepspeed)
+            options["deepspeed_plugin"] = deepspeed_plugin(config.deepspeed_settings())
         elif deepspeed:
             deepspeed_plugin(None)  # installed?
         if cpu and deepspeed:
             # Accelerate sets a CPU launch up as DDP unless told it is not one; DeepSpeed then
             # runs on its CPU accelerator, over gloo.
             options["cpu"] = False
+        if deepspeed:  # DeepSpeed's collectives, every step on every process: torch's notes on their names
+            warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
+        if deepspeed and launched_processes() == 1 and "MASTER_ADDR" not in os.environ:  # one process, no launcher
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
         try:
             accelerator = Accelerator(**options)
         except (ValueError, RuntimeError) as error:  # e.g. WORLD_SIZE set by hand, with no rendezvous
@@ -210,7 +231,8 @@ class Parallel:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
-            set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size)
+            set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size, accumulation_steps,
+                                launched_processes())
         atexit.register(_close_process_group)
         parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
         if parallel.engine == "fsdp" and not accelerator.is_fsdp2:
