@@ -277,6 +277,22 @@ def launches_run_here(text: str, workspace: Path) -> None:
         assert (copy / output / "model.safetensors").is_file(), line
 
 
+def deepspeed_launches(text: str, workspace: Path) -> None:
+    """The install line is the test extra's (deepspeed is there); the file line as written; each
+    launch in a fresh copy of the workspace, to a model and ZeRO-3 checkpoints."""
+    import deepspeed  # noqa: F401
+
+    install, write_file, *launches = shell_lines(text)
+    assert install == "pip install 'tether[deepspeed]'" and len(launches) == 2
+    subprocess.run(write_file, shell=True, cwd=workspace, check=True)
+    for index, line in enumerate(launches):
+        copy = shutil.copytree(workspace, workspace.with_name(f"deepspeed{index}"))
+        run(line, copy)
+        newest = max((copy / "runs/my-ppo").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+        state = json.loads((newest / "trainer_state.json").read_text())
+        assert (copy / "runs/my-ppo/model.safetensors").is_file() and state["engine"] == "deepspeed-zero3", line
+
+
 def lora_fields(text: str, workspace: Path) -> None:
     with_lora = (workspace / "run.yaml").read_text() + text
     (workspace / "lora.yaml").write_text(with_lora)
@@ -308,6 +324,7 @@ BLOCKS = {
     "from tether import DPOConfig": dpo_python,
     "accelerate launch --config_file examples/accelerate/ddp.yaml -m tether ppo": launches_needing_gpus,
     "torchrun --standalone --nproc_per_node 2 -m tether ppo": launches_run_here,
+    "pip install 'tether[deepspeed]'": deepspeed_launches,
     "peft_config:": lora_fields,
     "device: cuda": gpu_fields,
 }

@@ -288,13 +288,18 @@ def test_ddp_and_deepspeed_fields_reach_accelerate(monkeypatch, tmp_path):
     ddp, group = given["kwargs_handlers"]
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters is True
     assert isinstance(group, InitProcessGroupKwargs) and group.timeout.seconds == 60 and group.backend == "nccl"
-    assert given["deepspeed_plugin"] == ("plugin", zero2)
+    assert given["deepspeed_plugin"] == ("plugin", zero2)  # the settings as read
     assert ds_config == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 4,
                          "train_batch_size": 3 * 4 * 2, "gradient_clipping": 0.5}  # "auto" filled from tether's
 
-    # A number of DeepSpeed's own that differs from tether's is refused, naming the field that decides.
+    # A number the user's DeepSpeed config sets otherwise is refused, naming the field that decides;
+    # what Accelerate filled in itself is replaced.
     ds_config.clear()
-    ds_config["gradient_accumulation_steps"] = 2
+    ds_config["gradient_accumulation_steps"] = 1
+    parallel.Parallel.create(config, accumulation_steps=4)
+    assert ds_config["gradient_accumulation_steps"] == 4
+    ds_config.clear()
+    config.deepspeed = {**zero2, "gradient_accumulation_steps": 2}
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 2, but tether's gradient_accumulation_ste"):
         parallel.Parallel.create(config, accumulation_steps=4)
 

@@ -86,21 +86,20 @@ def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) ->
     return Rollout(**gathered)
 
 
-def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int, accumulation_steps: int, processes: int) -> None:
-    """DeepSpeed's batch sizes are tether's: where the DeepSpeed config says "auto" or nothing
-    they are filled in (Accelerate reads the micro-batch from a data loader tether does not hand
-    it); a number that differs is refused, naming the tether field that decides it."""
+def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int, accumulation_steps: int, processes: int,
+                        given: dict) -> None:
+    """DeepSpeed's batch numbers are tether's, set in the engine's ``deepspeed_config`` (where
+    Accelerate has filled in its own defaults); a number the user's DeepSpeed config (``given``)
+    sets otherwise is refused, naming the tether field that decides it."""
     wanted = {"train_micro_batch_size_per_gpu": (micro_batch_size, "per_device_train_batch_size"),
               "gradient_accumulation_steps": (accumulation_steps, "gradient_accumulation_steps"),
               "train_batch_size": (micro_batch_size * accumulation_steps * processes,
                                    "per_device_train_batch_size x gradient_accumulation_steps x processes")}
     for key, (value, field) in wanted.items():
-        given = deepspeed_config.get(key, "auto")
-        if given in ("auto", None):
-            deepspeed_config[key] = int(value)
-        elif given != value:
-            raise ConfigError(f"the DeepSpeed config's {key} is {given}, but tether's {field} makes it {value}; "
+        if given.get(key, "auto") not in ("auto", None, value):
+            raise ConfigError(f"the DeepSpeed config's {key} is {given[key]}, but tether's {field} makes it {value}; "
                               f'set it to "auto" (or leave it out): tether\'s fields decide')
+        deepspeed_config[key] = int(value)
 
 
 def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) -> None:
@@ -232,7 +231,7 @@ class Parallel:
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
             set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size, accumulation_steps,
-                                launched_processes())
+                                launched_processes(), config.deepspeed_settings() if config.deepspeed else {})
         atexit.register(_close_process_group)
         parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
         if parallel.engine == "fsdp" and not accelerator.is_fsdp2:
