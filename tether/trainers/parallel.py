@@ -9,14 +9,14 @@ starts one process per device; each builds the same trainer. What a trainer need
 * ``prepare_frozen``: reference and reward models as each engine needs them for inference;
 * ``gathered_for_generation``: ZeRO-3 / FSDP parameters gathered once around a rollout's
   sampling (with the bare policy) instead of once per generated token;
-* ``main_first`` / ``share``: work only the main process may do (output folder, files).
-
+* ``main_first`` / ``share``: work only the main process may do (output folder, files);
 * ``write_checkpoint`` / ``restore_checkpoint``: checkpoints in the form each engine keeps its
   state (whole models, or every process's shards).
 
-Tested with two CPU processes (gloo): DDP, and DeepSpeed ZeRO-2 / ZeRO-3 on DeepSpeed's CPU
-accelerator (``tests/test_deepspeed.py``). FSDP needs CUDA devices through Accelerate and was
-not run; its paths are kept to the few calls below.
+Tested with two CPU processes (gloo): DDP, DeepSpeed ZeRO-2 / ZeRO-3 on DeepSpeed's CPU
+accelerator (``tests/test_deepspeed.py``), and FSDP2 through a test-only patch of Accelerate's
+set-up (``tests/test_fsdp.py``); none of them on CUDA devices. The engines' own calls are kept
+to the few below; what tether sets in their configs is in ``engine_settings.py``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ from tether.models.lora import merged_copy, merged_from_weights
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
 from tether.trainers.common import gradient_norm, optimizer_step, resolve_device
+from tether.trainers.engine_settings import (
+    free_port,
+    deepspeed_plugin,
+    process_group_options,
+    set_deepspeed_batch,
+    set_deepspeed_clipping,
+)
 
 
 def _close_process_group() -> None:
@@ -84,73 +91,6 @@ def gather_rollout(rollout: Rollout, parallel: "Parallel", pad_token_id: int) ->
         joined = parallel.gather_rows(as_int, pad, pad_first=field.name in ("queries", "query_mask"))
         gathered[field.name] = joined.bool() if value.dtype == torch.bool else joined
     return Rollout(**gathered)
-
-
-def set_deepspeed_batch(deepspeed_config: dict, micro_batch_size: int, accumulation_steps: int, processes: int,
-                        given: dict) -> None:
-    """DeepSpeed's batch numbers are tether's, set in the engine's ``deepspeed_config`` (where
-    Accelerate has filled in its own defaults); a number the user's DeepSpeed config (``given``)
-    sets otherwise is refused, naming the tether field that decides it."""
-    wanted = {"train_micro_batch_size_per_gpu": (micro_batch_size, "per_device_train_batch_size"),
-              "gradient_accumulation_steps": (accumulation_steps, "gradient_accumulation_steps"),
-              "train_batch_size": (micro_batch_size * accumulation_steps * processes,
-                                   "per_device_train_batch_size x gradient_accumulation_steps x processes")}
-    for key, (value, field) in wanted.items():
-        if given.get(key, "auto") not in ("auto", None, value):
-            raise ConfigError(f"the DeepSpeed config's {key} is {given[key]}, but tether's {field} makes it {value}; "
-                              f'set it to "auto" (or leave it out): tether\'s fields decide')
-        deepspeed_config[key] = int(value)
-
-
-def set_deepspeed_clipping(deepspeed_config: dict, max_grad_norm: float | None) -> None:
-    """DeepSpeed clips gradients itself, to its config's ``gradient_clipping``, which Accelerate
-    fills with 1.0 where it says "auto" or nothing: make it ``max_grad_norm`` (0: no clipping,
-    like one process with ``max_grad_norm: null``), and refuse a config that sets another value."""
-    wanted = float(max_grad_norm or 0.0)
-    given = deepspeed_config.get("gradient_clipping", "auto")
-    if given in ("auto", None):
-        deepspeed_config["gradient_clipping"] = wanted
-    elif float(given) != wanted:
-        raise ConfigError(
-            f"the DeepSpeed config's gradient_clipping is {given} but max_grad_norm is {max_grad_norm}; "
-            f"set max_grad_norm: {given}, or take gradient_clipping out of the DeepSpeed / Accelerate config"
-        )
-
-
-def process_group_options(config, gloo: bool = False) -> list:
-    """Accelerate's handlers for the ``ddp_*`` fields: DDP's own options and the process
-    group's timeout and backend (``gloo``: gloo unless ``ddp_backend`` names another)."""
-    from datetime import timedelta
-
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    ddp = {name: getattr(config, f"ddp_{name}") for name in ("find_unused_parameters", "bucket_cap_mb",
-                                                             "broadcast_buffers", "static_graph")}
-    group = {"timeout": timedelta(seconds=config.ddp_timeout)}
-    if config.ddp_backend or gloo:
-        group["backend"] = config.ddp_backend or "gloo"
-    return [DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}), InitProcessGroupKwargs(**group)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def deepspeed_plugin(settings):
-    """The ``deepspeed`` field's settings (``TrainingConfig.deepspeed_settings``) as Accelerate's plugin."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise ConfigError("DeepSpeed needs the deepspeed package: pip install 'tether[deepspeed]'") from None
-    if settings is None:
-        return None
-    return DeepSpeedPlugin(hf_ds_config=copy.deepcopy(settings))
 
 
 def keys_inside(state_dict: dict, outer: nn.Module, model: nn.Module) -> dict:
@@ -206,7 +146,7 @@ class Parallel:
         if deepspeed:  # DeepSpeed's collectives, every step on every process: torch's notes on their names
             warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
         if deepspeed and launched_processes() == 1 and "MASTER_ADDR" not in os.environ:  # one process, no launcher
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                               WORLD_SIZE="1")
         try:
             accelerator = Accelerator(**options)
