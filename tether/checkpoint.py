@@ -80,8 +80,9 @@ class StopSignals:
 class Interrupted(TetherError):
     """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path | None):
+    def __init__(self, signum: int, checkpoint: Path | None, said_elsewhere: bool = False):
         name = signal.Signals(signum).name
+        self.said_elsewhere = said_elsewhere  # every process stops; the main one says so
         if checkpoint is None:  # save_strategy no
             super().__init__(f"stopped by {name}; no checkpoint written (save_strategy no)")
         else:

@@ -123,7 +123,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 if cadence.saves(step) or (stopping and cadence.saves_on_signal):
                     saved = save_checkpoint(trainer)
                 if stopping:
-                    raise Interrupted(stop.requested or signal.SIGTERM, saved)
+                    raise Interrupted(stop.requested or signal.SIGTERM, saved, said_elsewhere=not parallel.is_main)
                 progress.update(task, advance=1, status=trainer.status(metrics))
     finally:
         trainer.reporters.close()

@@ -466,7 +466,8 @@ class PPOTrainer:
                     progress.update(task, advance=1, status=status)
                     if self.parallel.any_process(stop.requested is not None):  # all stop at the same update
                         saved = self.save_checkpoint() if cadence.saves_on_signal else None
-                        raise Interrupted(stop.requested or signal.SIGTERM, saved)
+                        raise Interrupted(stop.requested or signal.SIGTERM, saved,
+                                          said_elsewhere=not self.parallel.is_main)
                     if cadence.saves(self.update):
                         self.save_checkpoint()
         finally:
