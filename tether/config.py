@@ -298,8 +298,9 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     ddp_backend: str | None = None
     """The process group backend (``nccl``, ``gloo``); unset: Accelerate's choice."""
     deepspeed: str | dict[str, Any] | None = None
-    """A DeepSpeed config (a JSON file's path or the mapping itself), handed to Accelerate; the
-    same as launching with an Accelerate DeepSpeed config."""
+    """A DeepSpeed config (a JSON file's path or the mapping itself, inline on the command line
+    too), handed to Accelerate; the same as launching with an Accelerate DeepSpeed config. Its
+    batch numbers, optimizer, schedule and precision are tether's fields'."""
 
     eval_strategy: Literal["no", "steps", "epoch"] | None = None
     """Evaluation on held-out data (SFT, RM: held-out rows; PPO: sampling the eval prompts):
