@@ -246,3 +246,15 @@ def test_outputs_get_the_permissions_of_the_umask_not_of_their_temporary_files(t
     assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644
     assert {path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()} == {0o644}
     assert staging.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_fresh_output_dir_another_process_is_probing_is_not_taken_for_a_used_one(tmp_path):
+    """Every process of a launch checks output_dir before they join up; one may find the
+    probe file another is writing there at that moment: that is no earlier run."""
+    from tether.checkpoint import prepare_output_dir
+
+    (tmp_path / ".write-test-abc123").write_text("")
+    assert prepare_output_dir(tmp_path, resume=None, overwrite=False) is None
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="is not empty"):
+        prepare_output_dir(tmp_path, resume=None, overwrite=False)

@@ -154,14 +154,14 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
             return path
         found = checkpoints(folder)
         if not found:
-            if folder.is_dir() and any(folder.iterdir()):  # a run stopped before its first checkpoint
+            if _has_results(folder):  # a run stopped before its first checkpoint
                 raise ConfigError(
                     f"--resume: no checkpoint in {folder} (the run there stopped before writing one); "
                     "start it again with --overwrite instead of --resume"
                 )
             raise ConfigError(f"--resume: no checkpoint in {folder}; start without --resume")
         return found[-1]
-    if folder.is_dir() and any(folder.iterdir()):
+    if _has_results(folder):
         if not overwrite:
             raise ConfigError(
                 f"output_dir {folder} is not empty; pass --resume to continue that run or --overwrite to replace it "
@@ -185,6 +185,12 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
     except OSError as error:
         raise ConfigError(f"output_dir {folder} cannot be written: {error.strerror or error}") from None
     return None
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but the probe another process of the same launch is
+    writing to test it (every process checks the folder before they join up)."""
+    return folder.is_dir() and any(not path.name.startswith(".write-test-") for path in folder.iterdir())
 
 
 def remove_stale_temporaries(folder: Path) -> None:
