@@ -394,12 +394,18 @@ def load_plain(path: Path, map_location=None):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"a {found.group(1)} object" if found else "something else"
-        raise ConfigError(
-            f"checkpoint file {path} holds {what}, not only tensors and plain values: it is not loaded, as "
-            "unpickling it could run code; resume from a checkpoint tether wrote, or start afresh"
-        ) from None
+        raise _unpickling_refused(path, error, "something else") from None
+
+
+def _unpickling_refused(path: Path, error: Exception, otherwise: str) -> ConfigError:
+    """The one line for a checkpoint file that names an object it may not (in ``error``, from
+    the unpickler that stopped at it), or is ``otherwise`` unreadable."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"a {found.group(1)} object" if found else otherwise
+    return ConfigError(
+        f"checkpoint file {path} holds {what}, not only tensors and plain values: it is not loaded, as "
+        "unpickling it could run code; resume from a checkpoint tether wrote, or start afresh"
+    )
 
 
 # What the engines' own checkpoint files may name besides tensors and plain values: DeepSpeed's
@@ -445,12 +451,7 @@ def check_engine_files(folder: Path) -> None:
                 with open(path, "rb") as handle:
                     _IndexUnpickler(handle).load()
         except Exception as error:
-            found = re.search(r"GLOBAL ([\w.]+)", str(error))
-            what = f"a {found.group(1)} object" if found else f"something unreadable ({_first_line(error)})"
-            raise ConfigError(
-                f"checkpoint file {path} holds {what}, not only tensors and plain values: it is not loaded, as "
-                "unpickling it could run code; resume from a checkpoint tether wrote, or start afresh"
-            ) from None
+            raise _unpickling_refused(path, error, f"something unreadable ({_first_line(error)})") from None
 
 
 def _check_optimizer_state(optimizer, state, path: Path) -> None:

@@ -135,8 +135,9 @@ class Parallel:
         deepspeed = bool(config.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         options = dict(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accumulation_steps,
                        kwargs_handlers=process_group_options(config, gloo=cpu and deepspeed))
+        given = config.deepspeed_settings() if config.deepspeed else {}  # the file is read once here
         if config.deepspeed:
-            options["deepspeed_plugin"] = deepspeed_plugin(config.deepspeed_settings())
+            options["deepspeed_plugin"] = deepspeed_plugin(given)
         elif deepspeed:
             deepspeed_plugin(None)  # installed?
         if cpu and deepspeed:
@@ -171,7 +172,7 @@ class Parallel:
         if plugin is not None:
             set_deepspeed_clipping(plugin.deepspeed_config, config.max_grad_norm)
             set_deepspeed_batch(plugin.deepspeed_config, config.per_device_train_batch_size, accumulation_steps,
-                                launched_processes(), config.deepspeed_settings() if config.deepspeed else {})
+                                launched_processes(), given)
         atexit.register(_close_process_group)
         parallel = cls(accelerator, accelerator.process_index, accelerator.num_processes)
         if parallel.engine == "fsdp" and not accelerator.is_fsdp2:
