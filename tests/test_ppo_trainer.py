@@ -1197,6 +1197,13 @@ def test_gradients_reaching_the_optimizer_are_clipped_to_max_grad_norm(tmp_path)
     assert_finite_metrics(metrics)
     assert len(clipped) == len(unclipped) == 4
     assert clipped == pytest.approx([limit] * 4, rel=1e-4)
+    # a limit above every norm changes nothing at all: the same steps to the bit
+    loose_trainer = make_trainer(tmp_path / "loose", reward="model", max_grad_norm=max(unclipped) * 1.01)
+    loose = gradient_norms_at_each_step(loose_trainer.optimizer)
+    loose_trainer.step()
+    assert loose == unclipped
+    for name, value in params(free.policy).items():
+        assert torch.equal(params(loose_trainer.policy)[name], value), name
 
 
 def test_whiten_rewards_gives_the_shaped_rewards_unit_variance(tmp_path, monkeypatch):

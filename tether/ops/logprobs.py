@@ -145,7 +145,7 @@ class _RunningSoftmax:
         logits -= top.unsqueeze(1)  # every exponent <= 0
         weights = torch.exp(logits, out=weights_out) if weights_out is not None else logits.exp_()
         block_total = weights.sum(-1)
-        block_spread = torch.einsum("rv,rv->r", weights, logits) if self.with_entropy else None
+        block_spread = torch.linalg.vecdot(weights, logits) if self.with_entropy else None
         if self.top is None:
             self.total, self.spread = block_total, block_spread
         else:

@@ -215,10 +215,18 @@ def gradient_norm(params) -> torch.Tensor | None:
 def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> bool:
     """Step unless a gradient is non-finite (then skip it); returns whether it stepped."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    total_norm = gradient_norm(params)  # one host sync per step, not one per tensor
-    finite = total_norm is None or bool(torch.isfinite(total_norm))
+    total_norm = gradient_norm(params)
+    finite, clip = True, False
+    if total_norm is not None:  # one host sync per step, not one per tensor
+        checks = [torch.isfinite(total_norm)]
+        if max_grad_norm is not None:
+            # torch's clipping factor is ``max / (norm + 1e-6)`` capped at 1; where the cap
+            # applies it would multiply every gradient by exactly 1, a pass that changes nothing
+            checks.append(max_grad_norm / (total_norm + 1e-6) < 1)
+        finite, *clipped = torch.stack(checks).tolist()
+        clip = bool(clipped and clipped[0])
     if finite:
-        if max_grad_norm is not None and params:
+        if clip:
             torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm, foreach=True)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
