@@ -111,6 +111,8 @@ IMPOSSIBLE = {  # issue 20.7: refused in one line, exit 2, before any model load
     "stop_token and stop_token_id": ({"stop_token": "eos", "stop_token_id": "2"}, "stop_token ('eos') and stop_token_id (2) are both set"),
     "empty stop_token_id": ({"stop_token_id": "[]"}, "stop_token_id is an empty list"),
     "prompt_truncation": ({"prompt_truncation": "right"}, "prompt_truncation: expected 'left' or 'error'"),
+    "unknown tracker": ({"report_to": "wandbb"}, "report_to 'wandbb' is not supported; use one of all, none, tensorboard"),
+    "tracker not installed": ({"report_to": "[tensorboard]"}, "report_to 'tensorboard' needs the tensorboard package"),
 }
 
 

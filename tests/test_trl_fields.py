@@ -410,3 +410,22 @@ def test_trls_documented_ppo_examples_run(example, tmp_path, monkeypatch):
     assert [line["episode"] for line in lines] == [4, 8]
     if "eval_steps" in config:
         assert all("eval/scores" in line for line in lines)
+
+
+def test_report_to_all_means_every_installed_tracker(monkeypatch):
+    """transformers' ``report_to: all``: each tracker tether knows whose package is installed
+    (here only a stand-in wandb), accepted by the config; ``none`` is none."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from tether.logging import tracker_names
+
+    for name in ("tensorboard", "trackio"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed, whatever this machine has
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert tracker_names("all") == ["wandb"] and tracker_names(["all"]) == ["wandb"]
+    assert tracker_names("none") == [] and tracker_names([]) == []
+    assert PPOConfig(output_dir="unused", report_to="all").report_to == "all"

@@ -277,7 +277,8 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     logging_first_step: bool = False
     """Also log the first step whatever ``logging_steps`` says."""
     report_to: str | list[str] = "none"
-    """Trackers besides metrics.jsonl: tensorboard, wandb, trackio."""
+    """Trackers besides metrics.jsonl: tensorboard, wandb, trackio; ``all``: each of them that is
+    installed; ``none``."""
     run_name: str | None = None
     """The trackers' name for the run."""
     project: str | None = None
@@ -385,6 +386,9 @@ class TrainingConfig(metaclass=_TakesTRLNames):
             self._quantization()  # refused here, before any model loads, where it cannot run
         if self.deepspeed is not None:
             self.deepspeed_settings()  # a file that cannot be read, or settings tether decides
+        from tether.logging import tracker_names
+
+        tracker_names(self.report_to)  # an unknown tracker, or one whose package is missing
         for name, value in dataclasses.asdict(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config field {name} must be a finite number, got {value}")

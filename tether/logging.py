@@ -37,46 +37,49 @@ class MetricsFile:
 TRACKER_RUNS = "trackers.json"  # the W&B / trackio runs an output_dir logs to, for resuming
 
 
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def tracker_names(report_to: str | list[str]) -> list[str]:
+    """The trackers ``report_to`` names, each checked: a name tether does not know, or one whose
+    package is not installed, is refused in one line (``ConfigError``). ``all`` (as in
+    transformers) is every known tracker that is installed; ``none`` is none."""
+    import importlib.util
+
+    from tether.errors import ConfigError
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if "all" in names:
+        return [name for name, module in _PACKAGES.items() if importlib.util.find_spec(module) is not None]
+    names = [name for name in names if name != "none"]
+    for name in names:
+        if name not in _PACKAGES:
+            known = ", ".join(["all", "none", *_PACKAGES])
+            raise ConfigError(f"report_to {name!r} is not supported; use one of {known}")
+        if importlib.util.find_spec(_PACKAGES[name]) is None:
+            raise ConfigError(f"report_to {name!r} needs the {_PACKAGES[name]} package: pip install {_PACKAGES[name]}")
+    return names
+
+
 class Reporters:
     """Optional experiment trackers named by ``report_to``: tensorboard, wandb, trackio.
 
-    Checked when the run is set up, so a missing package fails before any training. A resumed
+    ``report_to`` is checked with the config (``tracker_names``), before any model loads. A resumed
     run (``resume_after``) continues the trackers' runs of its output_dir: W&B and trackio the
     same run (its id is kept in ``trackers.json``), TensorBoard with the events past the
     checkpoint dropped, since the resumed run logs those steps again.
     """
 
-    KNOWN = ("none", "tensorboard", "wandb", "trackio")
-
     def __init__(self, report_to: str | list[str], output_dir: str | Path, config: dict):
-        names = [report_to] if isinstance(report_to, str) else list(report_to)
-        names = [n for n in names if n != "none"]
-        for name in names:
-            if name not in self.KNOWN:
-                from tether.errors import ConfigError
-
-                raise ConfigError(f"report_to {name!r} is not supported; use one of {', '.join(self.KNOWN)}")
-        self.names = names
+        self.names = tracker_names(report_to)
         self.output_dir = Path(output_dir)
         self.config = config
         self._writers: dict[str, object] = {}
         self.resumed_at: int | None = None
-        for name in names:
-            self._require(name)
 
     def resume_after(self, step: int) -> None:
         """The run continues from a checkpoint taken at ``step``."""
         self.resumed_at = step
-
-    @staticmethod
-    def _require(name: str) -> None:
-        import importlib.util
-
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[name]
-        if importlib.util.find_spec(module) is None:
-            from tether.errors import ConfigError
-
-            raise ConfigError(f"report_to {name!r} needs the {module} package: pip install {module}")
 
     def _writer(self, name: str):
         if name not in self._writers:
