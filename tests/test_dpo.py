@@ -36,6 +36,7 @@ from tether.errors import ConfigError, DataError
 from tether.ops.preference import PAIR_LOSSES, logratios, pair_loss
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.trainers.dpo import completion_logps
+from tests.probes import gradient_norms_at_each_step
 from tests.workers.dpo_update import KINDS, PAIRS, build, step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -511,3 +512,17 @@ def test_resume_on_changed_pairs_of_the_same_count_is_refused(tmp_path):
     changed = [dict(row, chosen=row["chosen"] + " w1") for row in PAIRS]
     with pytest.raises(ConfigError, match="trained on 8 pairs, this run has other pairs; resume with the same data"):
         dpo(tmp_path, data=changed, max_steps=2).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_grad_norm_is_logged_before_clipping(tmp_path, max_grad_norm):
+    """``grad_norm`` (as HF Trainer logs it): the norm of each step's gradients before clipping,
+    the one the optimizer sees without ``max_grad_norm`` and above it with one."""
+    trainer = dpo(tmp_path, max_grad_norm=max_grad_norm)
+    norms = gradient_norms_at_each_step(trainer.optimizer)
+    logged = [metrics["grad_norm"] for metrics in trainer.train()]
+    assert len(logged) == len(norms) == 2
+    if max_grad_norm is None:
+        assert logged == pytest.approx(norms, rel=1e-5)
+    else:
+        assert norms == pytest.approx([max_grad_norm] * 2, rel=1e-4) and min(logged) > 10 * max_grad_norm

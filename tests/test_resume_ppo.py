@@ -171,15 +171,27 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, mon
     assert resumed.update == 4
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("main_process", [True, False])
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, monkeypatch, capsys, main_process):
+    """Each skipped step is said once, and the stop too: by the main process (every process of
+    a launch skips and stops alike; another process says neither)."""
+    from tether.cli import main as cli_main
+
     trainer = make_trainer(tmp_path, max_nonfinite_steps=3)
     real = trainer.parallel.backward
     monkeypatch.setattr(trainer.parallel, "backward", lambda loss: real(loss * float("nan")))
+    monkeypatch.setattr(type(trainer.parallel), "is_main", property(lambda self: main_process))
     before = [p.clone() for p in trainer.policy.parameters()]
-    with pytest.raises(TetherError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
+    with pytest.raises(TetherError, match="3 optimizer steps in a row had a non-finite loss or gradient") as stopped:
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
     assert checkpoints(tmp_path) == []
+    said = capsys.readouterr().err.count("optimizer step skipped")
+    assert said == (3 if main_process else 0)
+    assert getattr(stopped.value, "said_elsewhere", False) is not main_process
+    monkeypatch.setattr("tether.commands.run_ppo", lambda *args: (_ for _ in ()).throw(stopped.value))
+    assert cli_main(["ppo", "--config", "unused.yaml"]) == 2
+    assert ("optimizer steps in a row" in capsys.readouterr().err) is main_process
 
 
 def test_cli_refuses_an_unwritable_output_dir(tmp_path: Path, capsys):

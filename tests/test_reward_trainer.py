@@ -382,6 +382,15 @@ def test_step_clips_the_gradient_reaching_the_optimizer(tokenizer, tmp_path):
     history = trainer.train()
     assert len(norms) == len(history) >= 2
     assert norms == pytest.approx([limit] * len(norms), rel=1e-4)
+    assert all(metrics["grad_norm"] > 10 * limit for metrics in history)  # logged before clipping, as HF Trainer
+
+
+def test_logged_grad_norm_is_the_norm_the_optimizer_sees_without_clipping(tokenizer, tmp_path):
+    trainer = RewardTrainer(rm_config(tmp_path, max_grad_norm=None, eval_fraction=0.0), tokenizer,
+                            tiny_reward_model(tokenizer, seed=1), preference_table(16))
+    norms = gradient_norms_at_each_step(trainer.optimizer)
+    history = trainer.train()
+    assert [metrics["grad_norm"] for metrics in history] == pytest.approx(norms, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sft", "rm"])

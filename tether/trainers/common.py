@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -212,34 +213,45 @@ def gradient_norm(params) -> torch.Tensor | None:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> bool:
-    """Step unless a gradient is non-finite (then skip it); returns whether it stepped."""
+class Step(NamedTuple):
+    """What one optimizer step did."""
+
+    taken: bool  # False: skipped for a non-finite gradient (or by fp16's loss scaler)
+    grad_norm: float | None  # the gradients' 2-norm before clipping (HF Trainer's grad_norm); None without one
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> Step:
+    """Step unless a gradient is non-finite (then skip it)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     total_norm = gradient_norm(params)
-    finite, clip = True, False
+    norm, finite, clip = None, True, False
     if total_norm is not None:  # one host sync per step, not one per tensor
-        checks = [torch.isfinite(total_norm)]
+        checks = [total_norm, torch.isfinite(total_norm)]
         if max_grad_norm is not None:
             # torch's clipping factor is ``max / (norm + 1e-6)`` capped at 1; where the cap
             # applies it would multiply every gradient by exactly 1, a pass that changes nothing
             checks.append(max_grad_norm / (total_norm + 1e-6) < 1)
-        finite, *clipped = torch.stack(checks).tolist()
-        clip = bool(clipped and clipped[0])
+        norm, finite, *clipped = torch.stack([check.float() for check in checks]).tolist()
+        finite, clip = bool(finite), bool(clipped and clipped[0])
     if finite:
         if clip:
             torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm, foreach=True)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite
+    return Step(finite, norm)
 
 
-def stop_if_nonfinite(in_a_row: int, limit: int, where: str) -> None:
-    """Stop a run whose last ``limit`` optimizer steps were all skipped for non-finite numbers."""
+def stop_if_nonfinite(in_a_row: int, limit: int, where: str, said_elsewhere: bool = False) -> None:
+    """Stop a run whose last ``limit`` optimizer steps were all skipped for non-finite numbers.
+    Every process stops at the same step (their gradients are reduced together); with
+    ``said_elsewhere`` (not the main process) this one does not print it."""
     if in_a_row >= limit:
-        raise TetherError(
+        error = TetherError(
             f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient and were skipped "
             f"({where}); lower learning_rate, set max_grad_norm, or check the data (and, in RL, the reward)"
         )
+        error.said_elsewhere = said_elsewhere
+        raise error
 
 
 @dataclass(frozen=True)

@@ -293,14 +293,13 @@ class CriticFreeTrainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
 
     def _step(self, totals: dict) -> None:
-        norm = self.parallel.gradient_norm(self.policy.parameters())
-        self._add(totals, grad_norm=torch.zeros(()) if norm is None else norm, optimizer_steps=torch.ones(()))
-        if self.parallel.optimizer_step(self.optimizer, self.policy.parameters(), self.config.max_grad_norm):
+        taken, norm = self.parallel.optimizer_step(self.optimizer, self.policy.parameters(), self.config.max_grad_norm)
+        self._add(totals, grad_norm=torch.tensor(norm or 0.0), optimizer_steps=torch.ones(()))
+        if taken:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
             self._add(totals, skipped_steps=torch.ones(()))
-            console.print("[red]non-finite loss or gradient: optimizer step skipped")
         self.scheduler.step()
         self.optimizer_steps += 1
         config = self.config

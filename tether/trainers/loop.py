@@ -117,7 +117,8 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 if parallel.is_main and cadence.logs(step, evaluated):
                     metrics_file.write(metrics)
                     trainer.reporters.log(metrics, step=step)
-                stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}")
+                stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}",
+                                  said_elsewhere=not parallel.is_main)
                 stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step
                 saved = None
                 if cadence.saves(step) or (stopping and cadence.saves_on_signal):

@@ -162,9 +162,7 @@ class PairTrainer:
             sums = weight * torch.stack([value.detach().double().sum() for value in terms.values()]).cpu()
             totals = sums if totals is None else totals + sums
         totals = parallel.sum_over_processes(totals.to(self.device)).tolist()
-        stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), config.max_grad_norm)
-        if not stepped:
-            console.print("[red]non-finite gradient: optimizer step skipped")
+        stepped, grad_norm = parallel.optimizer_step(self.optimizer, self.model.parameters(), config.max_grad_norm)
         self.skipped_steps += not stepped
         self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         metrics = self.summarize(dict(zip(names, totals)), len(batch))
@@ -174,6 +172,8 @@ class PairTrainer:
         metrics["epoch"] = self.step_count / (len(self.train_pairs) // self.batch_pairs)  # whole batches only
         metrics["step"] = self.step_count
         metrics["skipped_steps"] = self.skipped_steps
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm  # before clipping, as HF Trainer logs it
         metrics["timing/total"] = clock(self.device) - began
         return metrics
 

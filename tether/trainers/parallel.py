@@ -53,7 +53,7 @@ from tether.models.loading import is_peft_model
 from tether.models.lora import merged_copy, merged_from_weights
 from tether.rollout.batch import Rollout
 from tether.saving import save_pretrained_atomic
-from tether.trainers.common import gradient_norm, optimizer_step, resolve_device
+from tether.trainers.common import Step, optimizer_step, resolve_device
 from tether.trainers.engine_settings import (
     free_port,
     deepspeed_plugin,
@@ -315,25 +315,30 @@ class Parallel:
         """Every process's ``values`` (the counted results of its ``my_share``), in rank order."""
         return [value for part in self.gather_objects(values) for value in part]
 
-    def optimizer_step(self, optimizer, params, max_grad_norm: float | None) -> bool:
-        """One optimizer step; returns whether it was taken. fp16: the loss scaler decides
-        (and lowers its scale after an overflow); otherwise a non-finite gradient skips it."""
+    def optimizer_step(self, optimizer, params, max_grad_norm: float | None) -> Step:
+        """One optimizer step: whether it was taken, and the gradients' norm before clipping, the
+        same on every process. fp16: the loss scaler decides (and lowers its scale after an
+        overflow), and the norm is the unscaled one where ``max_grad_norm`` clips (None without
+        it, as in HF Trainer); otherwise a non-finite gradient skips the step. DeepSpeed keeps
+        the gradients in its engine and steps it in the last backward pass: there, the norm the
+        engine computed for that step."""
         if self.accelerator is None or self.accelerator.mixed_precision != "fp16":
-            return optimizer_step(optimizer, max_grad_norm)
-        if max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(list(params), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return not self.accelerator.optimizer_step_was_skipped
-
-    def gradient_norm(self, params) -> torch.Tensor | None:
-        """The 2-norm of the gradients of this optimizer step, before clipping (None without any),
-        the same on every process. DeepSpeed keeps the gradients in its engine and steps it in
-        the last backward pass: there, the norm the engine computed for that step."""
+            step = optimizer_step(optimizer, max_grad_norm)
+        else:
+            norm = None
+            if max_grad_norm is not None:
+                norm = self.accelerator.clip_grad_norm_(list(params), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = Step(not self.accelerator.optimizer_step_was_skipped, None if norm is None else float(norm))
         if self.engine == "deepspeed":
             norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-            return None if norm is None else torch.as_tensor(float(norm))
-        return gradient_norm(params)
+            step = step._replace(grad_norm=None if norm is None else float(norm))
+        if not step.taken and self.is_main:  # every process skips it alike: said once
+            from tether.logging import console
+
+            console.print("[red]non-finite loss or gradient: optimizer step skipped")
+        return step
 
     def save_model(self, model: nn.Module, wrapped: nn.Module, tokenizer, target: Path, merged: bool = False) -> Path:
         """The trained ``model`` (bare) and ``tokenizer`` into ``target`` by the main process;

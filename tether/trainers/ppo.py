@@ -369,14 +369,14 @@ class PPOTrainer:
 
     def _optimizer_step(self, totals: UpdateTotals) -> None:
         params = [*self.policy.parameters(), *self.value_model.parameters()]
-        if self.parallel.optimizer_step(self.optimizer, params, self.config.max_grad_norm):
+        if self.parallel.optimizer_step(self.optimizer, params, self.config.max_grad_norm).taken:
             totals.steps += 1
             self.nonfinite_in_a_row = 0
             return
         totals.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        console.print("[red]non-finite loss or gradient: optimizer step skipped")
-        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"in update {self.update + 1}")
+        stop_if_nonfinite(self.nonfinite_in_a_row, self.config.max_nonfinite_steps, f"in update {self.update + 1}",
+                          said_elsewhere=not self.parallel.is_main)
 
     # --- the loop -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:

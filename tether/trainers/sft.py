@@ -250,11 +250,7 @@ class SFTTrainer:
                 parallel.backward(nll * parallel.loss_scale / num_tokens)
             total_nll += nll.item()
         total_nll = float(parallel.sum_over_processes(torch.tensor(total_nll, device=self.device)))
-        norm = parallel.gradient_norm(self.model.parameters())  # before clipping, as HF Trainer logs it
-        grad_norm = 0.0 if norm is None else float(norm)
-        stepped = parallel.optimizer_step(self.optimizer, self.model.parameters(), self.config.max_grad_norm)
-        if not stepped:
-            console.print("[red]non-finite gradient: optimizer step skipped")
+        stepped, grad_norm = parallel.optimizer_step(self.optimizer, self.model.parameters(), self.config.max_grad_norm)
         self.skipped_steps += not stepped
         self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -266,9 +262,8 @@ class SFTTrainer:
             "epoch": self.step_count / self.steps_per_epoch,
             "step": self.step_count,
             "tokens": num_tokens,
-            "grad_norm": grad_norm,
             "skipped_steps": self.skipped_steps,
-        }
+        } | ({} if grad_norm is None else {"grad_norm": grad_norm})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
