@@ -3,6 +3,9 @@ vocabulary entries (tether's CPU default) against whole rows (its layout before,
 one on an accelerator), forward and backward and without gradients.
 
     python bench/head.py            # W1 W2 W3 shapes, 2 threads
+    python bench/head.py W1 --entropy   # with the entropy too, as PPO's training pass asks
+
+To compare two checkouts, run it in each (``PYTHONPATH=<checkout> python bench/head.py``).
 
 Shapes: the rows of one PPO micro-batch's response tokens (W1 16 x 32, W2 16 x 128, W3 16 x 256),
 the hidden size and the vocabulary. Prints the median milliseconds of each and their ratio; the
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--entropy", action="store_true", help="also the entropy (PPO's training pass)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     print("| shape | rows x hidden x vocab | pass | whole rows ms | blocks ms | speed-up |")
@@ -39,11 +43,12 @@ def main() -> None:
         upstream = torch.randn(1, rows, generator=generator)
 
         def train(columns):
-            head_logprobs(hidden, weight, None, tokens, 0.7, block_columns=columns)[0].backward(upstream)
+            head_logprobs(hidden, weight, None, tokens, 0.7, with_entropy=options.entropy,
+                          block_columns=columns)[0].backward(upstream)
 
         def score(columns):
             with torch.no_grad():
-                head_logprobs(hidden, weight, None, tokens, 0.7, block_columns=columns)
+                head_logprobs(hidden, weight, None, tokens, 0.7, with_entropy=options.entropy, block_columns=columns)
 
         for label, step in (("forward + backward", train), ("no gradients", score)):
             whole = timed(lambda: step(vocab), options.repeats)
