@@ -227,6 +227,18 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path: Pat
     assert len(lines(tmp_path / "two" / "metrics.jsonl")) == 4
 
 
+def test_a_checkpoint_resumed_into_a_new_output_dir_brings_its_run_logs(tmp_path: Path):
+    """Resumed into another folder, the new metrics.jsonl starts with the first run's lines up to
+    the checkpoint and goes on as that run did; samples.jsonl alike."""
+    make_trainer(tmp_path / "first", save_steps=1, save_total_limit=4, num_sample_generations=4).train()
+    make_trainer(tmp_path / "second", num_sample_generations=4).train(
+        resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    assert len(lines(tmp_path / "second" / "metrics.jsonl")) == 4
+    assert lines(tmp_path / "second" / "metrics.jsonl") == lines(tmp_path / "first" / "metrics.jsonl")
+    samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("first", "second")]
+    assert samples[0] and samples[1] == samples[0]
+
+
 class FakeTrackers:
     """Stand-ins for tensorboard, wandb and trackio that record how tether starts and feeds them."""
 

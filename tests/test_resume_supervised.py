@@ -241,6 +241,18 @@ def test_resume_from_a_named_checkpoint_and_a_changed_dataset(tokenizer, tmp_pat
         other_data.train(resume_from_checkpoint=True)
 
 
+def test_a_checkpoint_resumed_into_a_new_output_dir_brings_its_run_logs(tokenizer, tmp_path):
+    """The new folder's metrics.jsonl covers the whole run: the first run's lines up to the
+    checkpoint, then its own; the first run's folder is left as it was."""
+    first = tmp_path / "first"
+    make_trainer("sft", tokenizer, first, save_steps=1, save_total_limit=None).train()
+    before = (first / "metrics.jsonl").read_text()
+    second = tmp_path / "second"
+    make_trainer("sft", tokenizer, second).train(resume_from_checkpoint=str(first / "checkpoint-2"))
+    assert metric_lines(second) == metric_lines(first)
+    assert (first / "metrics.jsonl").read_text() == before
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)

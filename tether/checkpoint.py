@@ -599,13 +599,26 @@ def say_extension(changes: dict[str, list[str]], scheduler, total_steps: int, sa
     )
 
 
-def truncate_jsonl(path: str | Path, keep, key: str = "step") -> None:
-    """Drop the lines a resumed run will write again (those after the checkpoint), atomically."""
+def resumed_logs(output_dir: Path, checkpoint: Path, keep, key: str = "step") -> None:
+    """The run logs (``metrics.jsonl``, ``samples.jsonl``) a resumed run goes on writing: its
+    own, with the lines it will write again (those after the checkpoint) dropped. Resumed into
+    another ``output_dir`` that has none yet, they start as the lines of the run the checkpoint
+    came from, up to the checkpoint, so the new folder's logs cover the whole run."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        target, source = output_dir / name, checkpoint.parent / name
+        elsewhere = source.is_file() and not target.exists() and source.resolve() != target.resolve()
+        truncate_jsonl(target, keep, key, source=source if elsewhere else None)
+
+
+def truncate_jsonl(path: str | Path, keep, key: str = "step", source: Path | None = None) -> None:
+    """Drop the lines a resumed run will write again (those after the checkpoint), atomically;
+    with ``source``, ``path`` is written with the lines of that file it keeps."""
     path = Path(path)
-    if not path.is_file():
+    source = path if source is None else Path(source)
+    if not source.is_file():
         return
     kept, unreadable = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in source.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
             step = entry.get(key, 0) if isinstance(entry, dict) else None
@@ -616,7 +629,7 @@ def truncate_jsonl(path: str | Path, keep, key: str = "step") -> None:
         elif keep(step):
             kept.append(line)
     if unreadable:
-        warnings.warn(f"{path}: {unreadable} unreadable line(s) dropped (a write cut short)", stacklevel=2)
+        warnings.warn(f"{source}: {unreadable} unreadable line(s) dropped (a write cut short)", stacklevel=2)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
     os.replace(temporary, path)

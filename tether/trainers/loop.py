@@ -23,8 +23,8 @@ from tether.checkpoint import (
     check_progress,
     check_resumed_config,
     prepare_output_dir,
+    resumed_logs,
     say_extension,
-    truncate_jsonl,
 )
 from torch import nn
 
@@ -101,8 +101,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     if checkpoint is not None:
         parallel.barrier()  # every process has read the checkpoint before the logs change
         if parallel.is_main:
-            for path in (metrics_file.path, trainer.output_dir / "samples.jsonl"):  # the rest comes again
-                truncate_jsonl(path, keep=lambda step: step <= trainer.step_count)
+            resumed_logs(trainer.output_dir, checkpoint, keep=lambda step: step <= trainer.step_count)
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
     cadence = trainer.cadence

@@ -52,8 +52,8 @@ from tether.checkpoint import (
     check_progress,
     check_resumed_config,
     prepare_output_dir,
+    resumed_logs,
     say_extension,
-    truncate_jsonl,
 )
 from tether.errors import ConfigError, DataError, RewardError
 from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
@@ -442,8 +442,7 @@ class PPOTrainer:
             save_config(config, self.output_dir / "config.yaml")
         self.parallel.barrier()  # every process has read the logs before the main one truncates them
         if checkpoint is not None and main:
-            for name in ("metrics.jsonl", "samples.jsonl"):  # the lines after the checkpoint come again
-                truncate_jsonl(self.output_dir / name, keep=lambda update: update <= self.update, key="update")
+            resumed_logs(self.output_dir, checkpoint, keep=lambda update: update <= self.update, key="update")
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
         cadence = Cadence(config, total, per_epoch=max(1, len(self.prompts) // self.plan.batch_size))
