@@ -460,9 +460,12 @@ def test_bad_group_configs_are_refused_in_one_line(tmp_path, fields, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_rloo_needs_two_completions_per_prompt(tmp_path):
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_a_group_needs_two_completions_per_prompt(tmp_path, kind):
+    """One completion per prompt has no baseline to compare with (TRL's GRPO refuses it too)."""
+    classes = {"grpo": {}, "rloo": {"trainer": RLOOTrainer, "config": RLOOConfig}}[kind]
     with pytest.raises(ConfigError, match="num_generations must be at least 2"):
-        grpo(tmp_path, trainer=RLOOTrainer, config=RLOOConfig, num_generations=1)
+        grpo(tmp_path, num_generations=1, **classes)
 
 
 def test_scale_rewards_true_and_false_read_as_trl_does():

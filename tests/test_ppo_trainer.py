@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -339,6 +340,9 @@ class OneProcessAccelerator:
     def __init__(self):
         self.sync_gradients = True
         self.boundaries = []
+        # the optimizer step reads the norm the engine computed (None: this stand-in has none)
+        engine = types.SimpleNamespace(get_global_grad_norm=lambda: None)
+        self.deepspeed_engine_wrapped = types.SimpleNamespace(engine=engine)
 
     def backward(self, loss):
         self.boundaries.append(self.sync_gradients)

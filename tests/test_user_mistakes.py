@@ -173,3 +173,29 @@ def test_keep_start_that_cuts_every_completion_says_so(tmp_path):
     config = SFTConfig(output_dir=str(tmp_path), device="cpu", max_length=4, truncation_mode="keep_start")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="keep_start cut every completion away"):
         SFTTrainer(config, tokenizer, tiny_causal_lm(tokenizer), rows)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "sft", "dpo"])
+def test_evaluation_asked_for_with_nothing_held_out_is_said_once(tmp_path, capsys, kind):
+    """``eval_strategy: steps`` with no test split, eval dataset or eval_fraction: one warning at
+    start-up, where the run would otherwise evaluate nothing without a word."""
+    from tether import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_causal_lm(tokenizer)
+    asked = dict(output_dir=str(tmp_path), device="cpu", eval_strategy="steps", eval_steps=1, report_to=[])
+    match kind:
+        case "ppo":
+            PPOTrainer(PPOConfig(**asked, response_length=3), tokenizer, model, lambda p, r: [0.0] * len(r), PROMPTS)
+        case "grpo":
+            GRPOTrainer(GRPOConfig(**asked, num_generations=2, per_device_train_batch_size=4, max_completion_length=3),
+                        tokenizer, model, lambda completions, **kw: [0.0] * len(completions), PROMPTS)
+        case "sft":
+            rows = [{"prompt": p, "completion": "w3"} for p in PROMPTS]
+            SFTTrainer(SFTConfig(**asked, per_device_train_batch_size=4), tokenizer, model, rows)
+        case "dpo":
+            pairs = [{"prompt": p, "chosen": "w3", "rejected": "w4"} for p in PROMPTS]
+            DPOTrainer(DPOConfig(**asked, per_device_train_batch_size=4), tokenizer, model, pairs)
+    said = capsys.readouterr().err
+    assert said.count("warning: eval_strategy is set but there are no held-out") == 1, said
+    assert "nothing is evaluated" in said

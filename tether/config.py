@@ -871,6 +871,11 @@ class GRPOConfig(CriticFreeConfig):
         if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "false", "True", "False"):
             self.scale_rewards = "group" if str(self.scale_rewards).lower() == "true" else "none"
         super().validate()
+        if self.num_generations < 2:
+            raise ConfigError(
+                "config field num_generations must be at least 2: a group of one has no spread, so every "
+                "advantage would be 0 and only the KL term would train"
+            )
         if self.delta is not None and self.delta <= 1:
             raise ConfigError(f"config field delta must be > 1 (a cap on the ratio), got {self.delta}")
 

@@ -254,6 +254,18 @@ def stop_if_nonfinite(in_a_row: int, limit: int, where: str, said_elsewhere: boo
         raise error
 
 
+def say_if_nothing_to_evaluate(config: TrainingConfig, held_out: int, what: str) -> None:
+    """One warning when ``eval_strategy`` / ``eval_steps`` ask for evaluation but there are no
+    held-out ``what`` (no test split or eval dataset, no ``eval_fraction``): nothing is evaluated."""
+    asked = "eval_strategy" if config.eval_strategy not in (None, "no") else "eval_steps" if config.eval_steps else None
+    if asked and not held_out:
+        from tether.logging import console
+
+        console.print(f"[yellow]warning: {asked} is set but there are no held-out {what} (no test split or "
+                      f"eval dataset{', eval_fraction 0' if hasattr(config, 'eval_fraction') else ''}): "
+                      "nothing is evaluated")
+
+
 @dataclass(frozen=True)
 class Cadence:
     """When a run's step (PPO: update; GRPO, RLOO: round) ``step`` of ``total`` logs, evaluates

@@ -30,7 +30,14 @@ from tether.data.sequences import PreferencePair, encode_pairs
 from tether.errors import ConfigError, DataError
 from tether.logging import console
 from tether.models.loading import check_positions, check_token_ids, check_vocabulary, ensure_pad_token
-from tether.trainers.common import Cadence, clock, seed_everything, seeded_split, training_device
+from tether.trainers.common import (
+    Cadence,
+    clock,
+    say_if_nothing_to_evaluate,
+    seed_everything,
+    seeded_split,
+    training_device,
+)
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, launched_processes
 
@@ -78,9 +85,7 @@ class PairTrainer:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset, "evaluation")
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.order_seed)
-        if not self.eval_pairs and (config.eval_strategy not in (None, "no") or config.eval_steps):
-            console.print(f"[yellow]warning: {'eval_strategy' if config.eval_strategy else 'eval_steps'} is set but "
-                          "there are no held-out pairs (no test split, eval_fraction 0): nothing is evaluated")
+        say_if_nothing_to_evaluate(config, len(self.eval_pairs), "pairs")
         self.batch_pairs = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                             * launched_processes())
         # the sampler serves only full batches: one epoch is floor(N / batch) steps

@@ -53,6 +53,7 @@ from tether.trainers.common import (
     autocast,
     make_optimizer,
     make_scheduler,
+    say_if_nothing_to_evaluate,
     seed_everything,
     seeded_split,
     training_device,
@@ -154,6 +155,7 @@ class SFTTrainer:
             train_rows, eval_rows = split_held_out(len(sequences), config.eval_fraction, config.order_seed)
             self.train_sequences = [sequences[i] for i in train_rows]
             self.eval_sequences = [sequences[i] for i in eval_rows]
+        say_if_nothing_to_evaluate(config, len(self.eval_sequences), "rows")
         check_vocabulary(tokenizer, model, "model")
         check_token_ids(model, {"training row": [s.ids for s in self.train_sequences],
                                 "evaluation row": [s.ids for s in self.eval_sequences]}, "model")
