@@ -199,3 +199,17 @@ def test_evaluation_asked_for_with_nothing_held_out_is_said_once(tmp_path, capsy
     said = capsys.readouterr().err
     assert said.count("warning: eval_strategy is set but there are no held-out") == 1, said
     assert "nothing is evaluated" in said
+
+
+def test_metrics_that_are_not_finite_are_written_as_null(tmp_path):
+    """metrics.jsonl stays strict JSON with numeric columns: a NaN or infinite metric is null (it
+    was the string "nan", which turned the whole column into text)."""
+    from tether.logging import MetricsFile
+
+    MetricsFile(tmp_path).write({"step": 1, "reward": float("nan"), "loss": torch.tensor(float("inf")), "lr": 1e-3})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "reward": None, "loss": None, "lr": 1e-3}

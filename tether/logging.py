@@ -134,10 +134,12 @@ class Reporters:
 
 
 def _plain(value):
+    """A JSON value for ``value``: a number not finite (a step's loss overflowed, every reward was
+    None) is ``null``, which stays strict JSON and reads as NaN in a numeric column."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 
