@@ -213,3 +213,30 @@ def test_metrics_that_are_not_finite_are_written_as_null(tmp_path):
 
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=refuse) == {"step": 1, "reward": None, "loss": None, "lr": 1e-3}
+
+
+def test_a_reward_argument_no_column_gives_is_refused_before_sampling(tmp_path, monkeypatch):
+    """TRL's convention passes dataset columns by name: a function that needs ``solution`` on a
+    dataset with ``answer`` is refused at start-up, naming both, not after the first rollout."""
+    from tether import GRPOConfig, GRPOTrainer
+    from tether.errors import DataError
+    from tether.trainers.grpo import GRPOTrainer as Trainer
+
+    def needs_solution(completions, solution, **kwargs):
+        return [0.0] * len(completions)
+
+    def fine(completions, answer, scale=1.0, **kwargs):
+        return [scale] * len(completions)
+
+    sampled = []
+    monkeypatch.setattr(Trainer, "rollout", lambda self, *args: sampled.append(1), raising=False)
+    tokenizer = word_tokenizer(WORDS)
+    rows = datasets.Dataset.from_list([{"prompt": p, "answer": "w3"} for p in PROMPTS])
+    config = GRPOConfig(output_dir=str(tmp_path), device="cpu", num_generations=2, per_device_train_batch_size=4,
+                        max_completion_length=3, report_to=[])
+    with pytest.raises(DataError) as refused:
+        GRPOTrainer(config, tokenizer, tiny_causal_lm(tokenizer), [fine, needs_solution], rows)
+    message = str(refused.value)
+    assert "reward function needs_solution takes solution, which no dataset column gives" in message
+    assert "columns: answer" in message and "\n" not in message and sampled == []
+    GRPOTrainer(config, tokenizer, tiny_causal_lm(tokenizer), [fine], rows)  # answer given, scale defaulted

@@ -151,6 +151,9 @@ class UserFunction:
         self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
         self.keywords = self.takes_any or "completions" in parameters
         self.declared = set(parameters)
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        # what a keyword-convention call must give it: parameters without a default
+        self.required = [name for name, p in parameters.items() if p.kind in named and p.default is p.empty]
 
     def call(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list]):
         """The function's answer for these completions (``completions`` in TRL's form: text, or
@@ -166,10 +169,11 @@ class UserFunction:
             if isinstance(error, TypeError) and len(traceback.extract_tb(error.__traceback__)) == 1:
                 # raised by the call itself: the function's parameters do not fit what it is given
                 given = "fn(prompts, responses)" if not self.keywords else (
-                    f"keywords {', '.join([*PASSED_NAMES, *columns])}")
+                    f"keywords {', '.join(dict.fromkeys([*PASSED_NAMES, *columns]))}")
+                data_columns = ", ".join(name for name in columns if name not in PASSED_NAMES) or "none"
                 raise RewardError(
                     f"{self.what} {self.name} cannot be called with {given}: {error}; take (prompts, responses), or "
-                    f"completions and **kwargs (TRL's convention; the dataset's columns: {', '.join(columns) or 'none'})"
+                    f"completions and **kwargs (TRL's convention; the dataset's columns: {data_columns})"
                 ) from error
             raise RewardError(
                 f"{self.what} {self.name} raised {type(error).__name__}: {error} ({_where(error, self.function)})"

@@ -2,7 +2,7 @@
 
 * ``load_prompt_sets``: the training and evaluation prompts, every row encoded and checked;
 * ``refuse_column_clashes``: a dataset column may not take the name of an argument tether
-  passes reward and metric functions;
+  passes reward and metric functions, and each argument they need must be given;
 * ``check_and_place``: every model's vocabulary against its tokenizer and its learned positions
   against the longest prompt + completion, said once, then moved to the training device.
 """
@@ -34,12 +34,24 @@ def load_prompt_sets(config, tokenizer, train_dataset, eval_dataset) -> tuple[Pr
 
 
 def refuse_column_clashes(columns: Iterable[str], functions: Iterable[UserFunction | None]) -> None:
+    """Before any sampling: a column named like an argument tether passes, or an argument of a
+    function (TRL's keyword convention) that neither tether nor a dataset column gives."""
+    columns = list(columns)
     for function in filter(None, functions):
-        clash = sorted(set(columns) & set(PASSED_NAMES)) if function.keywords else []
+        if not function.keywords:
+            continue
+        clash = sorted(set(columns) & set(PASSED_NAMES))
         if clash:
             raise DataError(
                 f"dataset column(s) {', '.join(clash)} have the name of an argument tether passes {function.name} "
                 f"({', '.join(PASSED_NAMES)}); rename the column(s)"
+            )
+        missing = [name for name in function.required if name not in (*PASSED_NAMES, *columns)]
+        if missing:
+            raise DataError(
+                f"{function.what} {function.name} takes {', '.join(missing)}, which no dataset column gives (the "
+                f"dataset's other columns: {', '.join(columns) or 'none'}); rename the column or the argument, or "
+                "give the argument a default"
             )
 
 
