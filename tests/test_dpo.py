@@ -492,9 +492,13 @@ def test_print_config_takes_the_file_and_the_overrides(tmp_path, capsys):
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
 
 
-def test_epochs_count_whole_batches_and_a_small_dataset_is_refused_in_one_line(tmp_path):
+def test_epochs_count_whole_batches_and_a_small_dataset_is_refused_in_one_line(tmp_path, capsys):
     history = dpo(tmp_path / "run", max_steps=-1, num_train_epochs=2, per_device_train_batch_size=3).train()
     assert [m["epoch"] for m in history] == [0.5, 1.0, 1.5, 2.0]  # 8 pairs: 2 whole batches of 3 an epoch
+    said = capsys.readouterr().err  # the 2 pairs an epoch leaves out: said once
+    assert said.count("the 2 of 8 training pairs left over are not trained on in that epoch") == 1, said
+    dpo(tmp_path / "whole", per_device_train_batch_size=4)
+    assert "left over" not in capsys.readouterr().err
     with pytest.raises(DataError) as error:
         dpo(tmp_path / "small", per_device_train_batch_size=16)
     assert "there are 8 training pairs; lower the batch sizes or add pairs" in str(error.value)

@@ -102,6 +102,13 @@ class PairTrainer:
                 f"num_train_epochs={config.num_train_epochs} of {len(self.train_pairs)} training pairs in batches of "
                 f"{self.batch_pairs} makes no whole step; raise num_train_epochs or set max_steps"
             )
+        left_over = len(self.train_pairs) % self.batch_pairs
+        if left_over:
+            console.print(
+                f"[yellow]note: an epoch is {len(self.train_pairs) // self.batch_pairs} whole batch(es) of "
+                f"{self.batch_pairs} pairs; the {left_over} of {len(self.train_pairs)} training pairs left over are not "
+                "trained on in that epoch (a new shuffle each epoch leaves out others)"
+            )
         # One global seed for the order (detail 35's quirk: shuffling per rank before sharding
         # gave overlapping shards).
         self.sampler = PromptSampler(len(self.train_pairs), self.batch_pairs, config.order_seed)
