@@ -179,7 +179,7 @@ def test_learns_a_simple_preference(tokenizer, tmp_path):
 
     assert [m["step"] for m in history] == list(range(1, 33))  # 4 epochs x floor(64 / 8)
     assert history[-1]["epoch"] == pytest.approx(4.0)
-    assert history[0]["lr"] == pytest.approx(3e-3) and history[-1]["lr"] < history[0]["lr"]  # linear to 0
+    assert history[0]["learning_rate"] == pytest.approx(3e-3) and history[-1]["learning_rate"] < history[0]["learning_rate"]  # linear to 0
     first = sum(m["loss"] for m in history[:4]) / 4
     last = sum(m["loss"] for m in history[-4:]) / 4
     assert last < first - 0.2, (first, last)

@@ -251,7 +251,7 @@ def test_step_changes_weights_and_stays_finite(tmp_path):
     history = trainer.train()
     assert len(history) == 2
     for metrics in history:
-        assert {"loss", "lr", "epoch", "step", "tokens", "grad_norm"} <= set(metrics)
+        assert {"loss", "learning_rate", "epoch", "step", "tokens", "grad_norm"} <= set(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
         assert metrics["grad_norm"] > limit
     assert norms == pytest.approx([limit, limit], rel=1e-4)
@@ -374,7 +374,7 @@ def test_steps_schedule_shuffle_and_metrics_file(tmp_path):
     assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6]
     assert [m["epoch"] for m in history] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
     # linear schedule: step u trains with lr * (1 - (u - 1) / N)
-    assert [m["lr"] for m in history] == pytest.approx([0.01 * (1 - u / 6) for u in range(6)])
+    assert [m["learning_rate"] for m in history] == pytest.approx([0.01 * (1 - u / 6) for u in range(6)])
     assert [m["step"] for m in history if "eval/loss" in m] == [4, 6]
 
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -177,6 +177,7 @@ class CriticFreeTrainer:
         self.scheduler = make_scheduler(self.optimizer, self.total_steps * self.plan.steps_per_round, config)
         self.step_count = 0  # rounds done
         self.optimizer_steps = 0
+        self.step_rate = self.scheduler.get_last_lr()[0]  # the rate of the last optimizer step, logged by its round
         self.nonfinite_in_a_row = 0
         self._said_unscored = False
         self.output_dir = Path(config.output_dir)
@@ -302,6 +303,7 @@ class CriticFreeTrainer:
         else:
             self.nonfinite_in_a_row += 1
             self._add(totals, skipped_steps=torch.ones(()))
+        self.step_rate = self.scheduler.get_last_lr()[0]  # the rate this step used, which the round logs
         self.scheduler.step()
         self.optimizer_steps += 1
         config = self.config
@@ -319,7 +321,7 @@ class CriticFreeTrainer:
         metrics = {
             "loss": values["loss"] / steps,
             "grad_norm": values["grad_norm"] / processes / steps,
-            "learning_rate": self.scheduler.get_last_lr()[0],
+            "learning_rate": self.step_rate,
             "entropy": values["entropy"] / tokens,
             "clip_ratio/low_mean": values["low_clipped"] / clip_units,
             "clip_ratio/high_mean": values["high_clipped"] / clip_units,

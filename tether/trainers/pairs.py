@@ -178,7 +178,7 @@ class PairTrainer:
         self.skipped_steps += not stepped
         self.nonfinite_in_a_row = 0 if stepped else self.nonfinite_in_a_row + 1
         metrics = self.summarize(dict(zip(names, totals)), len(batch))
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["learning_rate"] = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.step_count += 1
         metrics["epoch"] = self.step_count / (len(self.train_pairs) // self.batch_pairs)  # whole batches only

@@ -260,7 +260,7 @@ class SFTTrainer:
         self.step_count += 1
         return {
             "loss": total_nll / num_tokens,
-            "lr": lr,
+            "learning_rate": lr,
             "epoch": self.step_count / self.steps_per_epoch,
             "step": self.step_count,
             "tokens": num_tokens,
