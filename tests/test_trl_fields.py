@@ -429,3 +429,36 @@ def test_report_to_all_means_every_installed_tracker(monkeypatch):
     assert tracker_names("all") == ["wandb"] and tracker_names(["all"]) == ["wandb"]
     assert tracker_names("none") == [] and tracker_names([]) == []
     assert PPOConfig(output_dir="unused", report_to="all").report_to == "all"
+
+
+@pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig"])
+def test_every_trl_sft_and_reward_field_is_known(name, tmp_path):
+    """A TRL SFTConfig / RewardConfig moves over too: each field is a tether field, a noted one,
+    an alias, or one tether does not offer, accepted at TRL's default and refused otherwise."""
+    from tether.config import ALIASES, NOTED_FIELDS, UNSUPPORTED_FIELDS, RewardConfig, SFTConfig
+
+    ours = {"SFTConfig": SFTConfig, "RewardConfig": RewardConfig}[name]
+    try:
+        import trl
+
+        theirs = getattr(trl, name)
+        fields = [f.name for f in dataclasses.fields(theirs)]
+        defaults = {f.name: f.default for f in dataclasses.fields(theirs) if f.default is not dataclasses.MISSING}
+    except ImportError:  # CI: the lists written from TRL 1.12.0
+        recorded = json.loads((Path(__file__).parent / "trl_1_12_fields.json").read_text())
+        fields, defaults = recorded[name], recorded["unsupported_defaults"]
+    known = {f.name for f in dataclasses.fields(ours)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS) | set(ALIASES)
+    assert len(fields) > 120 and not sorted(set(fields) - known)
+    for field in set(fields) & set(UNSUPPORTED_FIELDS):
+        assert defaults[field] == UNSUPPORTED_FIELDS[field][0], field
+    if name == "SFTConfig":  # TRL's defaults, written out, load; another value is refused with the reason
+        config = load_config(SFTConfig, overrides={"completion_only_loss": "null", "loss_type": "nll", "packing": "false",
+                                                   "dataset_text_field": "text", "assistant_only_loss": "false"})
+        assert config.completion_only_loss is True and config.loss_type == "nll"
+        with pytest.raises(ConfigError, match="packing=True is not supported: tether does not join rows"):
+            load_config(SFTConfig, overrides={"packing": "true"})
+        with pytest.raises(ConfigError, match="loss_type"):
+            load_config(SFTConfig, overrides={"loss_type": "dft"})
+    else:
+        with pytest.raises(ConfigError, match="center_rewards_coefficient=0.01 is not supported"):
+            load_config(RewardConfig, overrides={"center_rewards_coefficient": "0.01"})

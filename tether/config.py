@@ -86,6 +86,8 @@ NOTED_FIELDS = {
     "router_aux_loss_coef": "tether adds no Mixture-of-Experts load-balancing loss",
     # TRL's DPOConfig
     "padding_free": "tether already runs rows without padding (packed) where the model allows",
+    # TRL's SFTConfig (GRPO and RLOO have a shuffle_dataset field of their own)
+    "shuffle_dataset": "tether draws each epoch's batches from a fresh seeded shuffle (order_seed) either way",
 }
 # TRL fields for what tether does not offer: accepted at TRL's default value (so a TRL config
 # that leaves them alone moves over) and refused at any other, with the reason.
@@ -103,6 +105,19 @@ UNSUPPORTED_FIELDS = {
     "ld_alpha": (None, "tether does not offer LD-DPO's length weighting"),
     "activation_offloading": (False, "use gradient_checkpointing to save activation memory"),
     "pad_token": (None, "set the tokenizer's pad token (TRL 1.12 deprecates this field too)"),
+    # TRL's SFTConfig and RewardConfig
+    "dataset_text_field": ("text", "tether reads plain-text rows from a column named text; rename yours"),
+    "dataset_kwargs": (None, "tether reads the dataset as it is"),
+    "packing": (False, "tether does not join rows into packed sequences (it already runs rows without padding "
+                       "where the model allows)"),
+    "packing_strategy": ("bfd", "tether does not join rows into packed sequences"),
+    "eval_packing": (None, "tether does not join rows into packed sequences"),
+    "assistant_only_loss": (False, "give prompt/completion rows; completion_only_loss takes the loss on the "
+                                   "completion alone"),
+    "eos_token": (None, "tether ends each completion with the tokenizer's own EOS token; set that one"),
+    "chat_template_path": (None, "save the chat template with the tokenizer"),
+    "center_rewards_coefficient": (None, "tether does not add a reward-centring term; normalize_rewards centres "
+                                         "the trained model's scores instead"),
 }
 ALIASES = {  # other names TRL and transformers configs use for tether's fields
     "torch_dtype": "dtype", "activation_checkpointing": "gradient_checkpointing",
@@ -917,8 +932,12 @@ class SFTConfig(LoraFields, TrainingConfig):
     the completion (a completion alone too long keeps its end); ``keep_start`` keeps the first
     tokens, cutting the completion's end and its EOS (TRL 1.12's default); ``drop`` drops the
     row. The rows cut or dropped are counted in one warning."""
-    completion_only_loss: bool = True
-    """Loss on completion tokens only (True) or on every token, the prompt's too (False)."""
+    completion_only_loss: bool | None = True
+    """Loss on completion tokens only (True) or on every token, the prompt's too (False); None,
+    TRL's default, is True (rows without a prompt have only completion tokens)."""
+    loss_type: Literal["nll"] | None = None
+    """TRL's name: SFT's loss is the tokens' negative log-likelihood (``nll``, also what None
+    means); ``dft`` is not offered."""
     eval_fraction: float = 0.0
     """Share of the rows held out for evaluation when the dataset has no ``dataset_test_split``."""
     learning_rate: float = 2e-5
@@ -926,6 +945,8 @@ class SFTConfig(LoraFields, TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.completion_only_loss is None:
+            self.completion_only_loss = True
         _check_common_supervised(self)
 
 
