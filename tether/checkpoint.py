@@ -156,8 +156,8 @@ def prepare_output_dir(output_dir: str | Path, resume: bool | str | None, overwr
         if not found:
             if _has_results(folder):  # a run stopped before its first checkpoint
                 raise ConfigError(
-                    f"--resume: no checkpoint in {folder} (the run there stopped before writing one); "
-                    "start it again with --overwrite instead of --resume"
+                    f"--resume: no checkpoint in {folder} (the run there wrote none: it stopped before its first, "
+                    "or ran with save_strategy no); start it again with --overwrite instead of --resume"
                 )
             raise ConfigError(f"--resume: no checkpoint in {folder}; start without --resume")
         return found[-1]
