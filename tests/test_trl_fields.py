@@ -462,3 +462,12 @@ def test_every_trl_sft_and_reward_field_is_known(name, tmp_path):
     else:
         with pytest.raises(ConfigError, match="center_rewards_coefficient=0.01 is not supported"):
             load_config(RewardConfig, overrides={"center_rewards_coefficient": "0.01"})
+
+
+def test_a_trl_reward_config_left_at_its_learning_rate_trains_at_trls():
+    """TRL 1.12's RewardConfig defaults learning_rate to 1e-4 (the other trainers' defaults are
+    TRL's too): a TRL YAML that leaves it out trains at the same rate."""
+    from tether.config import DPOConfig, GRPOConfig, RewardConfig, RLOOConfig, SFTConfig
+
+    expected = {RewardConfig: 1e-4, SFTConfig: 2e-5, DPOConfig: 1e-6, GRPOConfig: 1e-6, RLOOConfig: 1e-6}
+    assert {cls: cls().learning_rate for cls in expected} == expected

@@ -966,7 +966,8 @@ class RewardConfig(LoraFields, TrainingConfig):
     """After training, store a bias so the reference set scores mean 0 (``get_reward`` applies it)."""
     normalization_dataset: str | None = None
     """Reference set for normalisation (prompt + completion rows); default: the chosen responses."""
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4
+    """TRL 1.12 RewardConfig's default."""
     output_dir: str = "runs/rm"
 
     def validate(self) -> None:
