@@ -37,6 +37,7 @@ from tether.ops.preference import PAIR_LOSSES, logratios, pair_loss
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.trainers.dpo import completion_logps
 from tests.probes import gradient_norms_at_each_step
+from tests.trl_lists import trl_config_fields, unknown_to_tether
 from tests.workers.dpo_update import KINDS, PAIRS, build, step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,20 +426,10 @@ def test_the_model_as_its_own_reference_is_refused(tmp_path):
 def test_every_trl_dpo_field_is_known():
     """A TRL DPOConfig moves over: each field is a tether field, a noted one, or an unsupported
     one accepted at TRL's default (from the installed TRL, else as recorded from it)."""
-    import dataclasses
+    from tether.config import UNSUPPORTED_FIELDS
 
-    from tether.config import ALIASES, NOTED_FIELDS, UNSUPPORTED_FIELDS
-
-    try:
-        import trl
-
-        fields = [f.name for f in dataclasses.fields(trl.DPOConfig)]
-        defaults = {f.name: f.default for f in dataclasses.fields(trl.DPOConfig) if f.default is not dataclasses.MISSING}
-    except ImportError:  # CI: the list written from TRL 1.12.0
-        recorded = json.loads((ROOT / "tests" / "trl_1_12_fields.json").read_text())
-        fields, defaults = recorded["DPOConfig"], recorded["unsupported_defaults"]
-    known = {f.name for f in dataclasses.fields(DPOConfig)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS) | set(ALIASES)
-    missing = sorted(set(fields) - known)
+    fields, defaults = trl_config_fields("DPOConfig")
+    missing = unknown_to_tether(fields, DPOConfig)
     assert len(fields) > 130 and not missing, missing
     for name in ("use_weighting", "ld_alpha", "activation_offloading", "pad_token"):
         assert defaults[name] == dict((k, v[0]) for k, v in UNSUPPORTED_FIELDS.items())[name], name

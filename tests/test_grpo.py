@@ -46,6 +46,7 @@ from tether.rollout import generate
 from tether.rollout.generate import filtered_weights, generate_responses, sampling_config
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 from tether.trainers.ppo_rollout import RolloutMaker
+from tests.trl_lists import trl_config_fields, unknown_to_tether
 from tests.workers.grpo_update import KINDS, PROMPTS, build, learn, w5_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -484,33 +485,17 @@ def test_unsupported_trl_fields_pass_at_their_default_and_are_refused_otherwise(
         load_config(RLOOConfig, overrides={"generation_kwargs": "{top_k: 3}"})
 
 
-def trl_group_fields() -> tuple[dict[str, list[str]], dict[str, object]]:
-    """TRL 1.12's GRPOConfig and RLOOConfig field names and the defaults of the fields tether
-    accepts only at them: from the installed TRL, else as recorded from it."""
-    import dataclasses
-
-    try:
-        import trl
-    except ImportError:  # CI: the list written from TRL 1.12.0
-        recorded = json.loads((Path(__file__).parent / "trl_1_12_fields.json").read_text())
-        return {name: recorded[name] for name in ("GRPOConfig", "RLOOConfig")}, recorded["unsupported_defaults"]
-    fields = {cls.__name__: list(dataclasses.fields(cls)) for cls in (trl.GRPOConfig, trl.RLOOConfig)}
-    defaults = {f.name: f.default for group in fields.values() for f in group if f.default is not dataclasses.MISSING}
-    return {name: [f.name for f in group] for name, group in fields.items()}, defaults
-
-
 def test_every_trl_grpo_and_rloo_field_is_known():
     """A TRL GRPOConfig / RLOOConfig moves over: each of its fields is a tether field, a noted
     one or an unsupported one accepted at TRL's default."""
-    import dataclasses
+    from tether.config import UNSUPPORTED_FIELDS
 
-    from tether.config import ALIASES, NOTED_FIELDS, UNSUPPORTED_FIELDS
-
-    fields, defaults = trl_group_fields()
+    defaults = {}
     for ours, name in ((GRPOConfig, "GRPOConfig"), (RLOOConfig, "RLOOConfig")):
-        known = {f.name for f in dataclasses.fields(ours)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS) | set(ALIASES)
-        missing = sorted(set(fields[name]) - known)
-        assert len(fields[name]) > 150 and not missing, f"{name}: {missing}"
+        fields, its_defaults = trl_config_fields(name)
+        defaults |= its_defaults
+        missing = unknown_to_tether(fields, ours)
+        assert len(fields) > 150 and not missing, f"{name}: {missing}"
     checked = [name for name in UNSUPPORTED_FIELDS if name in defaults]  # DPO's: tests/test_dpo.py
     assert len(checked) >= 9
     for name in checked:

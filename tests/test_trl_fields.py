@@ -37,6 +37,7 @@ from tether.errors import ConfigError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
 from tether.trainers.sft import SFTTrainer
+from tests.trl_lists import trl_config_fields, unknown_to_tether
 
 WORDS = numbered_words(20)
 PROMPTS = [f"w{i} w{i + 1}" for i in range(16)]
@@ -435,20 +436,11 @@ def test_report_to_all_means_every_installed_tracker(monkeypatch):
 def test_every_trl_sft_and_reward_field_is_known(name, tmp_path):
     """A TRL SFTConfig / RewardConfig moves over too: each field is a tether field, a noted one,
     an alias, or one tether does not offer, accepted at TRL's default and refused otherwise."""
-    from tether.config import ALIASES, NOTED_FIELDS, UNSUPPORTED_FIELDS, RewardConfig, SFTConfig
+    from tether.config import UNSUPPORTED_FIELDS, RewardConfig, SFTConfig
 
-    ours = {"SFTConfig": SFTConfig, "RewardConfig": RewardConfig}[name]
-    try:
-        import trl
-
-        theirs = getattr(trl, name)
-        fields = [f.name for f in dataclasses.fields(theirs)]
-        defaults = {f.name: f.default for f in dataclasses.fields(theirs) if f.default is not dataclasses.MISSING}
-    except ImportError:  # CI: the lists written from TRL 1.12.0
-        recorded = json.loads((Path(__file__).parent / "trl_1_12_fields.json").read_text())
-        fields, defaults = recorded[name], recorded["unsupported_defaults"]
-    known = {f.name for f in dataclasses.fields(ours)} | set(NOTED_FIELDS) | set(UNSUPPORTED_FIELDS) | set(ALIASES)
-    assert len(fields) > 120 and not sorted(set(fields) - known)
+    fields, defaults = trl_config_fields(name)
+    missing = unknown_to_tether(fields, {"SFTConfig": SFTConfig, "RewardConfig": RewardConfig}[name])
+    assert len(fields) > 120 and not missing, missing
     for field in set(fields) & set(UNSUPPORTED_FIELDS):
         assert defaults[field] == UNSUPPORTED_FIELDS[field][0], field
     if name == "SFTConfig":  # TRL's defaults, written out, load; another value is refused with the reason

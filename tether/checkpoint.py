@@ -606,8 +606,8 @@ def resumed_logs(output_dir: Path, checkpoint: Path, keep, key: str = "step") ->
     came from, up to the checkpoint, so the new folder's logs cover the whole run."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         target, source = output_dir / name, checkpoint.parent / name
-        elsewhere = source.is_file() and not target.exists() and source.resolve() != target.resolve()
-        truncate_jsonl(target, keep, key, source=source if elsewhere else None)
+        # (the run's own folder has its logs: there ``target`` is ``source`` and exists)
+        truncate_jsonl(target, keep, key, source=source if source.is_file() and not target.exists() else None)
 
 
 def truncate_jsonl(path: str | Path, keep, key: str = "step", source: Path | None = None) -> None:

@@ -67,7 +67,6 @@ from tether.trainers.common import (
     make_optimizer,
     make_scheduler,
     mix_into,
-    say_if_nothing_to_evaluate,
     seed_everything,
     training_device,
 )
@@ -105,7 +104,6 @@ class CriticFreeTrainer:
         seed_everything(config.seed)  # the same on every process: models and data are built alike
 
         self.train_set, self.eval_set = load_prompt_sets(config, tokenizer, train_dataset, eval_dataset)
-        say_if_nothing_to_evaluate(config, len(self.eval_set or ()), "prompts")
         self.plan = config.group_plan(len(self.train_set), launched_processes())
         self.parallel = Parallel.create(config, config.gradient_accumulation_steps)
         warn = lambda message: console.print(f"[yellow]warning: {message}")  # noqa: E731

@@ -79,7 +79,6 @@ from tether.trainers.common import (
     clock,
     make_optimizer,
     make_scheduler,
-    say_if_nothing_to_evaluate,
     seed_everything,
     stop_if_nonfinite,
     training_device,
@@ -133,7 +132,6 @@ class PPOTrainer:
         self.train_set, self.eval_set = load_prompt_sets(config, tokenizer, train_dataset, eval_dataset)
         self.prompts = self.train_set.ids  # token ids of every prompt
         self.eval_prompts = self.eval_set.ids if self.eval_set is not None else None
-        say_if_nothing_to_evaluate(config, len(self.eval_prompts or ()), "prompts")
         self.plan = config.batch_plan(len(self.prompts), launched_processes())
         # One optimizer step per minibatch, in micro-batches: Accelerate divides each loss by
         # its accumulation count (DeepSpeed steps after that many), and the loss undoes it.

@@ -18,11 +18,13 @@ from tether.data import Prompts, load_prompts
 from tether.errors import DataError
 from tether.models.loading import check_positions, check_vocabulary
 from tether.scoring.functions import PASSED_NAMES, UserFunction
+from tether.trainers.common import say_if_nothing_to_evaluate
 
 
 def load_prompt_sets(config, tokenizer, train_dataset, eval_dataset) -> tuple[Prompts, Prompts | None]:
     """``(training prompts, evaluation prompts or None)`` as ``config`` reads them
-    (``prompt_column``, ``max_prompt_length``, ``prompt_truncation``, ``remove_unused_columns``)."""
+    (``prompt_column``, ``max_prompt_length``, ``prompt_truncation``, ``remove_unused_columns``);
+    a warning when ``eval_strategy`` asks for evaluation without evaluation prompts."""
 
     def load(data, what: str) -> Prompts:
         return load_prompts(
@@ -30,7 +32,10 @@ def load_prompt_sets(config, tokenizer, train_dataset, eval_dataset) -> tuple[Pr
             other_columns=not config.remove_unused_columns, what=what,
         )
 
-    return load(train_dataset, "training"), load(eval_dataset, "evaluation") if eval_dataset is not None else None
+    training = load(train_dataset, "training")
+    evaluation = load(eval_dataset, "evaluation") if eval_dataset is not None else None
+    say_if_nothing_to_evaluate(config, len(evaluation or ()), "prompts")
+    return training, evaluation
 
 
 def refuse_column_clashes(columns: Iterable[str], functions: Iterable[UserFunction | None]) -> None:
