@@ -1,22 +1,27 @@
-"""``torch_compile``: the trained models' decoder layers compiled with ``torch.compile``.
+"""``torch_compile``: the models' decoder layers, and the decoding step, compiled with ``torch.compile``.
 
-Each decoder layer of a trained model (the block a backbone repeats: norms, attention with
-tether's packed layout, rotary embeddings, MLP, residuals) is compiled in place, with dynamic
-shapes, so one graph serves every batch's token count and row lengths (the layers share it) and
-the element-wise work between the matrix multiplies is fused. What stays eager, and why:
+Each decoder layer of a model (the block a backbone repeats: norms, attention with tether's
+packed layout, rotary embeddings, MLP, residuals) is compiled in place, with dynamic shapes, so
+one graph serves every batch's token count and row lengths (the layers share it) and the
+element-wise work between the matrix multiplies is fused. The trained models are compiled, and
+the frozen ones (reference, reward model) where they have such layers: they share the graphs of
+the trained models' passes without gradients.
 
-* decoding (``eager_decoding``): each new token's cache length is a new shape, and a rollout's
-  steps are too small for fusion to pay back the compile (measured: ``bench/RESULTS.md``);
-* frozen models (reference, reward): they run forward only, once per rollout.
+Decoding compiles one step of the whole backbone instead (``compiled_decoding``): a step is a
+few rows, so what it saves is the host's work between small kernels. It reads the whole
+preallocated KV cache, the fixed shapes a graph needs; the compiled layers run eagerly inside
+the rest of decoding (``eager_decoding``: the prompt's prefill).
 
 Compiling in place leaves the parameters, the state-dict keys and what ``save_model`` writes
-unchanged. The first batches of each kind (training pass with and without gradients) pay the
-compile time; the update is the eager one to rounding (``tests/test_compile.py``).
+unchanged. The first batches of each kind (training pass with and without gradients, decoding
+step) pay the compile time; the update and the samples are the eager ones to rounding
+(``tests/test_compile.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -45,17 +50,58 @@ def compile_layers(model: nn.Module, backend: str | None = None, mode: str | Non
         raise ConfigError(
             f"torch_compile: no decoder layers found in {type(bare_model(model)).__name__}; set torch_compile to false"
         )
-    # One graph per kind of pass (with and without gradients, packed or padded, LoRA's frozen
-    # inputs ...), shared by every layer of that class in the process: more kinds than torch's
-    # default limit of 8 would make the rest run eagerly without a word.
+    _allow_recompiles()
+    on_cpu = all(p.device.type == "cpu" for p in layers.parameters())
+    for layer in layers:
+        layer.compile(**_compile_arguments(backend, mode, on_cpu), dynamic=True)
+
+
+def _allow_recompiles() -> None:
+    """One graph per kind of pass (with and without gradients, packed or padded, LoRA's frozen
+    inputs, decoding steps ...), shared by every layer of a class in the process: more kinds than
+    torch's default limit of 8 would make the rest run eagerly without a word."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    for layer in layers:
-        layer.compile(backend=backend or "inductor", mode=mode, dynamic=True)
+
+
+def _compile_arguments(backend: str | None, mode: str | None, on_cpu: bool) -> dict:
+    """``torch.compile``'s backend and mode, and on CPU Inductor's C++ wrapper: the code that
+    calls a graph's kernels in C++ rather than Python, which took a W1 update on 2 cores about 4%
+    faster (the graphs are small, so their Python wrapper's half millisecond a call counted).
+    Inductor takes a mode or options, not both: the mode becomes its options."""
+    backend = backend or "inductor"
+    if backend != "inductor" or not on_cpu:
+        return {"backend": backend, "mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"backend": backend, "options": {**(list_mode_options(mode) if mode else {}), "cpp_wrapper": True}}
 
 
 def eager_decoding():
     """Compiled layers run eagerly inside (a rollout's token-by-token sampling)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+@functools.cache
+def compiled_decoding(backend: str | None = None, mode: str | None = None, on_cpu: bool = True):
+    """``hidden(backbone, **inputs)``: ``backbone``'s last hidden state at the last position
+    ``[b, H]``, one decoding step compiled as a whole. Shapes are static at first; a second cache
+    length or row count recompiles once with dynamic shapes. Runs compiled inside
+    ``eager_decoding`` too. One function serves every model (it is an argument)."""
+    _allow_recompiles()
+    step = torch.compile(_last_hidden_state, **_compile_arguments(backend, mode, on_cpu))
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return step
+
+    def hidden(backbone, **inputs):
+        with set_stance("default"):
+            return step(backbone, **inputs)
+
+    return hidden
+
+
+def _last_hidden_state(backbone: nn.Module, **inputs) -> torch.Tensor:
+    return backbone(**inputs).last_hidden_state[:, -1]

@@ -14,7 +14,10 @@ KV cache instead of ``generate``:
   prefill: the prompt is run once and its KV cache copied to each row (``_distinct_rows``);
 * on a GPU one decoding step (backbone and output layer) is captured once as a CUDA graph and
   replayed for every later token (``_GraphedStep``): an eager step of a small or mid-size model
-  is bound by the host launching a few hundred kernels, not by the GPU.
+  is bound by the host launching a few hundred kernels, not by the GPU;
+* elsewhere, with ``torch_compile``, the step's backbone pass is compiled as a whole
+  (``models/compiled.py``), for the same reason: on a 2-core CPU it took a W1 step from about
+  6 ms to 4.5 ms (``bench/RESULTS.md``).
 
 Position ids skip left padding, as in every forward pass (ppo-details 4).
 """
@@ -33,7 +36,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from tether.errors import ConfigError
 from tether.models.forward import accepts_argument, output_layer_split, sharded
-from tether.models.compiled import eager_decoding
+from tether.models.compiled import compiled_decoding, eager_decoding
 from tether.models.loading import bare_model
 from tether.ops import position_ids_from_mask
 
@@ -116,6 +119,7 @@ def generate_responses(
     output_scores: bool = False,
     cuda_graphs: bool = True,
     whole_cache: bool | None = None,
+    compile_with: tuple[str | None, str | None] | None = None,
 ) -> Generation:
     """Sample one response per query, ``chunk_size`` rows at a time.
 
@@ -136,12 +140,14 @@ def generate_responses(
     output_layer = _OutputLayer(split[1], min(chunk_size, queries.size(0))) if split is not None else None
     on_cuda = queries.device.type == "cuda"
     graphs = cuda_graphs and on_cuda and not sharded(model) and model not in _UNCAPTURABLE
-    whole = on_cuda if whole_cache is None else whole_cache
+    compiled = compile_with is not None and split is not None and not graphs and not sharded(model)
+    whole = (on_cuda or compiled) if whole_cache is None else whole_cache
+    step_hidden = compiled_decoding(*compile_with, not on_cuda) if compiled and whole else None
     with eager_decoding():  # layers compiled for training (torch_compile) decode eagerly
         chunks = [
             _sample_chunk(
                 model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
-                config, output_scores, graphs, whole,
+                config, output_scores, graphs, whole, step_hidden,
             )
             for start in range(0, queries.size(0), chunk_size)
         ]
@@ -364,7 +370,7 @@ class _GraphedStep:
 
 def _sample_chunk(
     model, split, output_layer, queries, query_mask, config: SamplingConfig, output_scores: bool,
-    graphs: bool, whole_cache: bool,
+    graphs: bool, whole_cache: bool, step_hidden=None,
 ) -> Generation:
     rows, width = queries.shape
     device = queries.device
@@ -392,6 +398,10 @@ def _sample_chunk(
         decode = lambda ids, positions: _next_token_logits(  # noqa: E731
             model, split, output_layer, input_ids=ids, position_ids=positions, **step_inputs
         )[0]
+        if step_hidden is not None:  # torch_compile: the backbone's pass compiled, then the output layer
+            decode = lambda ids, positions: output_layer(  # noqa: E731
+                step_hidden(split[0], input_ids=ids, position_ids=positions, **step_inputs)
+            )
         graphed = _GraphedStep(decode, model, rows, device) if graphs else None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     seen = None

@@ -312,10 +312,16 @@ def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) 
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
-def compile_trained(config: TrainingConfig, *models: torch.nn.Module) -> None:
-    """``torch_compile``: the decoder layers of each trained model compiled (``models/compiled.py``)."""
+def compile_trained(config: TrainingConfig, *models: torch.nn.Module, frozen: tuple = ()) -> None:
+    """``torch_compile``: the decoder layers of each trained model compiled (``models/compiled.py``),
+    and those of the ``frozen`` models (reference, reward model) that have them; a frozen model
+    of another kind (a function, an architecture without a repeated block) runs eagerly."""
     if config.torch_compile:
-        from tether.models.compiled import compile_layers
+        from tether.models.compiled import compile_layers, decoder_layers
 
+        settings = config.torch_compile_backend, config.torch_compile_mode
         for model in models:
-            compile_layers(model, config.torch_compile_backend, config.torch_compile_mode)
+            compile_layers(model, *settings)
+        for model in frozen:
+            if isinstance(model, torch.nn.Module) and decoder_layers(model) is not None:
+                compile_layers(model, *settings)

@@ -104,6 +104,8 @@ class RolloutMaker:
         self.use_reference = use_reference  # False: no KL to a reference (beta 0), no reference pass
         self.unscored_allowed = unscored_allowed  # a completion no reward function scored: NaN, not refused
         self.context: dict = {}  # more keyword arguments for reward functions (GRPO's trainer_state, ...)
+        # torch_compile: decoding steps compiled too (``generate_responses``)
+        self._compile_with = (config.torch_compile_backend, config.torch_compile_mode) if config.torch_compile else None
         self.rewards = rewards
         self.reward_weights = reward_weights or [1.0] * len(rewards)
         self.reward_parts: torch.Tensor | None = None  # [B, F]: each reward's scores of the last batch (NaN: None)
@@ -125,7 +127,7 @@ class RolloutMaker:
         with self._autocast(), self.parallel.gathered_for_generation(self.policy_forward):
             responses, logprobs, _ = generate_responses(
                 self.policy, queries, query_mask, self.sampling, chunk_rows or self.config.local_rollout_forward_batch_size,
-                cuda_graphs=self.config.cuda_graphs,
+                cuda_graphs=self.config.cuda_graphs, compile_with=self._compile_with,
             )
         lengths = response_lengths(responses, self.stop_token_ids)  # [B]
         return {
