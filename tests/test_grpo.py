@@ -583,4 +583,10 @@ def test_logging_and_save_steps_count_optimizer_steps_as_trl(tmp_path):
     assert trainer.plan.steps_per_round == 2 and [h["train/optimizer_steps"] for h in history] == [2, 4, 6, 8]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
+    for line, (before, at) in zip(lines, (history[0:2], history[2:4])):  # the rounds' means, as TRL logs
+        assert line["loss"] == pytest.approx((before["loss"] + at["loss"]) / 2)
+        assert line["completions/mean_length"] == pytest.approx((before["completions/mean_length"]
+                                                                 + at["completions/mean_length"]) / 2)
+        assert line["train/optimizer_steps"] == at["train/optimizer_steps"]  # so far
+        assert line["train/skipped_steps"] == before["train/skipped_steps"] + at["train/skipped_steps"]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

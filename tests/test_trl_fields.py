@@ -214,6 +214,37 @@ def test_logging_and_save_strategies(tmp_path, fields, logged, saved):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == saved
 
 
+def test_a_logged_row_averages_the_steps_since_the_last_one():
+    """As HF Trainer logs its loss and TRL its metrics: means over the interval; positions,
+    settings and counts so far are the last step's; counts per step add up; a number only some
+    steps have (evaluation) is their mean; each row starts afresh."""
+    from tether.logging import LoggedRows
+
+    rows = LoggedRows(latest=("skipped_steps",), summed=("train/skipped_steps",))
+    rows.add({"step": 1, "loss": 1.0, "learning_rate": 0.1, "grad_norm": 4.0, "skipped_steps": 1,
+              "train/skipped_steps": 1, "epoch": 0.5})
+    rows.add({"step": 2, "loss": 4.0, "learning_rate": 0.2, "grad_norm": 2.0, "skipped_steps": 1,
+              "train/skipped_steps": 0, "epoch": 1.0, "eval/loss": 7.0, "note": "x"})
+    assert rows.row() == {"step": 2, "loss": 2.5, "learning_rate": 0.2, "grad_norm": 2.0, "skipped_steps": 1,
+                          "train/skipped_steps": 1, "epoch": 1.0, "eval/loss": 7.0, "note": "x"}
+    rows.add({"step": 3, "loss": 6.0, "train/skipped_steps": 2})
+    assert rows.row() == {"step": 3, "loss": 6.0, "train/skipped_steps": 2}
+
+
+def test_ppo_logs_the_mean_of_the_updates_since_its_last_row(tmp_path):
+    trainer = ppo(tmp_path, per_device_train_batch_size=8, total_episodes=32, logging_steps=3, logging_first_step=True,
+                  kl_coef=0.05, adaptive_kl=True)
+    history = trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["update"] for line in lines] == [1, 3, 4]
+    first, middle, last = lines
+    assert first["loss/policy_avg"] == history[0]["loss/policy_avg"] and last == pytest.approx(history[3])
+    assert middle["loss/policy_avg"] == pytest.approx((history[1]["loss/policy_avg"] + history[2]["loss/policy_avg"]) / 2)
+    assert middle["train/optimizer_steps"] == history[1]["train/optimizer_steps"] + history[2]["train/optimizer_steps"]
+    assert middle["objective/kl_coef"] == history[2]["objective/kl_coef"] != history[1]["objective/kl_coef"]
+    assert middle["lr"] == history[2]["lr"] and middle["episode"] == history[2]["episode"]
+
+
 def test_eval_strategy_steps_evaluates_on_its_own_cadence(tmp_path):
     tokenizer = word_tokenizer(WORDS)
     config = PPOConfig(output_dir=str(tmp_path), device="cpu", per_device_train_batch_size=4, num_ppo_epochs=1,

@@ -290,6 +290,8 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     """``steps``: a metrics line every ``logging_steps``; ``epoch``: at the end of each pass over
     the data; ``no``: only evaluation steps and the last (metrics.jsonl, trackers)."""
     logging_steps: int = 1
+    """Log every this many steps: each metric's mean over them (HF Trainer's and TRL's rows);
+    step, epoch, learning rate and grad_norm are the logged step's own."""
     logging_first_step: bool = False
     """Also log the first step whatever ``logging_steps`` says."""
     report_to: str | list[str] = "none"

@@ -34,6 +34,45 @@ class MetricsFile:
             os.fsync(handle.fileno())
 
 
+# Where a run is and what it used, not what a step measured: a logged row holds the last step's.
+# HF Trainer (and TRL through it) logs the learning rate and grad_norm of the step it logs at.
+POSITIONS = ("step", "epoch", "update", "episode", "learning_rate", "lr", "grad_norm")
+
+
+class LoggedRows:
+    """The row ``metrics.jsonl`` and the trackers get at a logged step: each metric's mean over
+    the steps since the last logged row, as HF Trainer logs its loss and TRL its other
+    metrics (with ``logging_steps`` 1, the step's own numbers).
+
+    ``POSITIONS`` and a trainer's ``latest`` (counts since the start, current settings) keep the
+    last step's value; counts per step (``summed``, e.g. skipped steps) are added up. Numbers a step does
+    not have (evaluation) are the mean over the steps that have them; non-numbers are the last.
+    """
+
+    def __init__(self, latest: tuple[str, ...] = (), summed: tuple[str, ...] = ()):
+        self.last = {*POSITIONS, *latest}
+        self.summed = set(summed)
+        self.pending: list[dict] = []
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def row(self) -> dict:
+        """The row for every step added since the last row."""
+        steps, self.pending = self.pending, []
+        row = {}
+        for key in dict.fromkeys(key for metrics in reversed(steps) for key in metrics):
+            values = [metrics[key] for metrics in steps if key in metrics]
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if key in self.last or not numbers:
+                row[key] = values[-1]
+            elif key in self.summed:
+                row[key] = sum(values)
+            else:
+                row[key] = values[0] if len(values) == 1 else sum(values) / len(values)
+        return row
+
+
 TRACKER_RUNS = "trackers.json"  # the W&B / trackio runs an output_dir logs to, for resuming
 
 

@@ -82,6 +82,8 @@ class CriticFreeTrainer:
     """What GRPO and RLOO share; a subclass gives ``advantages`` and ``backward``."""
 
     command = "grpo"
+    latest_metrics = ("train/optimizer_steps",)  # so far (TRL's global step)
+    summed_metrics = ("train/skipped_steps",)  # in the round
     _TOTALS = ("loss", "tokens", "entropy", "low_clipped", "high_clipped", "clip_units", "grad_norm", "optimizer_steps",
                "skipped_steps")
 

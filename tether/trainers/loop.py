@@ -29,7 +29,7 @@ from tether.checkpoint import (
 from torch import nn
 
 from tether.config import TrainingConfig, config_values, save_config
-from tether.logging import MetricsFile, console, progress_bar
+from tether.logging import LoggedRows, MetricsFile, console, progress_bar
 from tether.models.loading import DropoutOff
 from tether.trainers.common import Cadence, stop_if_nonfinite
 from tether.trainers.parallel import Parallel
@@ -44,6 +44,8 @@ class SteppedTrainer(Protocol):
     step_count: int
     total_steps: int
     nonfinite_in_a_row: int
+    latest_metrics: tuple[str, ...]  # counts since the start, settings (a logged row keeps the last)
+    summed_metrics: tuple[str, ...]  # counts per step (a logged row adds them up)
 
     def advance(self) -> tuple[dict[str, float], bool]:
         """One optimizer step plus whatever evaluation is due; ``(metrics, evaluated)``."""
@@ -105,6 +107,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
     cadence = trainer.cadence
+    rows = LoggedRows(trainer.latest_metrics, trainer.summed_metrics)
     trainer.dropout.apply()
     try:
         with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main and not config.disable_tqdm) as progress:
@@ -113,9 +116,11 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 metrics, evaluated = trainer.advance()
                 step = trainer.step_count
                 history.append(metrics)
+                rows.add(metrics)
                 if parallel.is_main and cadence.logs(step, evaluated):
-                    metrics_file.write(metrics)
-                    trainer.reporters.log(metrics, step=step)
+                    row = rows.row()
+                    metrics_file.write(row)
+                    trainer.reporters.log(row, step=step)
                 stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}",
                                   said_elsewhere=not parallel.is_main)
                 stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step

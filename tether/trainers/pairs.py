@@ -48,6 +48,8 @@ class PairTrainer:
     metric kept in ``eval_history`` and shown in the status line."""
 
     command = "pairs"
+    latest_metrics = ("skipped_steps",)  # optimizer steps skipped so far
+    summed_metrics = ()
     title = "PAIRS"
     accuracy = "accuracy"
 

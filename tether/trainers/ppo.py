@@ -56,7 +56,7 @@ from tether.checkpoint import (
     say_extension,
 )
 from tether.errors import ConfigError, DataError, RewardError
-from tether.logging import MetricsFile, Reporters, console, progress_bar, sample_table
+from tether.logging import LoggedRows, MetricsFile, Reporters, console, progress_bar, sample_table
 from tether.models.forward import Actor, Critic, critic_values, policy_logprobs
 from tether.models.loading import (
     check_scalar_model,
@@ -446,6 +446,8 @@ class PPOTrainer:
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
         cadence = Cadence(config, total, per_epoch=max(1, len(self.prompts) // self.plan.batch_size))
+        # the KL coefficient now; optimizer and skipped steps in each update
+        rows = LoggedRows(latest=("objective/kl_coef",), summed=("train/optimizer_steps", "train/skipped_steps"))
         self.dropout.apply()
         try:
             with StopSignals() as stop, progress_bar("PPO", enabled=main and not config.disable_tqdm) as progress:
@@ -458,9 +460,11 @@ class PPOTrainer:
                     if table or evaluate:
                         metrics.update(self._show_samples(progress, evaluate))
                     self.history.append(metrics)
+                    rows.add(metrics)
                     if main and cadence.logs(self.update, evaluated=evaluate):
-                        metrics_file.write(metrics)
-                        self.reporters.log(metrics, step=self.update)
+                        row = rows.row()
+                        metrics_file.write(row)
+                        self.reporters.log(row, step=self.update)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
                     if self.parallel.any_process(stop.requested is not None):  # all stop at the same update

@@ -135,6 +135,8 @@ class SFTTrainer:
     """
 
     command = "sft"
+    latest_metrics = ("skipped_steps",)  # optimizer steps skipped so far
+    summed_metrics = ()
 
     def __init__(self, config: SFTConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
