@@ -105,7 +105,7 @@ def run_settings(output_dir: Path, **overrides) -> dict:
     values = dict(
         output_dir=str(output_dir), device=DEVICE, full_determinism=DEVICE != "cpu", seed=0, learning_rate=1e-2, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_train_epochs=2.0, eval_fraction=0.2, eval_steps=2, save_steps=3,
-        max_grad_norm=1.0,
+        save_total_limit=2, max_grad_norm=1.0,
     )
     values.update(overrides)
     return values

@@ -37,7 +37,7 @@ from tether.errors import ConfigError
 from tether.tiny import numbered_words, tiny_causal_lm, tiny_reward_model, word_tokenizer
 from tether.trainers.ppo import PPOTrainer
 from tether.trainers.sft import SFTTrainer
-from tests.trl_lists import trl_config_fields, unknown_to_tether
+from tests.trl_lists import trl_config_fields, trl_defaults, unknown_to_tether
 
 WORDS = numbered_words(20)
 PROMPTS = [f"w{i} w{i + 1}" for i in range(16)]
@@ -494,3 +494,38 @@ def test_a_trl_reward_config_left_at_its_learning_rate_trains_at_trls():
 
     expected = {RewardConfig: 1e-4, SFTConfig: 2e-5, DPOConfig: 1e-6, GRPOConfig: 1e-6, RLOOConfig: 1e-6}
     assert {cls: cls().learning_rate for cls in expected} == expected
+
+
+# Where a tether default differs from TRL 1.12's on purpose (the README says each): a TRL YAML that
+# leaves one of these out runs with tether's. Every other shared field defaults as in TRL.
+CHOSEN_DEFAULTS = {
+    "output_dir": "runs/<command> (TRL: trainer_output)",
+    "bf16": "off (TRL: on unless fp16); bf16 is slower than fp32 on CPUs without AVX512-BF16",
+    "gradient_checkpointing": "off (TRL: on); it trades a third more compute for memory",
+    "logging_steps": "1 (TRL: 10); a row every step, the mean over the interval when set higher",
+    "project": "tracker default (TRL: huggingface)",
+    "disable_tqdm": "False (TRL: None, which transformers reads as False at the default log level)",
+    "remove_unused_columns": "False: reward and metric functions get every column",
+    "eval_strategy": "each trainer's own schedule when held-out data exists (TRL: no)",
+    "truncation_mode": "keep_end keeps the completion (TRL: keep_start)",
+    "completion_only_loss": "True, which TRL's None means",
+    "loss_type": "'sigmoid', which TRL's ['sigmoid'] means",
+    "max_grad_norm": "PPO: none, as TRL's PPO loop never clipped",
+    "sft_model_path": "none (TRL: EleutherAI/pythia-160m from the hub): the user names the model",
+    "reward_model_path": "none (TRL: EleutherAI/pythia-160m from the hub): the user names the model",
+}
+
+
+@pytest.mark.parametrize("name", ["SFTConfig", "RewardConfig", "DPOConfig", "GRPOConfig", "RLOOConfig", "PPOConfig"])
+def test_every_shared_field_defaults_as_in_trl_unless_chosen(name):
+    import tether.config
+
+    ours, theirs = getattr(tether.config, name)(), trl_defaults(name)
+    differ = {f.name for f in dataclasses.fields(ours)
+              if f.name in theirs and _plain(getattr(ours, f.name)) != theirs[f.name]}
+    assert differ <= set(CHOSEN_DEFAULTS), sorted(differ - set(CHOSEN_DEFAULTS))
+    assert {"save_steps", "save_total_limit", "learning_rate", "lr_scheduler_type"} <= set(theirs) - differ
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

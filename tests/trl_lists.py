@@ -22,6 +22,12 @@ def trl_config_fields(name: str) -> tuple[list[str], dict[str, object]]:
     return [f.name for f in fields], {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
 
 
+def trl_defaults(name: str) -> dict[str, object]:
+    """The defaults of TRL 1.12's config class ``name``, as recorded (plain JSON values: an
+    enum's value, a factory's product)."""
+    return json.loads(RECORDED.read_text())["defaults"][name]
+
+
 def unknown_to_tether(fields: list[str], ours) -> list[str]:
     """TRL's ``fields`` that tether's config class ``ours`` neither has, notes, accepts at TRL's
     default, nor reads under another name."""

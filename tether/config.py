@@ -333,11 +333,11 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     """``steps``: a checkpoint every ``save_steps`` (and at the end and on SIGTERM / SIGINT);
     ``epoch``: after each pass over the data (and at the end, on a signal); ``no``: none at all
     (the run cannot be resumed)."""
-    save_steps: int | None = None
+    save_steps: int | None = 500
     """Write a checkpoint every this many updates / optimizer steps (always at the end and on
-    SIGTERM / SIGINT)."""
-    save_total_limit: int | None = 2
-    """Keep only the newest this many checkpoints."""
+    SIGTERM / SIGINT); TRL's default, 500."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints; unset (TRL's default): keep every one."""
     resume_from_checkpoint: bool | str | None = None
     """True: continue from the newest checkpoint in ``output_dir``; a path: from that one.
     ``--resume`` on the command line."""
