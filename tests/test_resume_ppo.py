@@ -318,3 +318,15 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
     trackers.started.clear()
     make_trainer(out, total_episodes=8, report_to=report, overwrite_output_dir=True).train()
     assert ("wandb", wandb_id, "allow") not in trackers.started and ("tensorboard", None) in trackers.started
+
+
+def test_a_resume_mid_logging_interval_logs_the_rows_of_a_straight_run(tmp_path: Path):
+    """With logging_steps 3 the row at update 3 is the mean of updates 1-3. Resumed from
+    checkpoint-2, updates 1-2 come from the checkpoint: the row is the straight run's."""
+    straight = make_trainer(tmp_path / "straight", save_steps=1, logging_steps=3)
+    straight.train()
+    assert [line["update"] for line in lines(tmp_path / "straight" / "metrics.jsonl")] == [3, 4]
+    make_trainer(tmp_path / "again", save_steps=1, logging_steps=3).train()
+    resumed = make_trainer(tmp_path / "again", save_steps=1, logging_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-2"))
+    assert lines(tmp_path / "again" / "metrics.jsonl") == lines(tmp_path / "straight" / "metrics.jsonl")

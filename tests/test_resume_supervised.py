@@ -197,6 +197,18 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(kind, tokenizer, tmp_
         assert second.model.config.reward_bias == straight.model.config.reward_bias
 
 
+def test_a_resume_mid_logging_interval_logs_the_rows_of_a_straight_run(tokenizer, tmp_path):
+    """logging_steps 3: the row at step 3 is the mean of steps 1-3, and the checkpoint at step 2
+    carries steps 1-2 into the resumed run (every trainer on this loop: SFT, RM, DPO, GRPO)."""
+    settings = dict(logging_steps=3, save_steps=1, save_total_limit=None, eval_steps=4)  # evaluated at 4 only
+    make_trainer("sft", tokenizer, tmp_path / "straight", **settings).train()
+    assert [line["step"] for line in metric_lines(tmp_path / "straight")] == [3, 4]
+    make_trainer("sft", tokenizer, tmp_path / "again", **settings).train()
+    resumed = make_trainer("sft", tokenizer, tmp_path / "again", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-2"))
+    assert metric_lines(tmp_path / "again") == metric_lines(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_resuming_a_finished_run_trains_nothing_and_restores_it(kind, tokenizer, tmp_path):
     out = tmp_path / "run"

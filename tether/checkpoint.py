@@ -541,6 +541,15 @@ def _rate_of_restored_step(scheduler) -> None:
     scheduler._last_lr = rates
 
 
+def unlogged_steps(checkpoint: Path, recorded) -> list[dict]:
+    """The metrics a checkpoint recorded of the steps after its run's last logged row (with
+    ``logging_steps`` above 1, the next row's mean includes them); none in a checkpoint written
+    before tether recorded them."""
+    if not isinstance(recorded, list) or not all(isinstance(step, dict) for step in recorded):
+        raise ConfigError(f"checkpoint {checkpoint}: its trainer state has no valid unlogged steps; it is damaged")
+    return recorded
+
+
 def check_progress(checkpoint: Path, done, total_steps: int) -> int:
     """The steps (updates) a checkpoint has done, refused unless a whole number from 0 to the
     run's ``total_steps`` (an extended run is re-planned first: see ``say_extension``)."""

@@ -19,6 +19,7 @@ import signal
 
 from tether.checkpoint import (
     Interrupted,
+    unlogged_steps,
     StopSignals,
     check_progress,
     check_resumed_config,
@@ -60,9 +61,11 @@ class SteppedTrainer(Protocol):
         """The models a checkpoint holds, by name (the trained one, and any other that changes)."""
 
 
-def save_checkpoint(trainer) -> Path:
-    """``<output_dir>/checkpoint-<step>`` with the trainer's models and state (see tether.checkpoint)."""
-    state = {**trainer.state_dict(), "config": config_values(trainer.config), "command": trainer.command}
+def save_checkpoint(trainer, unlogged: list[dict]) -> Path:
+    """``<output_dir>/checkpoint-<step>`` with the trainer's models and state (see tether.checkpoint),
+    and the metrics of the ``unlogged`` steps since the last logged row (the next row's mean)."""
+    state = {**trainer.state_dict(), "config": config_values(trainer.config), "command": trainer.command,
+             "unlogged": unlogged}
     with trainer.dropout.original_configs():
         return trainer.parallel.write_checkpoint(
             trainer.output_dir, trainer.step_count, trainer.checkpointed_models(), trainer.tokenizer, trainer.optimizer,
@@ -70,16 +73,19 @@ def save_checkpoint(trainer) -> Path:
         )
 
 
-def resume(trainer, checkpoint: Path) -> None:
+def resume(trainer, checkpoint: Path) -> list[dict]:
+    """Restore ``checkpoint`` into ``trainer``; returns the metrics of its unlogged steps."""
     say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
     changes = check_resumed_config(checkpoint, trainer.config, say, trainer.command)
     state = trainer.parallel.restore_checkpoint(checkpoint, trainer.checkpointed_models(), trainer.optimizer,
                                                 trainer.scheduler)
     for recorded in ("config", "command", "world_size", "engine", "format"):  # checked before the restore
         state.pop(recorded, None)
+    unlogged = unlogged_steps(checkpoint, state.pop("unlogged", []))
     trainer.load_state_dict(state)
     check_progress(checkpoint, trainer.step_count, trainer.total_steps)
     say_extension(changes, trainer.scheduler, trainer.total_steps, say)
+    return unlogged
 
 
 def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool | str | None) -> list[dict[str, float]]:
@@ -95,8 +101,9 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
     # Only the main process checks, clears and writes the output folder; all stop on its refusal.
     checkpoint = parallel.share(lambda: prepare_output_dir(trainer.output_dir, wanted, config.overwrite_output_dir))
     metrics_file = MetricsFile(trainer.output_dir)
-    if checkpoint is not None:
-        parallel.together(lambda: resume(trainer, checkpoint))  # refuses a changed config before anything is written
+    rows = LoggedRows(trainer.latest_metrics, trainer.summed_metrics)  # the main process's
+    if checkpoint is not None:  # refuses a changed config before anything is written
+        rows.pending = parallel.together(lambda: resume(trainer, checkpoint))
         trainer.reporters.resume_after(trainer.step_count)
     if parallel.is_main:
         save_config(config, trainer.output_dir / "config.yaml")
@@ -107,7 +114,6 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
             console.print(f"resuming from {checkpoint} at step {trainer.step_count} of {trainer.total_steps}")
     history = []
     cadence = trainer.cadence
-    rows = LoggedRows(trainer.latest_metrics, trainer.summed_metrics)
     trainer.dropout.apply()
     try:
         with StopSignals() as stop, progress_bar(name, enabled=parallel.is_main and not config.disable_tqdm) as progress:
@@ -116,17 +122,18 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 metrics, evaluated = trainer.advance()
                 step = trainer.step_count
                 history.append(metrics)
-                rows.add(metrics)
-                if parallel.is_main and cadence.logs(step, evaluated):
-                    row = rows.row()
-                    metrics_file.write(row)
-                    trainer.reporters.log(row, step=step)
+                if parallel.is_main:
+                    rows.add(metrics)
+                    if cadence.logs(step, evaluated):
+                        row = rows.row()
+                        metrics_file.write(row)
+                        trainer.reporters.log(row, step=step)
                 stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}",
                                   said_elsewhere=not parallel.is_main)
                 stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step
                 saved = None
                 if cadence.saves(step) or (stopping and cadence.saves_on_signal):
-                    saved = save_checkpoint(trainer)
+                    saved = save_checkpoint(trainer, rows.pending)
                 if stopping:
                     raise Interrupted(stop.requested or signal.SIGTERM, saved, said_elsewhere=not parallel.is_main)
                 progress.update(task, advance=1, status=trainer.status(metrics))

@@ -54,6 +54,7 @@ from tether.checkpoint import (
     prepare_output_dir,
     resumed_logs,
     say_extension,
+    unlogged_steps,
 )
 from tether.errors import ConfigError, DataError, RewardError
 from tether.logging import LoggedRows, MetricsFile, Reporters, console, progress_bar, sample_table
@@ -434,8 +435,10 @@ class PPOTrainer:
         checkpoint = self.parallel.share(
             lambda: prepare_output_dir(self.output_dir, resume, config.overwrite_output_dir)
         )
+        # the KL coefficient now; optimizer and skipped steps in each update
+        rows = LoggedRows(latest=("objective/kl_coef",), summed=("train/optimizer_steps", "train/skipped_steps"))
         if checkpoint is not None:  # refuses a changed config before anything is written
-            self.parallel.together(lambda: self._resume(checkpoint))
+            rows.pending = self.parallel.together(lambda: self._resume(checkpoint))
             console.print(f"resuming from {checkpoint} (update {self.update} of {self.plan.num_total_batches})")
             self.reporters.resume_after(self.update)
         if main:
@@ -446,8 +449,6 @@ class PPOTrainer:
         metrics_file = MetricsFile(self.output_dir)
         total = self.plan.num_total_batches
         cadence = Cadence(config, total, per_epoch=max(1, len(self.prompts) // self.plan.batch_size))
-        # the KL coefficient now; optimizer and skipped steps in each update
-        rows = LoggedRows(latest=("objective/kl_coef",), summed=("train/optimizer_steps", "train/skipped_steps"))
         self.dropout.apply()
         try:
             with StopSignals() as stop, progress_bar("PPO", enabled=main and not config.disable_tqdm) as progress:
@@ -460,19 +461,20 @@ class PPOTrainer:
                     if table or evaluate:
                         metrics.update(self._show_samples(progress, evaluate))
                     self.history.append(metrics)
-                    rows.add(metrics)
-                    if main and cadence.logs(self.update, evaluated=evaluate):
-                        row = rows.row()
-                        metrics_file.write(row)
-                        self.reporters.log(row, step=self.update)
+                    if main:
+                        rows.add(metrics)
+                        if cadence.logs(self.update, evaluated=evaluate):
+                            row = rows.row()
+                            metrics_file.write(row)
+                            self.reporters.log(row, step=self.update)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
                     if self.parallel.any_process(stop.requested is not None):  # all stop at the same update
-                        saved = self.save_checkpoint() if cadence.saves_on_signal else None
+                        saved = self.save_checkpoint(rows.pending) if cadence.saves_on_signal else None
                         raise Interrupted(stop.requested or signal.SIGTERM, saved,
                                           said_elsewhere=not self.parallel.is_main)
                     if cadence.saves(self.update):
-                        self.save_checkpoint()
+                        self.save_checkpoint(rows.pending)
         finally:
             self.reporters.close()
             self.dropout.restore()  # the caller's models as they came
@@ -482,11 +484,13 @@ class PPOTrainer:
     def _trained_models(self) -> dict[str, nn.Module]:
         return {"policy": self.policy, "value_model": self.value_model}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, unlogged: list[dict] | None = None) -> Path:
         """``checkpoint-<update>``: models, optimizer, schedule, KL controller, data position,
-        RNG states (every process's) and the metrics so far (see ``Parallel.write_checkpoint``).
-        The models are the bare ones: a LoRA model's checkpoint holds its adapter."""
+        RNG states (every process's) and the metrics so far, ``unlogged`` those of the updates
+        after the last logged row (see ``Parallel.write_checkpoint``). The models are the bare
+        ones: a LoRA model's checkpoint holds its adapter."""
         state = {
+            "unlogged": unlogged or [],
             "update": self.update,
             "sampler": self.sampler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
@@ -501,7 +505,8 @@ class PPOTrainer:
                 state, self.config.save_total_limit,
             )
 
-    def _resume(self, checkpoint: Path) -> None:
+    def _resume(self, checkpoint: Path) -> list[dict]:
+        """Restore ``checkpoint``; returns the metrics of its updates after the last logged row."""
         say = lambda message: console.print(f"[yellow]{message}")  # noqa: E731
         changes = check_resumed_config(checkpoint, self.config, say, "ppo")
         state = self.parallel.restore_checkpoint(checkpoint, self._trained_models(), self.optimizer, self.scheduler)
@@ -519,6 +524,7 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(kl)
         self.nonfinite_in_a_row, self.history = nonfinite, history
         say_extension(changes, self.scheduler, self.plan.num_total_batches, say)
+        return unlogged_steps(checkpoint, state.get("unlogged", []))
 
     def _show_samples(self, progress, evaluate: bool, rows: int = 4) -> dict[str, float]:
         """A table of samples: from an evaluation of the eval prompts (whose ``eval/*``
