@@ -574,6 +574,17 @@ def test_evaluation_reports_eval_metrics_and_changes_nothing_trained(tmp_path):
         assert torch.equal(dict(evaluated.policy.named_parameters())[name].detach(), value), name
 
 
+def test_max_steps_not_a_multiple_of_a_round_stops_there_as_trl(tmp_path):
+    """Rounds of 2 optimizer steps and max_steps 7: 4 rounds, the last one of a single step, and
+    the learning rate planned over the 7 (linear: the 7th step runs at lr / 7)."""
+    trainer = grpo(tmp_path, per_device_train_batch_size=4, num_generations=4, steps_per_generation=2, max_steps=7,
+                   learning_rate=1e-3)
+    history = trainer.train()
+    assert [h["train/optimizer_steps"] for h in history] == [2, 4, 6, 7]
+    assert history[-1]["learning_rate"] == pytest.approx(1e-3 / 7)
+    assert trainer.progress.max_steps == 7
+
+
 def test_logging_and_save_steps_count_optimizer_steps_as_trl(tmp_path):
     """Rounds of 2 optimizer steps (steps_per_generation 2): max_steps 8 is 4 rounds, and
     logging_steps / save_steps 4 act every second round (TRL counts optimizer steps)."""

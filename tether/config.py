@@ -706,7 +706,8 @@ class GroupPlan:
     ``prompts`` prompts (``local_prompts`` on each process); its rollout is trained on for
     ``num_iterations`` passes of ``mini_batches`` optimizer steps (``steps_per_round`` in all),
     each of ``per_device_train_batch_size x gradient_accumulation_steps x processes`` completions
-    in micro-batches of ``per_device_train_batch_size``.
+    in micro-batches of ``per_device_train_batch_size``. ``optimizer_steps`` in the whole run:
+    ``max_steps`` when set, so the last round may stop short of ``steps_per_round`` (as TRL does).
     """
 
     world_size: int
@@ -717,6 +718,7 @@ class GroupPlan:
     steps_per_round: int
     num_rounds: int
     micro_batch_size: int
+    optimizer_steps: int
 
 
 @dataclass
@@ -853,8 +855,9 @@ class CriticFreeConfig(LoraFields, TrainingConfig):
             rounds = math.ceil(self.max_steps / steps_per_round)
         else:
             rounds = max(1, math.ceil(self.num_train_epochs * rounds_per_epoch))
+        steps = self.max_steps if self.max_steps > 0 else rounds * steps_per_round
         return GroupPlan(world_size, generation, prompts, prompts // world_size, mini_batches, steps_per_round, rounds,
-                         micro)
+                         micro, steps)
 
 
 @dataclass
@@ -1085,7 +1088,7 @@ def _check_compile_settings(backend: str | None, mode: str | None) -> None:
     if backend is not None:
         import torch._dynamo
 
-        backends = torch._dynamo.list_backends(exclude_tags=())
+        backends = [name for name in torch._dynamo.list_backends(exclude_tags=()) if not name.endswith("_TESTING_ONLY")]
         if backend not in backends:
             raise ConfigError(f"config field torch_compile_backend {backend!r} is not one of {', '.join(backends)}")
 

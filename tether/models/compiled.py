@@ -79,7 +79,8 @@ def _compile_arguments(backend: str | None, mode: str | None, on_cpu: bool) -> d
 
 
 def eager_decoding():
-    """Compiled layers run eagerly inside (a rollout's token-by-token sampling)."""
+    """Compiled layers run eagerly inside (a rollout's prefill; ``compiled_decoding``'s step
+    opts out)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 

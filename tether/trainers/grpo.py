@@ -168,13 +168,13 @@ class CriticFreeTrainer:
             stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
         )
         self.function_log = FunctionLog()  # what reward functions log in the current round
-        self.progress = TrainerState(max_steps=self.plan.num_rounds * self.plan.steps_per_round)
+        self.progress = TrainerState(max_steps=self.plan.optimizer_steps)
         self.rollout_maker.context = {"trainer_state": self.progress, "log_metric": self._log_metric,
                                       "log_extra": self._log_extra}
         if self.parallel.distributed:  # different samples on every process
             seed_everything(config.seed + 100003 * self.parallel.rank)
         self.total_steps = self.plan.num_rounds
-        self.scheduler = make_scheduler(self.optimizer, self.total_steps * self.plan.steps_per_round, config)
+        self.scheduler = make_scheduler(self.optimizer, self.plan.optimizer_steps, config)
         self.step_count = 0  # rounds done
         self.optimizer_steps = 0
         self.step_rate = self.scheduler.get_last_lr()[0]  # the rate of the last optimizer step, logged by its round
@@ -265,10 +265,13 @@ class CriticFreeTrainer:
         totals = dict.fromkeys(self._TOTALS, 0.0)  # the same names on every process, steps or none
         if config.beta and isinstance(self, GRPOTrainer):
             totals["kl"] = 0.0
+        plan = self.plan  # the last round stops at max_steps
+        steps = min(plan.steps_per_round, plan.optimizer_steps - self.step_count * plan.steps_per_round)
         train_on_rollout(
-            rollout, self.parallel, self.device, epochs=config.num_iterations, num_mini_batches=self.plan.mini_batches,
-            micro_batch_size=self.plan.micro_batch_size, models=(self._policy,),
+            rollout, self.parallel, self.device, epochs=config.num_iterations, num_mini_batches=plan.mini_batches,
+            micro_batch_size=plan.micro_batch_size, models=(self._policy,),
             backward=lambda micro, minibatch: self.backward(micro, minibatch, totals), step=lambda: self._step(totals),
+            steps=steps,
         )
         metrics.update(self._update_metrics(totals))
         timing["timing/update"] = clock(self.device) - update_start

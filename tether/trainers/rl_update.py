@@ -36,12 +36,12 @@ class Minibatch:
 def train_on_rollout(
     rollout: Rollout, parallel: Parallel, device: torch.device, *, epochs: int, num_mini_batches: int,
     micro_batch_size: int, models: tuple[nn.Module, ...], backward: Callable[[Rollout, Minibatch], None],
-    step: Callable[[], None],
+    step: Callable[[], None], steps: int | None = None,
 ) -> None:
-    """``epochs`` x ``num_mini_batches`` optimizer steps on ``rollout``: ``backward(micro,
-    minibatch)`` for each of this process's micro-batches (gradients kept local to ``models``
-    until a minibatch's last one), then ``step()``. A minibatch without a kept token is skipped:
-    nothing to learn, no step."""
+    """``epochs`` x ``num_mini_batches`` optimizer steps on ``rollout`` (only the first ``steps``
+    of them when given): ``backward(micro, minibatch)`` for each of this process's micro-batches
+    (gradients kept local to ``models`` until a minibatch's last one), then ``step()``. A
+    minibatch without a kept token is skipped: nothing to learn, no step (it still counts)."""
     rows = rollout.response_mask.size(0)
     mini_batch_size = math.ceil(rows / num_mini_batches)
     if mini_batch_size % parallel.world_size:
@@ -49,9 +49,12 @@ def train_on_rollout(
             f"a minibatch of {mini_batch_size} rows cannot be shared equally by {parallel.world_size} processes"
         )
     share = mini_batch_size // parallel.world_size  # this process's rows of every minibatch
-    for _ in range(epochs):
+    mini_starts = range(0, rows, mini_batch_size)
+    left = epochs * len(mini_starts) if steps is None else min(steps, epochs * len(mini_starts))
+    while left > 0:  # an epoch at a time
         order = parallel.same_permutation(rows, device)
-        for mini_start in range(0, rows, mini_batch_size):
+        for mini_start in mini_starts[:left]:
+            left -= 1
             minibatch = order[mini_start : mini_start + mini_batch_size]
             tokens = int(rollout.response_mask[minibatch].sum())  # over all processes' rows
             if tokens == 0:
