@@ -142,8 +142,9 @@ def generate_responses(
     graphs = cuda_graphs and on_cuda and not sharded(model) and model not in _UNCAPTURABLE
     compiled = compile_with is not None and split is not None and not graphs and not sharded(model)
     whole = (on_cuda or compiled) if whole_cache is None else whole_cache
-    step_hidden = compiled_decoding(*compile_with, not on_cuda) if compiled and whole else None
-    with eager_decoding():  # layers compiled for training (torch_compile) decode eagerly
+    on_cpu = queries.device.type == "cpu"
+    step_hidden = compiled_decoding(*compile_with, on_cpu) if compiled and whole else None
+    with eager_decoding():  # compiled layers run the prefill eagerly; ``step_hidden`` opts out
         chunks = [
             _sample_chunk(
                 model, split, output_layer, queries[start : start + chunk_size], query_mask[start : start + chunk_size],
@@ -395,13 +396,14 @@ def _sample_chunk(
     graphed = None
     if whole:
         step_inputs = dict(attention_mask=attention_mask, use_cache=True, **{cache_argument: cache})
-        decode = lambda ids, positions: _next_token_logits(  # noqa: E731
-            model, split, output_layer, input_ids=ids, position_ids=positions, **step_inputs
-        )[0]
         if step_hidden is not None:  # torch_compile: the backbone's pass compiled, then the output layer
             decode = lambda ids, positions: output_layer(  # noqa: E731
                 step_hidden(split[0], input_ids=ids, position_ids=positions, **step_inputs)
             )
+        else:
+            decode = lambda ids, positions: _next_token_logits(  # noqa: E731
+                model, split, output_layer, input_ids=ids, position_ids=positions, **step_inputs
+            )[0]
         graphed = _GraphedStep(decode, model, rows, device) if graphs else None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     seen = None

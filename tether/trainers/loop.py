@@ -19,13 +19,13 @@ import signal
 
 from tether.checkpoint import (
     Interrupted,
-    unlogged_steps,
     StopSignals,
     check_progress,
     check_resumed_config,
     prepare_output_dir,
     resumed_logs,
     say_extension,
+    unlogged_steps,
 )
 from torch import nn
 

@@ -50,7 +50,9 @@ def train_on_rollout(
         )
     share = mini_batch_size // parallel.world_size  # this process's rows of every minibatch
     mini_starts = range(0, rows, mini_batch_size)
-    left = epochs * len(mini_starts) if steps is None else min(steps, epochs * len(mini_starts))
+    left = epochs * len(mini_starts)
+    if steps is not None:
+        left = min(left, steps)
     while left > 0:  # an epoch at a time
         order = parallel.same_permutation(rows, device)
         for mini_start in mini_starts[:left]:
