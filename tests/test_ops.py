@@ -1027,11 +1027,12 @@ def test_head_logprobs_under_bf16_autocast_runs_the_product_in_bf16():
 
 
 def test_head_blocks_split_the_vocabulary_on_cpu_only():
-    """On CPU a block is 512 vocabulary entries wide (its logits stay in cache); on an
+    """On CPU a block is 2048 vocabulary entries wide (its logits stay near the core); on an
     accelerator it is whole rows, at most CHUNK_ELEMENTS logits and the given rows."""
     from tether.ops.logprobs import CHUNK_ELEMENTS, head_blocks
 
-    assert head_blocks(1300, torch.device("cpu"), 1024) == (1024, 512)
+    assert head_blocks(4500, torch.device("cpu"), 1024) == (1024, 2048)
+    assert head_blocks(128000, torch.device("cpu"), 16384) == (CHUNK_ELEMENTS // 2048, 2048)
     assert head_blocks(300, torch.device("cpu"), 64) == (64, 300)
     assert head_blocks(128000, torch.device("cuda"), 1024) == (CHUNK_ELEMENTS // 128000, 128000)
     assert head_blocks(8192, torch.device("cuda"), 1024) == (1024, 8192)
@@ -1039,14 +1040,14 @@ def test_head_blocks_split_the_vocabulary_on_cpu_only():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_head_logprobs_default_blocks_equal_materialised_logits(autocast):
-    """A 1300-entry vocabulary on CPU runs as blocks of 512, 512 and 276 entries: logprobs,
+    """A 4500-entry vocabulary on CPU runs as blocks of 2048, 2048 and 404 entries: logprobs,
     entropy and the gradients of h and W equal those through the materialised logits, in fp32
     (1e-5) and under bf16 autocast (the products in bf16 both ways, so to bf16's precision)."""
     gen = torch.Generator().manual_seed(11)
     hidden = torch.randn(2, 9, 32, generator=gen)
-    weight = torch.randn(1300, 32, generator=gen) / 4
-    tokens = torch.randint(0, 1300, (2, 9), generator=gen)
-    tokens[0, :3] = torch.tensor([0, 511, 1299])  # first and last entries of the blocks
+    weight = torch.randn(4500, 32, generator=gen) / 4
+    tokens = torch.randint(0, 4500, (2, 9), generator=gen)
+    tokens[0, :4] = torch.tensor([0, 2047, 2048, 4499])  # first and last entries of the blocks
     upstream = torch.randn(2, 9, generator=gen)
     results = []
     for fused in (True, False):

@@ -630,7 +630,7 @@ class PPOConfig(LoraFields, TrainingConfig):
     num_sample_generations: int = 10
     """How many times in the run to print a table of prompts, responses and scores."""
     logprob_chunk_size: int = 1024
-    """Rows of the output layer's log-softmax computed at a time (on CPU in blocks of 512
+    """Rows of the output layer's log-softmax computed at a time (on CPU in blocks of 2048
     vocabulary entries; see ``tether.ops.logprobs.head_blocks``)."""
 
     # --------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def token_logprobs(
 # --- from hidden states: the [rows, vocab] logits never exist beyond one block ----------------
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 logits per block
-CPU_BLOCK_COLUMNS = 512  # vocabulary entries per block on CPU
+CPU_BLOCK_COLUMNS = 2048  # vocabulary entries per block on CPU
 KEEP_PROBS_BYTES = 1 << 28  # below 256 MiB of probabilities the backward pass reuses them
 
 
@@ -64,13 +64,15 @@ def head_blocks(
 ) -> tuple[int, int]:
     """``(rows, columns)`` of one block of the output layer's logits.
 
-    On CPU a block is ``CPU_BLOCK_COLUMNS`` vocabulary entries wide, so that its logits stay in
-    cache from the matmul that writes them through the max, exp and sum that read them; with
-    whole rows each of those streams the ``[rows, vocab]`` slab through memory, and the output
-    layer ran at half the speed of the model's other matmuls. The softmax is then combined
-    across a row's blocks as they come (a running max and sum). On an accelerator each block
-    costs kernel launches instead, so a block is whole rows. Either way a block holds at most
-    ``CHUNK_ELEMENTS`` logits and ``max_rows`` rows. ``columns`` overrides the width.
+    On CPU a block is ``CPU_BLOCK_COLUMNS`` vocabulary entries wide, so that its logits stay
+    near the core from the matmul that writes them through the max, exp and sum that read them;
+    with whole rows each of those streams the ``[rows, vocab]`` slab through memory, and the
+    output layer ran at half the speed of the model's other matmuls. 2048 entries beat 512 and
+    1024 at all three workloads' shapes, forward and backward (the wider matmuls run faster;
+    ``bench/RESULTS.md``). The softmax is then combined across a row's blocks as they come (a
+    running max and sum). On an accelerator each block costs kernel launches instead, so a
+    block is whole rows. Either way a block holds at most ``CHUNK_ELEMENTS`` logits and
+    ``max_rows`` rows. ``columns`` overrides the width.
     """
     if columns is None:
         columns = CPU_BLOCK_COLUMNS if device.type == "cpu" else vocab
