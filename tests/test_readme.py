@@ -228,6 +228,20 @@ def grpo_python(text: str, workspace: Path) -> None:
     AutoModelForCausalLM.from_pretrained(workspace / "runs/grpo")
 
 
+def trl_style_grpo(text: str, workspace: Path) -> None:
+    """TRL's call as written: the model from its path, its own tokenizer, a LoraConfig."""
+    script = replaced(text, {"max_steps=100": "max_steps=2, max_completion_length=4, per_device_train_batch_size=4, "
+                                              "num_generations=2"})
+    (workspace / "trl_grpo.py").write_text(script)
+    result = subprocess.run([sys.executable, "trl_grpo.py"], cwd=workspace, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line["step"] for line in metric_lines(workspace / "runs/trl-grpo/metrics.jsonl")] == [1, 2]
+    saved = yaml.safe_load((workspace / "runs/trl-grpo/config.yaml").read_text())
+    assert saved["model_name_or_path"] == "my-sft-model" and saved["peft_config"] == {"r": 16, "lora_alpha": 32}
+    AutoModelForCausalLM.from_pretrained(workspace / "runs/trl-grpo")
+
+
 def dpo_yaml(text: str, workspace: Path) -> None:
     shrunk = replaced(text, {"HuggingFaceTB/SmolLM2-360M-Instruct": "my-sft-model", "per_device_train_batch_size: 8":
                              "per_device_train_batch_size: 2", "learning_rate: 5.0e-7": "learning_rate: 1.0e-3"})
@@ -320,6 +334,7 @@ BLOCKS = {
     "from transformers import": python_example,
     "model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct": grpo_yaml,
     "from tether import GRPOConfig": grpo_python,
+    "from datasets import Dataset": trl_style_grpo,
     "model_name_or_path: HuggingFaceTB/SmolLM2-360M-Instruct": dpo_yaml,
     "from tether import DPOConfig": dpo_python,
     "accelerate launch --config_file examples/accelerate/ddp.yaml -m tether ppo": launches_needing_gpus,

@@ -51,6 +51,7 @@ from tether.trainers.common import (
 )
 from tether.trainers.pairs import PairTrainer, say_warning
 from tether.trainers.ppo import refuse_shared_models
+from tether.trainers.trl_calls import load_causal_model, takes_trl_names
 
 
 def _scored(sequence: Sequence, start_id: int | None) -> tuple[list[int], list[int]]:
@@ -102,6 +103,10 @@ class DPOTrainer(PairTrainer):
     title = "DPO"
     accuracy = "rewards/accuracies"
 
+    config_class = DPOConfig
+    load_trl_model = staticmethod(load_causal_model)
+
+    @takes_trl_names()
     def __init__(self, config: DPOConfig, tokenizer, model: nn.Module, train_dataset,
                  ref_model: nn.Module | None = None, eval_dataset=None):
         self.start_id = tokenizer.bos_token_id  # the context of a completion with no prompt

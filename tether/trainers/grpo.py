@@ -76,6 +76,7 @@ from tether.trainers.ppo import refuse_shared_models
 from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, texts_of
 from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import Minibatch, train_on_rollout
+from tether.trainers.trl_calls import load_causal_model, takes_trl_names
 
 
 class CriticFreeTrainer:
@@ -87,6 +88,9 @@ class CriticFreeTrainer:
     _TOTALS = ("loss", "tokens", "entropy", "low_clipped", "high_clipped", "clip_units", "grad_norm", "optimizer_steps",
                "skipped_steps")
 
+    load_trl_model = staticmethod(load_causal_model)
+
+    @takes_trl_names("policy", model="policy")
     def __init__(
         self,
         config: CriticFreeConfig,
@@ -496,6 +500,7 @@ class GRPOTrainer(CriticFreeTrainer):
 
     command = "grpo"
     config: GRPOConfig
+    config_class = GRPOConfig
 
     def advantages(self, rollout: Rollout) -> dict[str, float]:
         config = self.config
@@ -548,6 +553,7 @@ class RLOOTrainer(CriticFreeTrainer):
 
     command = "rloo"
     config: RLOOConfig
+    config_class = RLOOConfig
 
     def advantages(self, rollout: Rollout) -> dict[str, float]:
         config = self.config

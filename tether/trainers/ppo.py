@@ -89,6 +89,7 @@ from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, te
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
 from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import train_on_rollout
+from tether.trainers.trl_calls import load_causal_model, takes_trl_names
 
 
 def refuse_shared_models(**models: nn.Module | None) -> None:
@@ -112,6 +113,10 @@ class PPOTrainer:
     removed), or a string naming either (a model path or ``module:function``).
     """
 
+    config_class = PPOConfig
+    load_trl_model = staticmethod(load_causal_model)
+
+    @takes_trl_names("policy", model="policy", ref_model="ref_policy", reward_model="reward")
     def __init__(
         self,
         config: PPOConfig,

@@ -56,8 +56,10 @@ from tether.trainers.common import (
     autocast,
     make_optimizer,
     make_scheduler,
+    seed_everything,
 )
 from tether.trainers.pairs import PairTrainer
+from tether.trainers.trl_calls import takes_trl_names
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -113,6 +115,16 @@ class RewardTrainer(PairTrainer):
     command = "rm"
     title = "RM"
 
+    config_class = RewardConfig
+
+    @staticmethod
+    def load_trl_model(path: str, config: RewardConfig) -> nn.Module:
+        """A TRL call's ``model`` name or path, loaded as ``tether rm`` loads it (a new head drawn
+        under ``config.seed``)."""
+        seed_everything(config.seed)
+        return load_reward_backbone(path, **config.model_options(own_revision=path == config.model_name_or_path))
+
+    @takes_trl_names()
     def __init__(self, config: RewardConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         self._begin(config, tokenizer, train_dataset, eval_dataset)
         self.reference_sequences = self._reference_sequences()

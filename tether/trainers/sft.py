@@ -60,6 +60,7 @@ from tether.trainers.common import (
 )
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, launched_processes
+from tether.trainers.trl_calls import load_causal_model, takes_trl_names
 
 # --------------------------------------------------------------------------- the maths
 
@@ -138,6 +139,10 @@ class SFTTrainer:
     latest_metrics = ("skipped_steps",)  # optimizer steps skipped so far
     summed_metrics = ()
 
+    config_class = SFTConfig
+    load_trl_model = staticmethod(load_causal_model)
+
+    @takes_trl_names()
     def __init__(self, config: SFTConfig, tokenizer, model: nn.Module, train_dataset, eval_dataset=None):
         config.validate()
         self.config = config

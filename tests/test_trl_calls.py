@@ -1,0 +1,173 @@
+"""A TRL script's trainer call runs as written (``tether/trainers/trl_calls.py``): TRL's argument
+names (``args``, ``processing_class``, ``model``, ``ref_model``, ``reward_model``), a model given
+as a path, no tokenizer, no config, and a ``peft.LoraConfig`` as ``peft_config``, each training
+exactly what the tether call would; TRL's Trainer hooks refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tether import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
+from tether.errors import ConfigError
+from tether.models.loading import load_causal_lm
+from tether.tiny import tiny_causal_lm, tiny_reward_model
+from tether.trainers.trl_calls import lora_fields
+
+from .conftest import TINY
+
+SFT_ROWS = [{"prompt": "w1 w2", "completion": " w3 w4"}, {"prompt": "w5", "completion": " w6 w7"}] * 2
+PAIRS = [{"prompt": "w1 w2", "chosen": " w3", "rejected": " w4"}, {"prompt": "w5", "chosen": " w6", "rejected": " w7"}] * 2
+PROMPTS = [{"prompt": "w1 w2"}, {"prompt": "w3"}, {"prompt": "w4 w5 w6"}, {"prompt": "w7"}]
+
+
+def word_count(completions, **kwargs):
+    return [float(len(c.split())) for c in completions]
+
+
+def saved(model, tokenizer, folder) -> str:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_same_weights(first, second) -> None:
+    first, second = weights(first), weights(second)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def sft_config(tmp_path, name: str, **values) -> SFTConfig:
+    return SFTConfig(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     seed=0, **values)
+
+
+def grpo_config(tmp_path, name: str, config_class=GRPOConfig, **values):
+    return config_class(output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                        max_completion_length=4, learning_rate=1e-2, seed=0, **values)
+
+
+def test_sft_with_trl_names_and_a_model_path_trains_as_the_tether_call(tmp_path, tokenizer):
+    path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
+    ours = SFTTrainer(sft_config(tmp_path, "ours"), tokenizer, load_causal_lm(path), SFT_ROWS)
+    ours.train()
+    config = sft_config(tmp_path, "theirs")
+    theirs = SFTTrainer(model=path, args=config, train_dataset=SFT_ROWS)  # no processing_class: the path's
+    theirs.train()
+    assert theirs.config.model_name_or_path == path
+    assert config.model_name_or_path is None  # the user's config object is left as it is
+    assert theirs.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert not torch.equal(weights(theirs.model)["lm_head.weight"], weights(load_causal_lm(path))["lm_head.weight"])
+    assert_same_weights(ours.model, theirs.model)
+
+
+def test_ppo_with_trl_names_gives_each_model_its_role(tmp_path, tokenizer):
+    """Reference, reward and value models all differ, so a swapped role changes the update."""
+
+    def models():
+        return dict(
+            model=tiny_causal_lm(tokenizer, seed=0, **TINY), ref_model=tiny_causal_lm(tokenizer, seed=5, **TINY),
+            reward_model=tiny_reward_model(tokenizer, seed=1, **TINY), value_model=tiny_reward_model(tokenizer, seed=2, **TINY),
+        )
+
+    def config(name):
+        return PPOConfig(output_dir=str(tmp_path / name), total_episodes=8, per_device_train_batch_size=4,
+                         response_length=4, learning_rate=1e-2, num_sample_generations=0, seed=0)
+
+    m = models()
+    ours = PPOTrainer(config("ours"), tokenizer, m["model"], m["reward_model"], PROMPTS, ref_policy=m["ref_model"],
+                      value_model=m["value_model"])
+    ours.train()
+    theirs = PPOTrainer(args=config("theirs"), processing_class=tokenizer, train_dataset=PROMPTS, **models())
+    theirs.train()
+    assert_same_weights(ours.policy, theirs.policy)
+    assert_same_weights(ours.value_model, theirs.value_model)
+    assert not torch.equal(weights(theirs.policy)["lm_head.weight"],
+                           weights(tiny_causal_lm(tokenizer, seed=0, **TINY))["lm_head.weight"])
+
+
+def test_a_lora_config_argument_is_the_config_fields_adapter(tmp_path, tokenizer):
+    """GRPO as TRL's docs call it (model as a path, reward_funcs, args, peft_config) trains the
+    adapter that the config's own peft_config field gives."""
+    import peft
+
+    path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules={"v_proj", "q_proj"})
+    assert lora_fields(lora) == {"r": 4, "target_modules": ["q_proj", "v_proj"]}  # lora_alpha 8, dropout 0: PEFT's
+    theirs = GRPOTrainer(model=path, reward_funcs=word_count, args=grpo_config(tmp_path, "theirs"),
+                         train_dataset=PROMPTS, peft_config=lora)
+    theirs.train()
+    ours = GRPOTrainer(grpo_config(tmp_path, "ours", peft_config={"r": 4, "target_modules": ["q_proj", "v_proj"]}),
+                       tokenizer, load_causal_lm(path), word_count, PROMPTS)
+    ours.train()
+    assert theirs.config.peft_config == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    adapter = {name: value for name, value in weights(theirs.policy).items() if "lora_B" in name}
+    assert adapter and any(value.any() for value in adapter.values())  # the adapter trained
+    assert_same_weights(ours.policy, theirs.policy)
+
+
+def test_no_config_is_the_trainers_defaults_and_a_loaded_model_brings_its_tokenizer(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
+    trainer = RLOOTrainer(model=load_causal_lm(path), reward_funcs=word_count, train_dataset=PROMPTS)
+    assert type(trainer.config) is RLOOConfig and trainer.config.output_dir == RLOOConfig().output_dir
+    assert trainer.tokenizer.get_vocab() == tokenizer.get_vocab()  # from the model's _name_or_path
+
+    def reward_trainer(name, seed):
+        config = RewardConfig(output_dir=str(tmp_path / name), seed=seed, per_device_train_batch_size=2)
+        return RewardTrainer(model=path, args=config, train_dataset=PAIRS)
+
+    reward, again, other = reward_trainer("a", 3), reward_trainer("b", 3), reward_trainer("c", 4)
+    assert type(reward.model).__name__.endswith("ForSequenceClassification")
+    assert_same_weights(reward.model, again.model)  # the new head is drawn under config.seed
+    assert not torch.equal(weights(reward.model)["score.weight"], weights(other.model)["score.weight"])
+
+
+def test_a_model_with_no_path_and_no_tokenizer_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="pass processing_class="):
+        DPOTrainer(model=tiny_causal_lm(tokenizer, seed=0, **TINY), args=DPOConfig(output_dir=str(tmp_path)),
+                   train_dataset=PAIRS)
+
+
+@pytest.mark.parametrize("name", ["data_collator", "callbacks", "optimizers", "compute_metrics", "formatting_func",
+                                  "quantization_config"])
+def test_trl_hooks_with_a_value_are_refused_and_unset_ones_pass(tmp_path, tokenizer, name):
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    config = sft_config(tmp_path, "out")
+    with pytest.raises(ConfigError, match=f"SFTTrainer: {name} is a TRL argument tether does not take; "):
+        SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=SFT_ROWS, **{name: object()})
+    unset = (None, None) if name == "optimizers" else None
+    SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=SFT_ROWS, **{name: unset})
+
+
+def test_two_names_for_one_argument_and_two_lora_settings_are_refused(tmp_path, tokenizer):
+    import peft
+
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    with pytest.raises(ConfigError, match="processing_class and tokenizer name the same argument"):
+        SFTTrainer(model=model, args=sft_config(tmp_path, "a"), processing_class=tokenizer, tokenizer=tokenizer,
+                   train_dataset=SFT_ROWS)
+    with pytest.raises(ConfigError, match="peft_config argument and the config's use_peft both ask for LoRA"):
+        SFTTrainer(model=model, args=sft_config(tmp_path, "b", use_peft=True), processing_class=tokenizer,
+                   train_dataset=SFT_ROWS, peft_config=peft.LoraConfig(r=4))
+    with pytest.raises(ConfigError, match="peft_config must be a peft.LoraConfig"):
+        SFTTrainer(model=model, args=sft_config(tmp_path, "c"), processing_class=tokenizer, train_dataset=SFT_ROWS,
+                   peft_config=peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
