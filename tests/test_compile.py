@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tether import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
-from tether.models.compiled import decoder_layers
+from tether.models.compiled import _holder, decoder_layers
 from tether.rollout.generate import generate_responses, sampling_config
 from tether.tiny import numbered_words, tiny_causal_lm, word_tokenizer
 
@@ -29,8 +29,12 @@ def params(module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def compiled(module) -> bool:
-    return all(layer._compiled_call_impl is not None for layer in decoder_layers(module))
+def compiled(module, whole: bool = True) -> bool:
+    """Whether ``module``'s backbone (``whole``) or else each of its decoder layers is compiled."""
+    layers = decoder_layers(module)
+    if whole:
+        return _holder(module, layers)._compiled_call_impl is not None
+    return all(layer._compiled_call_impl is not None for layer in layers)
 
 
 def test_sft_update_is_the_eager_one_and_the_saved_model_is_plain(tmp_path):
@@ -49,6 +53,20 @@ def test_sft_update_is_the_eager_one_and_the_saved_model_is_plain(tmp_path):
         torch.testing.assert_close(params(fast.model)[name], value, atol=1e-5, rtol=0, msg=name)
     loaded = AutoModelForCausalLM.from_pretrained(fast.save_model(tmp_path / "saved"))
     assert params(loaded).keys() == params(eager.model).keys()  # no _orig_mod in the names
+
+
+def test_with_activation_checkpointing_each_layer_is_compiled_and_the_update_is_the_eager_one(tmp_path):
+    """Checkpointing recomputes each layer in the backward pass, apart: the layers are compiled
+    one by one instead of the backbone (as under FSDP and DeepSpeed)."""
+    losses = {}
+    for on in (False, True):
+        config = SFTConfig(output_dir=str(tmp_path / str(on)), device="cpu", per_device_train_batch_size=4, max_steps=2,
+                           learning_rate=1e-2, torch_compile=on, gradient_checkpointing=True, report_to=[],
+                           disable_tqdm=True)
+        trainer = SFTTrainer(config, TOKENIZER, model(), ROWS)
+        assert compiled(trainer.model, whole=False) is on and not compiled(trainer.model)
+        losses[on] = [m["loss"] for m in trainer.train()]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
 def test_ppo_update_and_samples_are_the_eager_ones(tmp_path):

@@ -312,14 +312,16 @@ def mix_into(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) 
         ref_param.mul_(1 - alpha).add_(param.detach().to(ref_param.dtype), alpha=alpha)
 
 
-def compile_trained(config: TrainingConfig, *models: torch.nn.Module, frozen: tuple = ()) -> None:
-    """``torch_compile``: the decoder layers of each trained model compiled (``models/compiled.py``),
-    and those of the ``frozen`` models (reference, reward model) that have them; a frozen model
-    of another kind (a function, an architecture without a repeated block) runs eagerly."""
+def compile_trained(config: TrainingConfig, engine: str, *models: torch.nn.Module, frozen: tuple = ()) -> None:
+    """``torch_compile``: the backbone of each trained model compiled (``models/compiled.py``),
+    and those of the ``frozen`` models (reference, reward model) that have decoder layers; a
+    frozen model of another kind (a function, an architecture without a repeated block) runs
+    eagerly. Under FSDP or DeepSpeed (``engine``, ``Parallel.engine``) and with activation
+    checkpointing, each decoder layer is compiled instead of the backbone."""
     if config.torch_compile:
         from tether.models.compiled import compile_layers, decoder_layers
 
-        settings = config.torch_compile_backend, config.torch_compile_mode
+        settings = config.torch_compile_backend, config.torch_compile_mode, engine in ("none", "ddp")
         for model in models:
             compile_layers(model, *settings)
         for model in frozen:

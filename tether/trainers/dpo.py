@@ -127,7 +127,7 @@ class DPOTrainer(PairTrainer):
         self.dropout = disable_dropout(self.model)  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, config.gradient_checkpointing_kwargs)
-        compile_trained(config, self.model, frozen=(self.ref_model,))
+        compile_trained(config, self.parallel.engine, self.model, frozen=(self.ref_model,))
         # ``_trained`` is what the policy's passes run through: the pass itself, or the engine's
         # wrapper around it (DDP must see the forward to average gradients).
         self._trained, self.optimizer = self.parallel.prepare_trained(

@@ -155,7 +155,9 @@ class CriticFreeTrainer:
         self.dropout = disable_dropout(*self._models().values())  # undone after train(), and in saved configs
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
-        compile_trained(config, self.policy, frozen=(self.ref_policy, *(source.model for source in self.rewards)))
+        compile_trained(
+            config, self.parallel.engine, self.policy, frozen=(self.ref_policy, *(source.model for source in self.rewards))
+        )
 
         self._policy, self.optimizer = self.parallel.prepare_trained(
             self.parallel.pass_module(Actor, self.policy), make_optimizer(self.policy.parameters(), config)

@@ -203,7 +203,7 @@ class PPOTrainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
             enable_gradient_checkpointing(self.value_model, config.gradient_checkpointing_kwargs)
-        compile_trained(config, self.policy, self.value_model, frozen=(self.ref_policy, self.reward_model))
+        compile_trained(config, self.parallel.engine, self.policy, self.value_model, frozen=(self.ref_policy, self.reward_model))
 
         optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
         # What forward passes run through: the models themselves in one process, the engine's

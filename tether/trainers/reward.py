@@ -139,7 +139,7 @@ class RewardTrainer(PairTrainer):
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
-        compile_trained(config, model)
+        compile_trained(config, self.parallel.engine, model)
         # ``_scorer`` is what forward passes run through: backbone + head as one module, wrapped
         # by the engine in several processes (DDP must see the forward to average gradients).
         self._scorer, self.optimizer = self.parallel.prepare_trained(

@@ -178,7 +178,7 @@ class SFTTrainer:
         model.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
-        compile_trained(config, model)
+        compile_trained(config, self.parallel.engine, model)
         self.batch_rows = config.per_device_train_batch_size * config.gradient_accumulation_steps * launched_processes()
         self.steps_per_epoch = math.ceil(len(self.train_sequences) / self.batch_rows)
         epochs_steps = max(1, math.ceil(config.num_train_epochs * self.steps_per_epoch))
