@@ -111,14 +111,14 @@ def test_a_lora_config_argument_is_the_config_fields_adapter(tmp_path, tokenizer
 
     path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules={"v_proj", "q_proj"})
-    assert lora_fields(lora) == {"r": 4, "target_modules": ["q_proj", "v_proj"]}  # lora_alpha 8, dropout 0: PEFT's
+    fields = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}  # dropout 0.0 is PEFT's default
     theirs = GRPOTrainer(model=path, reward_funcs=word_count, args=grpo_config(tmp_path, "theirs"),
                          train_dataset=PROMPTS, peft_config=lora)
     theirs.train()
-    ours = GRPOTrainer(grpo_config(tmp_path, "ours", peft_config={"r": 4, "target_modules": ["q_proj", "v_proj"]}),
-                       tokenizer, load_causal_lm(path), word_count, PROMPTS)
+    ours = GRPOTrainer(grpo_config(tmp_path, "ours", peft_config=fields), tokenizer, load_causal_lm(path), word_count,
+                       PROMPTS)
     ours.train()
-    assert theirs.config.peft_config == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    assert theirs.config.peft_config == fields
     adapter = {name: value for name, value in weights(theirs.policy).items() if "lora_B" in name}
     assert adapter and any(value.any() for value in adapter.values())  # the adapter trained
     assert_same_weights(ours.policy, theirs.policy)
@@ -171,3 +171,98 @@ def test_two_names_for_one_argument_and_two_lora_settings_are_refused(tmp_path, 
     with pytest.raises(ConfigError, match="peft_config must be a peft.LoraConfig"):
         SFTTrainer(model=model, args=sft_config(tmp_path, "c"), processing_class=tokenizer, train_dataset=SFT_ROWS,
                    peft_config=peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+
+
+def test_lora_fields_are_never_empty_and_plain():
+    """An all-default LoraConfig is still an adapter (r 8), not "no LoRA"; a dict, with a set or
+    with PEFT's own bookkeeping (``to_dict()``), gives what the object gives."""
+    import peft
+
+    assert lora_fields(peft.LoraConfig()) == {"r": 8, "lora_alpha": 8}
+    assert lora_fields(peft.LoraConfig(task_type="SEQ_CLS", lora_dropout=0.0)) == {"r": 8, "lora_alpha": 8}
+    assert lora_fields({}) == {"r": 8, "lora_alpha": 8}
+    lora = peft.LoraConfig(r=4, target_modules={"v_proj", "q_proj"}, modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    expected = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    assert lora_fields(lora) == expected
+    assert lora_fields(lora.to_dict()) == expected
+    assert lora_fields({"r": 4, "target_modules": {"v_proj", "q_proj"}, "modules_to_save": ["lm_head"]}) == expected
+    with pytest.raises(ConfigError, match="peft_config: "):
+        lora_fields({"rank": 4})
+
+
+def test_trl_attribute_names_and_a_reference_given_as_a_path(tmp_path, tokenizer):
+    path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
+    reference = saved(tiny_causal_lm(tokenizer, seed=4, **TINY), tokenizer, tmp_path / "reference")
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2)
+    dpo = DPOTrainer(model=path, ref_model=reference, args=config, train_dataset=PAIRS, callbacks=[])  # [] is "none"
+    assert_same_weights(dpo.ref_model, load_causal_lm(reference))
+    assert dpo.args is dpo.config and dpo.processing_class is dpo.tokenizer
+    grpo = GRPOTrainer(model=path, reward_funcs=word_count, args=grpo_config(tmp_path, "grpo"), train_dataset=PROMPTS)
+    assert grpo.model is grpo.policy and grpo.args is grpo.config
+
+
+def refusals(tmp_path, tokenizer) -> dict:
+    """Each TRL-style call that must stop at once, and the start of its one-line message."""
+    import datasets
+    import peft
+
+    model = tiny_causal_lm(tokenizer, seed=0, **TINY)
+    path = saved(model, tokenizer, tmp_path / "policy")
+    no_tokenizer = tmp_path / "bare"
+    model.save_pretrained(no_tokenizer)
+    grpo = grpo_config(tmp_path, "grpo")
+    rows = datasets.Dataset.from_list(PROMPTS)
+    return {
+        "a config of another trainer": (
+            lambda: GRPOTrainer(model=path, reward_funcs=word_count, args=SFTConfig(), train_dataset=PROMPTS),
+            "GRPOTrainer: args must be a tether GRPOConfig, not SFTConfig"),
+        "RLOO given GRPO's config": (
+            lambda: RLOOTrainer(model=path, reward_funcs=word_count, args=grpo, train_dataset=PROMPTS),
+            "RLOOTrainer: args must be a tether RLOOConfig, not GRPOConfig"),
+        "a dict as the config": (
+            lambda: SFTTrainer(model=path, args={"output_dir": "x"}, train_dataset=SFT_ROWS),
+            r"SFTTrainer: args must be a tether SFTConfig, not dict \(from a dict: SFTConfig\(\*\*values\)\)"),
+        "TRL's positional order": (
+            lambda: GRPOTrainer(path, word_count, grpo, PROMPTS),
+            "GRPOTrainer: the first positional argument is the config \\(GRPOConfig\\), not str; TRL's order differs"),
+        "a PeftModel and peft_config": (
+            lambda: SFTTrainer(model=peft.get_peft_model(tiny_causal_lm(tokenizer, seed=0, **TINY), peft.LoraConfig(r=2)),
+                               args=sft_config(tmp_path, "s"), processing_class=tokenizer, train_dataset=SFT_ROWS,
+                               peft_config=peft.LoraConfig(r=8)),
+            "SFTTrainer: model already is a PeftModel"),
+        "no reward_funcs": (
+            lambda: GRPOTrainer(model=path, args=grpo, train_dataset=PROMPTS), "GRPOTrainer: missing reward_funcs$"),
+        "no reward_model": (
+            lambda: PPOTrainer(model=model, args=PPOConfig(), processing_class=tokenizer, train_dataset=PROMPTS),
+            r"PPOTrainer: missing reward_model \(tether: reward\)$"),
+        "an unknown argument": (
+            lambda: SFTTrainer(model=path, args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS, model_init=None),
+            "SFTTrainer: got an unexpected keyword argument 'model_init'"),
+        "several evaluation sets": (
+            lambda: GRPOTrainer(model=path, reward_funcs=word_count, args=grpo, train_dataset=rows,
+                                eval_dataset={"a": rows, "b": rows}),
+            "GRPOTrainer: eval_dataset is a dict of 2 datasets; tether evaluates one"),
+        "two model paths": (
+            lambda: SFTTrainer(model=path, args=sft_config(tmp_path, "s", model_name_or_path="other"),
+                               train_dataset=SFT_ROWS),
+            "SFTTrainer: model=.* and the config's model_name_or_path 'other' name different models"),
+        "a missing local folder": (
+            lambda: SFTTrainer(model=str(tmp_path / "nope"), args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS),
+            "cannot load policy model from .*nope': no such folder"),
+        "a folder without a tokenizer": (
+            lambda: SFTTrainer(model=str(no_tokenizer), args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS),
+            "SFTTrainer: no processing_class given, and cannot load tokenizer from .*; pass processing_class=$"),
+    }
+
+
+REFUSALS = ["a config of another trainer", "RLOO given GRPO's config", "a dict as the config", "TRL's positional order",
+            "a PeftModel and peft_config", "no reward_funcs", "no reward_model", "an unknown argument",
+            "several evaluation sets", "two model paths", "a missing local folder", "a folder without a tokenizer"]
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_wrong_trl_call_stops_in_one_line(tmp_path, tokenizer, case):
+    call, message = refusals(tmp_path, tokenizer)[case]
+    with pytest.raises(ConfigError, match=message) as raised:
+        call()
+    assert "\n" not in str(raised.value)

@@ -277,9 +277,9 @@ class TrainingConfig(metaclass=_TakesTRLNames):
     """Passed to the checkpointing: ``{use_reentrant: true}`` for the reentrant variant (tether's
     default is non-reentrant)."""
     torch_compile: bool = False
-    """Compile the models' decoder layers with ``torch.compile`` (dynamic shapes) for the training
-    and scoring passes, and the decoding step (where no CUDA graph replays it). The first steps
-    pay the compile."""
+    """Compile the models' backbones with ``torch.compile`` (dynamic shapes; each decoder layer
+    under FSDP, DeepSpeed or gradient checkpointing) for the training and scoring passes, and the
+    decoding step (where no CUDA graph replays it). The first steps pay the compile."""
     torch_compile_backend: str | None = None
     """``torch.compile``'s backend (unset: ``inductor``)."""
     torch_compile_mode: str | None = None

@@ -15,7 +15,13 @@ from tether.errors import ConfigError, DataError
 
 
 def load_pretrained(loader, path: str, what: str, **kwargs):
-    """``loader.from_pretrained(path)``; a failure becomes a one-line ConfigError naming ``what``."""
+    """``loader.from_pretrained(path)``; a failure becomes a one-line ConfigError naming ``what``.
+    A path that is plainly local (``./``, ``/``, ``~`` or under an existing folder) and missing is
+    said so at once, instead of being tried as a Hub name."""
+    local = os.path.expanduser(path)
+    first = local.split(os.sep, 1)[0] if os.sep in local else ""
+    if not os.path.exists(local) and (local.startswith((os.sep, ".")) or path.startswith("~") or os.path.isdir(first)):
+        raise ConfigError(f"cannot load {what} from {path!r}: no such folder")
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:

@@ -106,7 +106,7 @@ class DPOTrainer(PairTrainer):
     config_class = DPOConfig
     load_trl_model = staticmethod(load_causal_model)
 
-    @takes_trl_names()
+    @takes_trl_names("model", "ref_model")
     def __init__(self, config: DPOConfig, tokenizer, model: nn.Module, train_dataset,
                  ref_model: nn.Module | None = None, eval_dataset=None):
         self.start_id = tokenizer.bos_token_id  # the context of a completion with no prompt

@@ -76,10 +76,10 @@ from tether.trainers.ppo import refuse_shared_models
 from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, texts_of
 from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import Minibatch, train_on_rollout
-from tether.trainers.trl_calls import load_causal_model, takes_trl_names
+from tether.trainers.trl_calls import TRLAttributes, load_causal_model, takes_trl_names
 
 
-class CriticFreeTrainer:
+class CriticFreeTrainer(TRLAttributes):
     """What GRPO and RLOO share; a subclass gives ``advantages`` and ``backward``."""
 
     command = "grpo"
@@ -90,7 +90,7 @@ class CriticFreeTrainer:
 
     load_trl_model = staticmethod(load_causal_model)
 
-    @takes_trl_names("policy", model="policy")
+    @takes_trl_names("policy", "ref_policy", model="policy")
     def __init__(
         self,
         config: CriticFreeConfig,
@@ -204,6 +204,11 @@ class CriticFreeTrainer:
         if not sources:
             raise ConfigError("reward_funcs is empty; give at least one reward")
         return sources
+
+    @property
+    def model(self) -> nn.Module:
+        """TRL's name for the policy."""
+        return self.policy
 
     def _models(self) -> dict[str, nn.Module]:
         models = {"policy": self.policy}

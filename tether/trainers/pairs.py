@@ -40,9 +40,10 @@ from tether.trainers.common import (
 )
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, launched_processes
+from tether.trainers.trl_calls import TRLAttributes
 
 
-class PairTrainer:
+class PairTrainer(TRLAttributes):
     """The pair machinery; a subclass sets up its models and gives ``terms``, ``loss_share``
     (and may change ``summarize``). ``title`` names the progress bar; ``accuracy`` is the
     metric kept in ``eval_history`` and shown in the status line."""
@@ -87,6 +88,11 @@ class PairTrainer:
             self.train_pairs, self.eval_pairs = pairs, self._encode(eval_dataset, "evaluation")
         else:
             self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.order_seed)
+            if self.eval_pairs:
+                console.print(
+                    f"note: {len(self.eval_pairs)} of the {len(pairs)} training pairs are held out for evaluation "
+                    f"(eval_fraction {config.eval_fraction}, no eval_dataset); eval_fraction 0 trains on all of them"
+                )
         say_if_nothing_to_evaluate(config, len(self.eval_pairs), "pairs")
         self.batch_pairs = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                             * launched_processes())
@@ -96,7 +102,8 @@ class PairTrainer:
         if len(self.train_pairs) < self.batch_pairs:
             raise DataError(
                 f"one optimizer batch takes {self.batch_pairs} pairs (per_device_train_batch_size x "
-                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs; "
+                f"gradient_accumulation_steps x processes) but there are {len(self.train_pairs)} training pairs"
+                f"{' after the held-out ones (eval_fraction)' if eval_dataset is None and self.eval_pairs else ''}; "
                 "lower the batch sizes or add pairs"
             )
         if self.total_steps < 1:

@@ -89,7 +89,7 @@ from tether.trainers.ppo_rollout import RolloutMaker, resolve_stop_token_ids, te
 from tether.trainers.ppo_update import UpdateTotals, policy_loss, value_loss
 from tether.trainers.rl_setup import check_and_place, load_prompt_sets, refuse_column_clashes
 from tether.trainers.rl_update import train_on_rollout
-from tether.trainers.trl_calls import load_causal_model, takes_trl_names
+from tether.trainers.trl_calls import TRLAttributes, load_causal_model, takes_trl_names
 
 
 def refuse_shared_models(**models: nn.Module | None) -> None:
@@ -105,7 +105,7 @@ def refuse_shared_models(**models: nn.Module | None) -> None:
                 )
 
 
-class PPOTrainer:
+class PPOTrainer(TRLAttributes):
     """PPO with a policy, a frozen reference, a value model and a reward model or function.
 
     ``reward`` is an ``AutoModelForSequenceClassification`` with one label, a callable
@@ -116,7 +116,7 @@ class PPOTrainer:
     config_class = PPOConfig
     load_trl_model = staticmethod(load_causal_model)
 
-    @takes_trl_names("policy", model="policy", ref_model="ref_policy", reward_model="reward")
+    @takes_trl_names("policy", "ref_policy", model="policy", ref_model="ref_policy", reward_model="reward")
     def __init__(
         self,
         config: PPOConfig,

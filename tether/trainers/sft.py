@@ -60,7 +60,7 @@ from tether.trainers.common import (
 )
 from tether.trainers.loop import run_steps
 from tether.trainers.parallel import Parallel, launched_processes
-from tether.trainers.trl_calls import load_causal_model, takes_trl_names
+from tether.trainers.trl_calls import TRLAttributes, load_causal_model, takes_trl_names
 
 # --------------------------------------------------------------------------- the maths
 
@@ -125,7 +125,7 @@ def split_held_out(num_rows: int, fraction: float, seed: int) -> tuple[list[int]
 # --------------------------------------------------------------------------- the trainer
 
 
-class SFTTrainer:
+class SFTTrainer(TRLAttributes):
     """Next-token training of ``model`` on prompt + completion rows (see ``encode_sequences``
     for the accepted columns: prompt/completion, messages, or text).
 

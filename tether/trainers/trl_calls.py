@@ -7,24 +7,31 @@ tokenizer), ``model``, ``ref_model`` and ``reward_model``; tether's name them fo
 ``GRPOTrainer(model="Qwen/Qwen3-0.6B", reward_funcs=reward_len, args=config, train_dataset=rows)``.
 What else a TRL call may leave to the trainer, tether does as TRL does:
 
-* ``model`` as a name or path: the trainer loads it with the config's model options (``dtype``,
-  ``attn_implementation``, quantization ...), and it becomes the config's ``model_name_or_path``
-  where that is unset;
+* ``model`` (and a reference, ``ref_model``) as a name or path: the trainer loads it with the
+  config's model options (``dtype``, ``attn_implementation``, quantization ...), and the model's
+  becomes the config's ``model_name_or_path`` (a different one already there is refused);
 * no ``processing_class``: the tokenizer of that name or path (of ``model.config._name_or_path``
   for a loaded model);
 * no ``args``: the trainer's config with its defaults;
 * ``peft_config``: a ``peft.LoraConfig`` (or its fields as a dict), the adapter the config's own
-  ``peft_config`` field gives; both set is refused.
+  ``peft_config`` field gives; refused beside the config's own LoRA settings or a model that
+  already is a ``PeftModel`` (as TRL refuses it).
+
+The trainer also answers to TRL's attribute names ``args`` and ``processing_class`` (and GRPO's
+and RLOO's ``model``, the policy).
 
 TRL's hooks into the Hugging Face ``Trainer`` (``data_collator``, ``callbacks``, ``optimizers`` ...)
 have no counterpart here. Given with a value, each is refused in one line that says what to
 do instead: training without it would train something else than the script asked for.
-Arguments are matched by name only; TRL's positional order differs from tether's.
+Arguments are matched by name only; TRL's positional order differs from tether's, so a call
+whose first positional argument is not the trainer's config is refused with the names to use.
+Every mistake here is one line naming the trainer and the argument, before anything loads.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 import inspect
 
@@ -53,31 +60,52 @@ NOT_TAKEN = {
 _LORA_BOOKKEEPING = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
 
 
-def takes_trl_names(model_argument: str = "model", **names: str):
+def takes_trl_names(*loads: str, **names: str):
     """Let the decorated trainer ``__init__`` take TRL's argument names (``names``: TRL's name
-    -> tether's, besides ``SHARED_NAMES``). ``model_argument`` is tether's name of the argument
-    a TRL call may give as a name or path; the trainer class says how to load it
-    (``load_trl_model(path, config)``) and which config class it takes (``config_class``)."""
+    -> tether's, besides ``SHARED_NAMES``). ``loads``: tether's names of the arguments a TRL call
+    may give as a name or path, the trained model first (default ``model``); the trainer class
+    says how to load one (``load_trl_model(path, config)``) and which config it takes
+    (``config_class``)."""
+    loads = loads or ("model",)
     renames = {**SHARED_NAMES, **names}
+    trl_names = {ours: theirs for theirs, ours in renames.items()}
 
     def decorate(init):
         signature = inspect.signature(init)
+        required = [name for name, parameter in list(signature.parameters.items())[1:]
+                    if parameter.default is inspect.Parameter.empty]
 
         @functools.wraps(init)
         def init_with_trl_names(self, *args, **kwargs):
-            trainer = type(self).__name__
+            trainer_class = type(self)
+            trainer = trainer_class.__name__
+            if args and not isinstance(args[0], trainer_class.config_class):
+                raise ConfigError(
+                    f"{trainer}: the first positional argument is the config ({trainer_class.config_class.__name__}), "
+                    f"not {type(args[0]).__name__}; TRL's order differs, so pass TRL's arguments by name "
+                    "(model=..., args=..., train_dataset=...)"
+                )
             kwargs = _tether_names(trainer, kwargs, renames)
             peft_config = kwargs.pop("peft_config", None)
-            call = signature.bind_partial(self, *args, **kwargs).arguments
-            call["config"] = _config(type(self), call.get("config"), peft_config, trainer)
-            model = call.get(model_argument)
-            path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+            try:
+                call = signature.bind_partial(self, *args, **kwargs).arguments
+            except TypeError as error:
+                raise ConfigError(f"{trainer}: {error}") from None
+            model = call.get(loads[0])
+            call["config"] = _config(trainer_class, call.get("config"), peft_config, model, trainer)
             if isinstance(model, str):
-                if not call["config"].model_name_or_path:
-                    call["config"] = _with(call["config"], model_name_or_path=model)
-                call[model_argument] = type(self).load_trl_model(model, call["config"])
+                call["config"] = _with_model_path(call["config"], model, trainer)
+            for name in loads:
+                if isinstance(call.get(name), str):
+                    call[name] = trainer_class.load_trl_model(call[name], call["config"])
             if call.get("tokenizer") is None and model is not None:
+                path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
                 call["tokenizer"] = _tokenizer(path, call["config"], trainer)
+            _refuse_several_evaluation_sets(call.get("eval_dataset"), trainer)
+            missing = [name for name in required if name not in call]
+            if missing:
+                said = [name if name not in trl_names else f"{trl_names[name]} (tether: {name})" for name in missing]
+                raise ConfigError(f"{trainer}: missing {', '.join(said)}")
             return init(**call)
 
         return init_with_trl_names
@@ -85,11 +113,24 @@ def takes_trl_names(model_argument: str = "model", **names: str):
     return decorate
 
 
+class TRLAttributes:
+    """TRL's names for what a trainer holds: ``args`` (the config), ``processing_class`` (the tokenizer)."""
+
+    @property
+    def args(self):
+        return self.config
+
+    @property
+    def processing_class(self):
+        return self.tokenizer
+
+
 def _tether_names(trainer: str, kwargs: dict, renames: dict) -> dict:
-    """``kwargs`` with TRL's names as tether's; the hooks tether does not take refused."""
+    """``kwargs`` with TRL's names as tether's; the hooks tether does not take refused (unset,
+    or empty, they are TRL's defaults and pass)."""
     for name, advice in NOT_TAKEN.items():
         value = kwargs.pop(name, None)
-        if value is not None and value != (None, None):
+        if value is not None and value != (None, None) and not (isinstance(value, (list, tuple)) and not value):
             raise ConfigError(f"{trainer}: {name} is a TRL argument tether does not take; {advice}")
     renamed = {}
     for name, value in kwargs.items():
@@ -100,15 +141,22 @@ def _tether_names(trainer: str, kwargs: dict, renames: dict) -> dict:
     return renamed
 
 
-def _config(trainer_class, config, peft_config, trainer: str):
+def _config(trainer_class, config, peft_config, model, trainer: str):
     """The trainer's config: ``config``, or its defaults; with a ``peft_config`` argument, a
     copy with those LoRA settings (the user's config object is left as it is)."""
+    expected = trainer_class.config_class
     if config is None:
-        config = trainer_class.config_class()
+        config = expected()
+    if not isinstance(config, expected):
+        hint = f" (from a dict: {expected.__name__}(**values))" if isinstance(config, dict) else ""
+        raise ConfigError(f"{trainer}: args must be a tether {expected.__name__}, not {type(config).__name__}{hint}")
     if peft_config is None:
         return config
-    if not hasattr(config, "peft_config"):
-        raise ConfigError(f"{trainer}: peft_config is not a setting of {type(config).__name__}")
+    from tether.models.loading import is_peft_model
+
+    if model is not None and not isinstance(model, str) and is_peft_model(model):
+        raise ConfigError(f"{trainer}: model already is a PeftModel (its adapter trains); leave peft_config out, "
+                          "or pass the base model with peft_config")
     if config.peft_config or getattr(config, "use_peft", False):
         raise ConfigError(
             f"{trainer}: the peft_config argument and the config's {'peft_config' if config.peft_config else 'use_peft'} "
@@ -117,23 +165,45 @@ def _config(trainer_class, config, peft_config, trainer: str):
     return _with(config, peft_config=lora_fields(peft_config, trainer))
 
 
+def _with_model_path(config, path: str, trainer: str):
+    """``config`` recording the model path a TRL call gave (a different one is refused)."""
+    if config.model_name_or_path and config.model_name_or_path != path:
+        raise ConfigError(f"{trainer}: model={path!r} and the config's model_name_or_path "
+                          f"{config.model_name_or_path!r} name different models; give one")
+    return config if config.model_name_or_path else _with(config, model_name_or_path=path)
+
+
 def lora_fields(peft_config, trainer: str = "trainer") -> dict:
-    """A ``peft.LoraConfig`` as the fields that differ from PEFT's defaults (a dict as it is):
-    what the config's ``peft_config`` field holds, and what its saved config.yaml records."""
-    if isinstance(peft_config, dict):
-        return dict(peft_config)
+    """A ``peft.LoraConfig`` (or its fields as a dict) as what the config's ``peft_config`` field
+    holds: ``r``, ``lora_alpha`` and every other field that differs from PEFT's defaults, as plain
+    values (a set as a sorted list), which the saved config.yaml records."""
     import peft
 
+    if isinstance(peft_config, dict):
+        values = {key: value for key, value in peft_config.items() if key not in _LORA_BOOKKEEPING}
+        try:
+            peft_config = peft.LoraConfig(**values)
+        except (TypeError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"{trainer}: peft_config: {reason}") from None
     if not isinstance(peft_config, peft.LoraConfig):
         raise ConfigError(f"{trainer}: peft_config must be a peft.LoraConfig (tether trains LoRA adapters), "
                           f"not {type(peft_config).__name__}")
     defaults = peft.LoraConfig().to_dict()
-    fields = {}
-    for key, value in peft_config.to_dict().items():
-        if key in _LORA_BOOKKEEPING or value == defaults.get(key):
-            continue
-        fields[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    return fields
+    return {key: _plain(value) for key, value in peft_config.to_dict().items()
+            if key not in _LORA_BOOKKEEPING and (key in ("r", "lora_alpha") or value != defaults.get(key))}
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _with(config, **values):
@@ -141,6 +211,13 @@ def _with(config, **values):
     for name, value in values.items():
         setattr(changed, name, value)
     return changed
+
+
+def _refuse_several_evaluation_sets(eval_dataset, trainer: str) -> None:
+    """TRL takes a dict of named evaluation sets; tether evaluates one."""
+    if isinstance(eval_dataset, dict) and eval_dataset and all(hasattr(v, "column_names") for v in eval_dataset.values()):
+        raise ConfigError(f"{trainer}: eval_dataset is a dict of {len(eval_dataset)} datasets; tether evaluates one: "
+                          "pass one dataset (datasets.concatenate_datasets joins them)")
 
 
 def _tokenizer(path: str | None, config, trainer: str):
@@ -151,12 +228,15 @@ def _tokenizer(path: str | None, config, trainer: str):
     from tether.models.loading import load_tokenizer
 
     revision = config.model_revision if path == config.model_name_or_path else None
-    return load_tokenizer(path, config.trust_remote_code, lambda message: console.print(f"[yellow]{message}"),
-                          revision)
+    try:
+        return load_tokenizer(path, config.trust_remote_code, lambda message: console.print(f"[yellow]{message}"),
+                              revision)
+    except ConfigError as error:
+        raise ConfigError(f"{trainer}: no processing_class given, and {error}; pass processing_class=") from None
 
 
 def load_causal_model(path: str, config):
-    """A policy named by a TRL call's ``model``, loaded as ``tether <command>`` loads it."""
+    """A causal LM named by a TRL call (``model``, ``ref_model``), loaded as ``tether <command>`` loads one."""
     from tether.models.loading import load_causal_lm
 
     return load_causal_lm(path, **config.model_options(own_revision=path == config.model_name_or_path))
