@@ -1,4 +1,4 @@
-"""``torch_compile``: the models' backbones (or decoder layers), and the decoding step, compiled with ``torch.compile``.
+"""``torch_compile``: the models' backbones, and the decoding step, compiled with ``torch.compile``.
 
 Each model's backbone (its decoder layers, each with norms, attention with tether's packed
 layout, rotary embeddings, MLP and residuals, and the final norm) is compiled in place, with
@@ -44,7 +44,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
-def compile_layers(model: nn.Module, backend: str | None = None, mode: str | None = None, whole: bool = True) -> None:
+def compile_model(model: nn.Module, backend: str | None = None, mode: str | None = None, whole: bool = True) -> None:
     """Compile ``model``'s backbone in place (``torch_compile``, with ``torch_compile_backend`` /
     ``torch_compile_mode``): the module that runs its decoder layers, as one graph per kind of
     pass; with ``whole`` false, or where no such module holds the layers, each decoder layer.

@@ -319,11 +319,11 @@ def compile_trained(config: TrainingConfig, engine: str, *models: torch.nn.Modul
     eagerly. Under FSDP or DeepSpeed (``engine``, ``Parallel.engine``) and with activation
     checkpointing, each decoder layer is compiled instead of the backbone."""
     if config.torch_compile:
-        from tether.models.compiled import compile_layers, decoder_layers
+        from tether.models.compiled import compile_model, decoder_layers
 
         settings = config.torch_compile_backend, config.torch_compile_mode, engine in ("none", "ddp")
         for model in models:
-            compile_layers(model, *settings)
+            compile_model(model, *settings)
         for model in frozen:
             if isinstance(model, torch.nn.Module) and decoder_layers(model) is not None:
-                compile_layers(model, *settings)
+                compile_model(model, *settings)

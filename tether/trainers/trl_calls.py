@@ -92,6 +92,13 @@ def takes_trl_names(*loads: str, **names: str):
             except TypeError as error:
                 raise ConfigError(f"{trainer}: {error}") from None
             model = call.get(loads[0])
+            # a tokenizer left out comes from the model; the config's defaults stand in for none
+            missing = [name for name in required
+                       if name not in call and not (name == "tokenizer" and model is not None) and name != "config"]
+            if missing:
+                said = [name if name not in trl_names else f"{trl_names[name]} (tether: {name})" for name in missing]
+                raise ConfigError(f"{trainer}: missing {', '.join(said)}")
+            _refuse_several_evaluation_sets(call.get("eval_dataset"), trainer)
             call["config"] = _config(trainer_class, call.get("config"), peft_config, model, trainer)
             if isinstance(model, str):
                 call["config"] = _with_model_path(call["config"], model, trainer)
@@ -101,11 +108,6 @@ def takes_trl_names(*loads: str, **names: str):
             if call.get("tokenizer") is None and model is not None:
                 path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
                 call["tokenizer"] = _tokenizer(path, call["config"], trainer)
-            _refuse_several_evaluation_sets(call.get("eval_dataset"), trainer)
-            missing = [name for name in required if name not in call]
-            if missing:
-                said = [name if name not in trl_names else f"{trl_names[name]} (tether: {name})" for name in missing]
-                raise ConfigError(f"{trainer}: missing {', '.join(said)}")
             return init(**call)
 
         return init_with_trl_names
