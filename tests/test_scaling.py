@@ -226,6 +226,24 @@ def test_lora_resume_gives_the_same_weights(tmp_path):
             assert torch.equal(p, other[name]), name
 
 
+def test_gpt2_lora_is_silent_about_fan_in_fan_out_and_still_correct():
+    """PEFT sets fan_in_fan_out for GPT-2's transposed Conv1D weights itself; its note about it is
+    dropped, and the adapter still adds to the layer's output as it must (B set non-zero)."""
+    import warnings
+
+    model = make_policy(make_tokenizer(), arch="gpt2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora = apply_lora(model, {"r": 4}, "CAUSAL_LM")
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    layer = lora.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out is True
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, layer.base_layer.weight.shape[0])
+    expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_lora_config_mistakes_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="peft_config"):
         lora_trainer(tmp_path, peft_config={"r": 4, "no_such_field": 1})

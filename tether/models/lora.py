@@ -34,6 +34,9 @@ def apply_lora(model: nn.Module, peft_config: dict, task_type: str) -> nn.Module
         lora = peft.LoraConfig(task_type=task_type, **options)
         with warnings.catch_warnings():  # PEFT reads a transformers property deprecated in v5
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            # GPT-2's Conv1D layers store their weight transposed; PEFT sets fan_in_fan_out for
+            # each such layer itself and says so once per run, about a setting users never chose
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
             return peft.get_peft_model(model, lora)
     except (TypeError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
