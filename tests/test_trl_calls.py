@@ -201,6 +201,19 @@ def test_trl_attribute_names_and_a_reference_given_as_a_path(tmp_path, tokenizer
     assert grpo.model is grpo.policy and grpo.args is grpo.config
 
 
+def test_ppo_value_model_as_a_path_and_one_folder_written_two_ways(tmp_path, tokenizer, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.chdir(tmp_path)
+    path = saved(tiny_causal_lm(tokenizer, seed=0, **TINY), tokenizer, tmp_path / "policy")
+    scorer = saved(tiny_reward_model(tokenizer, seed=2, **TINY), tokenizer, tmp_path / "scorer")
+    config = PPOConfig(output_dir=str(tmp_path / "ppo"), total_episodes=8, per_device_train_batch_size=4,
+                       response_length=4, model_name_or_path=path)
+    ppo = PPOTrainer(model="./policy", args=config, reward_model=scorer, value_model=scorer, train_dataset=PROMPTS)
+    assert_same_weights(ppo.value_model, AutoModelForSequenceClassification.from_pretrained(scorer))
+    assert ppo.config.model_name_or_path == path  # "./policy" is the same folder
+
+
 def refusals(tmp_path, tokenizer) -> dict:
     """Each TRL-style call that must stop at once, and the start of its one-line message."""
     import datasets
@@ -212,7 +225,42 @@ def refusals(tmp_path, tokenizer) -> dict:
     model.save_pretrained(no_tokenizer)
     grpo = grpo_config(tmp_path, "grpo")
     rows = datasets.Dataset.from_list(PROMPTS)
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(load_causal_lm(path), peft.LoraConfig(r=2)).save_pretrained(adapter)
+    frozen = tiny_causal_lm(tokenizer, seed=0, **TINY).requires_grad_(False)
+    trl_config = type("GRPOConfig", (), {"__module__": "trl.trainer.grpo_config"})()  # as TRL's class says it
+    scorer = tiny_reward_model(tokenizer, seed=1, **TINY)
     return {
+        "TRL's config class": (
+            lambda: GRPOTrainer(model=path, reward_funcs=word_count, args=trl_config, train_dataset=PROMPTS),
+            r"GRPOTrainer: args is TRL's GRPOConfig; pass tether's, which takes the same field names \(from tether "
+            r"import GRPOConfig\)$"),
+        "TRL's positional order for PPO": (
+            lambda: PPOTrainer(PPOConfig(), tokenizer, model, tiny_causal_lm(tokenizer, seed=3, **TINY), scorer, PROMPTS),
+            "PPOTrainer: train_dataset is a LlamaForSequenceClassification, not rows; TRL's positional order differs"),
+        "a streaming dataset": (
+            lambda: SFTTrainer(model=path, args=sft_config(tmp_path, "s"),
+                               train_dataset=datasets.Dataset.from_list(SFT_ROWS).to_iterable_dataset()),
+            "SFTTrainer: train_dataset is a streaming IterableDataset; SFTTrainer encodes every row"),
+        "a DatasetDict": (
+            lambda: DPOTrainer(model=path, args=DPOConfig(), train_dataset=datasets.DatasetDict(train=rows, test=rows)),
+            r"DPOTrainer: train_dataset holds the splits train, test; pass one of them, e.g. "
+            r"train_dataset=dataset\['train'\]$"),
+        "an adapter folder": (
+            lambda: SFTTrainer(model=str(adapter), args=sft_config(tmp_path, "s"), processing_class=tokenizer,
+                               train_dataset=SFT_ROWS),
+            "SFTTrainer: model carries a PEFT adapter that transformers loaded \\(frozen\\); to train it pass "
+            "peft.PeftModel.from_pretrained"),
+        "a frozen model": (
+            lambda: SFTTrainer(model=frozen, args=sft_config(tmp_path, "s"), processing_class=tokenizer,
+                               train_dataset=SFT_ROWS),
+            "SFTTrainer: model has no trainable parameters; unfreeze them, pass peft_config"),
+        "no model": (
+            lambda: SFTTrainer(args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS),
+            r"SFTTrainer: missing model, processing_class \(tether: tokenizer\)$"),
+        "a missing reference folder": (
+            lambda: DPOTrainer(model=path, ref_model=str(tmp_path / "nope"), args=DPOConfig(), train_dataset=PAIRS),
+            "DPOTrainer: ref_model: cannot load model from .*nope': no such folder$"),
         "a config of another trainer": (
             lambda: GRPOTrainer(model=path, reward_funcs=word_count, args=SFTConfig(), train_dataset=PROMPTS),
             "GRPOTrainer: args must be a tether GRPOConfig, not SFTConfig"),
@@ -248,7 +296,7 @@ def refusals(tmp_path, tokenizer) -> dict:
             "SFTTrainer: model=.* and the config's model_name_or_path 'other' name different models"),
         "a missing local folder": (
             lambda: SFTTrainer(model=str(tmp_path / "nope"), args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS),
-            "cannot load policy model from .*nope': no such folder"),
+            "SFTTrainer: model: cannot load model from .*nope': no such folder"),
         "a folder without a tokenizer": (
             lambda: SFTTrainer(model=str(no_tokenizer), args=sft_config(tmp_path, "s"), train_dataset=SFT_ROWS),
             "SFTTrainer: no processing_class given, and cannot load tokenizer from .*; pass processing_class=$"),
@@ -257,7 +305,9 @@ def refusals(tmp_path, tokenizer) -> dict:
 
 REFUSALS = ["a config of another trainer", "RLOO given GRPO's config", "a dict as the config", "TRL's positional order",
             "a PeftModel and peft_config", "no reward_funcs", "no reward_model", "an unknown argument",
-            "several evaluation sets", "two model paths", "a missing local folder", "a folder without a tokenizer"]
+            "several evaluation sets", "two model paths", "a missing local folder", "a folder without a tokenizer",
+            "TRL's config class", "TRL's positional order for PPO", "a streaming dataset", "a DatasetDict",
+            "an adapter folder", "a frozen model", "no model", "a missing reference folder"]
 
 
 @pytest.mark.parametrize("case", REFUSALS)

@@ -34,8 +34,7 @@ def _encoded_splits(config, encode) -> tuple[list, list | None]:
 
 def run_ppo(config_path: str | None, override_args: list[str]) -> int:
     """``tether ppo``: PPO on a policy against a reward model or function; saves the policy."""
-    from tether.models.loading import load_scalar_backbone, zero_head
-    from tether.trainers.ppo import PPOTrainer
+    from tether.trainers.ppo import PPOTrainer, load_value_model
 
     required = {"model_name_or_path": PPOConfig.policy_path, **_needs("reward_model_path", "dataset_name")}
     config = load_command_config(PPOConfig, config_path, override_args, required, _warn)
@@ -47,14 +46,7 @@ def run_ppo(config_path: str | None, override_args: list[str]) -> int:
     eval_dataset = load_test_split(config.dataset_name, config.dataset_test_split, config.dataset_config)
     console.print(f"loading models from {config.policy_path()} and {config.reward_model_path}")
     policy = load_causal_lm(config.policy_path(), **config.model_options(own_revision=not config.sft_model_path))
-    value_options = config.model_options(own_revision=False)
-    value_options.pop("quantization_config", None)  # only the policy is quantized
-    value_model = (  # any checkpoint: a causal LM gets a fresh scalar head, as TRL's value models do
-        load_scalar_backbone(config.value_model_path, "value model", zero_head, "zeros",
-                             say=lambda message: console.print(f"note: {message}"), **value_options)
-        if config.value_model_path
-        else None
-    )
+    value_model = load_value_model(config.value_model_path, config) if config.value_model_path else None
     trainer = PPOTrainer(
         config, tokenizer, policy, config.reward_model_path, train_dataset, value_model=value_model,
         eval_dataset=eval_dataset,

@@ -66,9 +66,10 @@ def ensure_pad_token(tokenizer, warn=warnings.warn) -> None:
     warn(f"the tokenizer has no pad token; using EOS ({tokenizer.eos_token!r}) for padding, which tether's masks make safe")
 
 
-def load_causal_lm(path: str, **options) -> PreTrainedModel:
-    """``options``: ``from_pretrained`` arguments (``TrainingConfig.model_options``; fp32 by default)."""
-    return load_pretrained(AutoModelForCausalLM, path, "policy model", **{"dtype": torch.float32, **options})
+def load_causal_lm(path: str, what: str = "policy model", **options) -> PreTrainedModel:
+    """``options``: ``from_pretrained`` arguments (``TrainingConfig.model_options``; fp32 by default);
+    ``what`` names the model in an error."""
+    return load_pretrained(AutoModelForCausalLM, path, what, **{"dtype": torch.float32, **options})
 
 
 def load_scalar_model(path: str, what: str, **options) -> PreTrainedModel:

@@ -89,6 +89,7 @@ class CriticFreeTrainer(TRLAttributes):
                "skipped_steps")
 
     load_trl_model = staticmethod(load_causal_model)
+    streams = True  # prompts may come as a streaming dataset
 
     @takes_trl_names("policy", "ref_policy", model="policy")
     def __init__(

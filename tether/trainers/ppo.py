@@ -65,7 +65,9 @@ from tether.models.loading import (
     enable_gradient_checkpointing,
     ensure_pad_token,
     is_causal_lm,
+    load_scalar_backbone,
     value_model_from_policy,
+    zero_head,
 )
 from tether.models.lora import apply_lora, is_peft_model, merged_copy, policy_and_reference
 from tether.ops import AdaptiveKLController, gae, kl_estimate, masked_whiten, shape_rewards
@@ -105,6 +107,15 @@ def refuse_shared_models(**models: nn.Module | None) -> None:
                 )
 
 
+def load_value_model(path: str, config: PPOConfig) -> nn.Module:
+    """A value model from any checkpoint (``value_model_path``, or a TRL call's ``value_model``):
+    a causal LM gets a fresh scalar head, zeros, as TRL's value models do."""
+    options = config.model_options(own_revision=False)
+    options.pop("quantization_config", None)  # only the policy is quantized
+    return load_scalar_backbone(path, "value model", zero_head, "zeros",
+                                say=lambda message: console.print(f"note: {message}"), **options)
+
+
 class PPOTrainer(TRLAttributes):
     """PPO with a policy, a frozen reference, a value model and a reward model or function.
 
@@ -115,6 +126,9 @@ class PPOTrainer(TRLAttributes):
 
     config_class = PPOConfig
     load_trl_model = staticmethod(load_causal_model)
+    trl_scalar_models = ("value_model",)  # may be a path too (a TRL call gives a model)
+    load_trl_value_model = staticmethod(load_value_model)
+    streams = True  # prompts may come as a streaming dataset
 
     @takes_trl_names("policy", "ref_policy", model="policy", ref_model="ref_policy", reward_model="reward")
     def __init__(

@@ -34,6 +34,9 @@ import copy
 import enum
 import functools
 import inspect
+import os
+
+from torch import nn
 
 from tether.errors import ConfigError
 
@@ -93,18 +96,20 @@ def takes_trl_names(*loads: str, **names: str):
                 raise ConfigError(f"{trainer}: {error}") from None
             model = call.get(loads[0])
             # a tokenizer left out comes from the model; the config's defaults stand in for none
-            missing = [name for name in required
-                       if name not in call and not (name == "tokenizer" and model is not None) and name != "config"]
+            missing = [name for name in required if name not in call and name not in ("tokenizer", "config")]
+            if "tokenizer" in required and "tokenizer" not in call and model is None:
+                missing.append("tokenizer")
             if missing:
                 said = [name if name not in trl_names else f"{trl_names[name]} (tether: {name})" for name in missing]
                 raise ConfigError(f"{trainer}: missing {', '.join(said)}")
-            _refuse_several_evaluation_sets(call.get("eval_dataset"), trainer)
+            _check_data(call, trainer_class, trainer)
             call["config"] = _config(trainer_class, call.get("config"), peft_config, model, trainer)
             if isinstance(model, str):
                 call["config"] = _with_model_path(call["config"], model, trainer)
-            for name in loads:
+            for name in [*loads, *getattr(trainer_class, "trl_scalar_models", ())]:
                 if isinstance(call.get(name), str):
-                    call[name] = trainer_class.load_trl_model(call[name], call["config"])
+                    call[name] = _load(trainer_class, name, call[name], call["config"], trl_names.get(name, name), trainer)
+            _refuse_frozen(call.get(loads[0]), call["config"], trainer)
             if call.get("tokenizer") is None and model is not None:
                 path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
                 call["tokenizer"] = _tokenizer(path, call["config"], trainer)
@@ -150,6 +155,9 @@ def _config(trainer_class, config, peft_config, model, trainer: str):
     if config is None:
         config = expected()
     if not isinstance(config, expected):
+        if type(config).__module__.split(".")[0] == "trl":
+            raise ConfigError(f"{trainer}: args is TRL's {type(config).__name__}; pass tether's, which takes the same "
+                              f"field names (from tether import {expected.__name__})")
         hint = f" (from a dict: {expected.__name__}(**values))" if isinstance(config, dict) else ""
         raise ConfigError(f"{trainer}: args must be a tether {expected.__name__}, not {type(config).__name__}{hint}")
     if peft_config is None:
@@ -169,10 +177,17 @@ def _config(trainer_class, config, peft_config, model, trainer: str):
 
 def _with_model_path(config, path: str, trainer: str):
     """``config`` recording the model path a TRL call gave (a different one is refused)."""
-    if config.model_name_or_path and config.model_name_or_path != path:
+    if config.model_name_or_path and not _same_model(config.model_name_or_path, path):
         raise ConfigError(f"{trainer}: model={path!r} and the config's model_name_or_path "
                           f"{config.model_name_or_path!r} name different models; give one")
     return config if config.model_name_or_path else _with(config, model_name_or_path=path)
+
+
+def _same_model(first: str, second: str) -> bool:
+    """Whether two names or paths name one model (a local folder however it is written)."""
+    if first == second:
+        return True
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
 
 
 def lora_fields(peft_config, trainer: str = "trainer") -> dict:
@@ -215,11 +230,52 @@ def _with(config, **values):
     return changed
 
 
-def _refuse_several_evaluation_sets(eval_dataset, trainer: str) -> None:
-    """TRL takes a dict of named evaluation sets; tether evaluates one."""
-    if isinstance(eval_dataset, dict) and eval_dataset and all(hasattr(v, "column_names") for v in eval_dataset.values()):
-        raise ConfigError(f"{trainer}: eval_dataset is a dict of {len(eval_dataset)} datasets; tether evaluates one: "
-                          "pass one dataset (datasets.concatenate_datasets joins them)")
+def _check_data(call: dict, trainer_class, trainer: str) -> None:
+    """The datasets of a TRL call that tether cannot take, refused in one line: several named
+    evaluation sets (or a ``DatasetDict``'s splits), a model or path where a dataset goes (TRL's
+    positional order), and a stream where every row is encoded up front."""
+    import datasets
+
+    for name in ("train_dataset", "eval_dataset"):
+        data = call.get(name)
+        if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):
+            if name == "train_dataset" or len(data) == 1:
+                raise ConfigError(f"{trainer}: {name} holds the splits {', '.join(data)}; pass one of them, "
+                                  f"e.g. {name}=dataset[{next(iter(data))!r}]")
+            raise ConfigError(f"{trainer}: eval_dataset is a dict of {len(data)} datasets; tether evaluates one: "
+                              "pass one dataset (datasets.concatenate_datasets joins them)")
+        if isinstance(data, (str, nn.Module)):
+            raise ConfigError(f"{trainer}: {name} is a {type(data).__name__}, not rows; TRL's positional order differs "
+                              "from tether's, so pass TRL's arguments by name (model=..., train_dataset=...)")
+        if isinstance(data, datasets.IterableDataset) and not getattr(trainer_class, "streams", False):
+            raise ConfigError(f"{trainer}: {name} is a streaming IterableDataset; {trainer} encodes every row before "
+                              "training: pass a Dataset (e.g. Dataset.from_list(list(stream.take(n))))")
+
+
+def _load(trainer_class, name: str, path: str, config, said: str, trainer: str):
+    """Argument ``name`` of a TRL call given as a path, loaded by the trainer's ``load_trl_<name>``
+    (or ``load_trl_model``); an error names the trainer and the argument."""
+    loader = getattr(trainer_class, f"load_trl_{name}", trainer_class.load_trl_model)
+    try:
+        return loader(path, config)
+    except ConfigError as error:
+        raise ConfigError(f"{trainer}: {said}: {error}") from None
+
+
+def _refuse_frozen(model, config, trainer: str) -> None:
+    """A model with nothing to train: one that transformers loaded with a PEFT adapter (frozen,
+    and not PEFT's own model, which tether could train or save), or all of whose parameters
+    are frozen with no LoRA asked for."""
+    if model is None or isinstance(model, str) or not hasattr(model, "parameters"):
+        return
+    how = ("peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_folder, "
+           "is_trainable=True), or merge the adapter into the base model first")
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise ConfigError(f"{trainer}: model carries a PEFT adapter that transformers loaded (frozen); to train it "
+                          f"pass {how}")
+    if not any(parameter.requires_grad for parameter in model.parameters()) and not config.lora_settings():
+        raise ConfigError(f"{trainer}: model has no trainable parameters; unfreeze them, pass peft_config, or for a "
+                          f"saved adapter pass {how}")
 
 
 def _tokenizer(path: str | None, config, trainer: str):
@@ -241,4 +297,4 @@ def load_causal_model(path: str, config):
     """A causal LM named by a TRL call (``model``, ``ref_model``), loaded as ``tether <command>`` loads one."""
     from tether.models.loading import load_causal_lm
 
-    return load_causal_lm(path, **config.model_options(own_revision=path == config.model_name_or_path))
+    return load_causal_lm(path, "model", **config.model_options(own_revision=path == config.model_name_or_path))
