@@ -22,7 +22,7 @@ from tether import (
     SFTConfig,
     SFTTrainer,
 )
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 from tether.models.loading import load_causal_lm
 from tether.tiny import tiny_causal_lm, tiny_reward_model
 from tether.trainers.trl_calls import lora_fields
@@ -244,8 +244,8 @@ def refusals(tmp_path, tokenizer) -> dict:
             "SFTTrainer: train_dataset is a streaming IterableDataset; SFTTrainer encodes every row"),
         "a DatasetDict": (
             lambda: DPOTrainer(model=path, args=DPOConfig(), train_dataset=datasets.DatasetDict(train=rows, test=rows)),
-            r"DPOTrainer: train_dataset holds the splits train, test; pass one of them, e.g. "
-            r"train_dataset=dataset\['train'\]$"),
+            r"DPOTrainer: train_dataset is a DatasetDict with splits train, test; pass one split, e.g. "
+            r"dataset\['train'\]$"),
         "an adapter folder": (
             lambda: SFTTrainer(model=str(adapter), args=sft_config(tmp_path, "s"), processing_class=tokenizer,
                                train_dataset=SFT_ROWS),
@@ -313,6 +313,6 @@ REFUSALS = ["a config of another trainer", "RLOO given GRPO's config", "a dict a
 @pytest.mark.parametrize("case", REFUSALS)
 def test_a_wrong_trl_call_stops_in_one_line(tmp_path, tokenizer, case):
     call, message = refusals(tmp_path, tokenizer)[case]
-    with pytest.raises(ConfigError, match=message) as raised:
+    with pytest.raises((ConfigError, DataError), match=message) as raised:
         call()
     assert "\n" not in str(raised.value)

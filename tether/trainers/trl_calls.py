@@ -38,7 +38,7 @@ import os
 
 from torch import nn
 
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 
 # tether's name of each TRL name, for every trainer (a trainer adds its own, e.g. model -> policy)
 SHARED_NAMES = {"args": "config", "processing_class": "tokenizer"}
@@ -240,8 +240,9 @@ def _check_data(call: dict, trainer_class, trainer: str) -> None:
         data = call.get(name)
         if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):
             if name == "train_dataset" or len(data) == 1:
-                raise ConfigError(f"{trainer}: {name} holds the splits {', '.join(data)}; pass one of them, "
-                                  f"e.g. {name}=dataset[{next(iter(data))!r}]")
+                kind = type(data).__name__ if type(data).__name__.endswith("DatasetDict") else "dict of datasets"
+                raise DataError(f"{trainer}: {name} is a {kind} with splits {', '.join(data)}; pass one split, "
+                                f"e.g. dataset[{next(iter(data))!r}]")
             raise ConfigError(f"{trainer}: eval_dataset is a dict of {len(data)} datasets; tether evaluates one: "
                               "pass one dataset (datasets.concatenate_datasets joins them)")
         if isinstance(data, (str, nn.Module)):
