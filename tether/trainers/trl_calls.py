@@ -25,7 +25,8 @@ have no counterpart here. Given with a value, each is refused in one line that s
 do instead: training without it would train something else than the script asked for.
 Arguments are matched by name only; TRL's positional order differs from tether's, so a call
 whose first positional argument is not the trainer's config is refused with the names to use.
-Every mistake here is one line naming the trainer and the argument, before anything loads.
+Every mistake here is one line naming the trainer and the argument, before anything loads (but a
+model with nothing to train, which shows only once it is loaded).
 """
 
 from __future__ import annotations
