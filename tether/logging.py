@@ -57,6 +57,15 @@ class LoggedRows:
     def add(self, metrics: dict) -> None:
         self.pending.append(metrics)
 
+    def log(self, metrics: dict, step: int, due: bool, metrics_file: MetricsFile, reporters) -> None:
+        """Add a step's ``metrics``; when its row is ``due``, write the row to ``metrics_file`` and
+        the trackers (``reporters``) at ``step``."""
+        self.add(metrics)
+        if due:
+            row = self.row()
+            metrics_file.write(row)
+            reporters.log(row, step=step)
+
     def row(self) -> dict:
         """The row for every step added since the last row."""
         steps, self.pending = self.pending, []

@@ -123,11 +123,7 @@ def run_steps(trainer: SteppedTrainer, name: str, resume_from_checkpoint: bool |
                 step = trainer.step_count
                 history.append(metrics)
                 if parallel.is_main:
-                    rows.add(metrics)
-                    if cadence.logs(step, evaluated):
-                        row = rows.row()
-                        metrics_file.write(row)
-                        trainer.reporters.log(row, step=step)
+                    rows.log(metrics, step, cadence.logs(step, evaluated), metrics_file, trainer.reporters)
                 stop_if_nonfinite(trainer.nonfinite_in_a_row, config.max_nonfinite_steps, f"up to step {step}",
                                   said_elsewhere=not parallel.is_main)
                 stopping = parallel.any_process(stop.requested is not None)  # all stop at the same step

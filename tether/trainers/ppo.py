@@ -217,7 +217,9 @@ class PPOTrainer(TRLAttributes):
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, config.gradient_checkpointing_kwargs)
             enable_gradient_checkpointing(self.value_model, config.gradient_checkpointing_kwargs)
-        compile_trained(config, self.parallel.engine, self.policy, self.value_model, frozen=(self.ref_policy, self.reward_model))
+        compile_trained(
+            config, self.parallel.engine, self.policy, self.value_model, frozen=(self.ref_policy, self.reward_model)
+        )
 
         optimizer = make_optimizer([*self.policy.parameters(), *self.value_model.parameters()], config)
         # What forward passes run through: the models themselves in one process, the engine's
@@ -481,11 +483,8 @@ class PPOTrainer(TRLAttributes):
                         metrics.update(self._show_samples(progress, evaluate))
                     self.history.append(metrics)
                     if main:
-                        rows.add(metrics)
-                        if cadence.logs(self.update, evaluated=evaluate):
-                            row = rows.row()
-                            metrics_file.write(row)
-                            self.reporters.log(row, step=self.update)
+                        rows.log(metrics, self.update, cadence.logs(self.update, evaluated=evaluate), metrics_file,
+                                 self.reporters)
                     status = f"score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}"
                     progress.update(task, advance=1, status=status)
                     if self.parallel.any_process(stop.requested is not None):  # all stop at the same update
